@@ -1,0 +1,191 @@
+"""The horizon engine: forward and stream-by-stream backward over a contiguous run of blocks.
+
+The single-process trainer runs one engine over all blocks; the pipeline runtime runs one per
+stage over that stage's blocks. Each block's forward is run once per microbatch and kept as its
+own graph (its input is a detached leaf), so a stream is a chain of vector-Jacobian products
+through the graphs it passes. A block's graph is freed when the last stream through it has passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .memory import ActivationMemory
+from .models import BlockModel
+from .plan import Plan, Stream
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Microbatch:
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # leaf input of block t
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # output of block t
+    pending: dict[int, int] = field(default_factory=dict)  # streams yet to pass block t
+    born: dict[int, torch.Tensor] = field(default_factory=dict)  # cotangent at x(s), not yet run
+    forwarded: bool = False
+
+
+@dataclass
+class ForwardResult:
+    """What a stage hands on after forwarding one microbatch."""
+
+    output: torch.Tensor | None  # x(last), detached, when the run does not end the network
+    logits: torch.Tensor | None  # the head's prediction, when it does
+    losses: dict[int, torch.Tensor]  # loss point -> scaled loss value (detached)
+    cotangents: dict[int, torch.Tensor]  # stream -> cotangent at x(first), for streams born here
+
+
+class HorizonEngine:
+    def __init__(
+        self,
+        model: BlockModel,
+        plan: Plan,
+        criterion: Criterion = F.cross_entropy,
+        track_memory: bool = True,
+    ) -> None:
+        if plan.num_blocks != model.num_blocks:
+            raise ValueError(f"plan has {plan.num_blocks} blocks, model {model.num_blocks}")
+        self.model, self.plan, self.criterion = model, plan, criterion
+        blocks = model.block_indices
+        self.first, self.last = blocks[0], blocks[-1] + 1
+        if blocks != list(range(self.first, self.last)):
+            raise ValueError(f"engine needs a contiguous run of blocks, got {blocks}")
+        self._through = {t: plan.streams_through(t) for t in blocks}
+        # A block's input needs a gradient only if some stream continues below it.
+        self._input_grad = {t: t > 0 and any(s.low < t for s in self._through[t]) for t in blocks}
+        self.incoming = tuple(s for s in plan.streams if s.loss_point > self.last > s.low)
+        self.outgoing = plan.crossing(self.first) if self.first > 0 else ()
+        self.memory = ActivationMemory(model.parameters()) if track_memory else None
+        self._microbatches: dict[int, _Microbatch] = {}
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        microbatch: int,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_scale: float = 1.0,
+        eager: bool = True,
+    ) -> ForwardResult:
+        """Forward one microbatch through the run, evaluating the loss points inside it.
+
+        With ``eager`` every stream born here runs backward at once, as far as the run reaches,
+        so its graphs are freed as early as possible; otherwise call ``backward(microbatch, s)``.
+        """
+        state = self._microbatches.setdefault(microbatch, _Microbatch())
+        losses, cotangents, logits = {}, {}, None
+        x = inputs
+        for t in range(self.first, self.last):
+            with self._hooks():
+                leaf = x.detach().requires_grad_(self._input_grad[t])
+                out = self.model.block_forward(t, leaf)
+            state.inputs[t], state.outputs[t] = leaf, out
+            state.pending[t] = len(self._through[t])
+            x = out.detach()
+            s = t + 1
+            if s not in self.plan.loss_points:
+                continue
+            loss, cotangent, head_out = self._loss(s, x, targets, loss_scale)
+            losses[s] = loss
+            if s == self.plan.num_blocks:
+                logits = head_out
+            state.born[s] = cotangent
+            if eager:
+                below = self.backward(microbatch, s)
+                if below is not None:
+                    cotangents[s] = below
+        state.forwarded = True
+        self._release(microbatch, state)
+        output = x if self.last < self.plan.num_blocks else None
+        return ForwardResult(output, logits, losses, cotangents)
+
+    def _loss(self, s: int, state: torch.Tensor, targets: torch.Tensor, scale: float):
+        """l_s, its cotangent at x(s), and the head's output; trains the head if l_s owns it."""
+        head, trainable = self.model.loss_head(s)
+        leaf = state.detach().requires_grad_()
+        with self._hooks():
+            head_out = head(leaf)
+            loss = self.criterion(head_out, targets) * scale
+        params = [p for p in head.parameters() if p.requires_grad] if trainable else []
+        torch.autograd.backward(loss, inputs=[leaf, *params])
+        return loss.detach(), leaf.grad, head_out.detach()
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(
+        self, microbatch: int, loss_point: int, cotangent: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Run stream ``loss_point`` through this run's blocks.
+
+        ``cotangent`` is dl_s/dx(last) for a stream arriving from above; a stream born in the run
+        uses the cotangent its loss produced. Returns dl_s/dx(first) if the stream continues
+        below the run, else None.
+        """
+        stream = self.plan.stream(loss_point)
+        state = self._microbatches[microbatch]
+        if cotangent is None:
+            cotangent = state.born.pop(loss_point)
+            top = loss_point - 1
+        else:
+            top = self.last - 1
+        for t in range(top, max(stream.low, self.first) - 1, -1):
+            cotangent = self._block_backward(state, stream, t, cotangent)
+        self._release(microbatch, state)
+        return cotangent if stream.low < self.first else None
+
+    def _block_backward(
+        self, state: _Microbatch, stream: Stream, t: int, cotangent: torch.Tensor
+    ) -> torch.Tensor | None:
+        leaf, out = state.inputs[t], state.outputs[t]
+        state.pending[t] -= 1
+        done = state.pending[t] == 0
+        wants_input = t > stream.low and leaf.requires_grad
+        params = self.model.block_parameters(t) if stream.trains(t) else []
+        inputs = ([leaf] if wants_input else []) + [p for p in params if p.requires_grad]
+        # backward(inputs=...) accumulates into .grad in place and computes only what `inputs`
+        # need: a pass-through block costs one input-gradient product, no weight gradient.
+        torch.autograd.backward(out, cotangent, inputs=inputs, retain_graph=not done)
+        if done:
+            del state.inputs[t], state.outputs[t], state.pending[t]
+        if not wants_input:
+            return None
+        grad, leaf.grad = leaf.grad, None
+        return grad
+
+    def _release(self, microbatch: int, state: _Microbatch) -> None:
+        if state.forwarded and not state.outputs:
+            del self._microbatches[microbatch]
+
+    # ------------------------------------------------------------------ helpers
+
+    def train_microbatch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
+    ) -> ForwardResult:
+        """Forward and backward one microbatch over a run holding every block."""
+        if self.first != 0 or self.last != self.plan.num_blocks:
+            raise RuntimeError("train_microbatch needs the whole model; use forward/backward")
+        result = self.forward(0, inputs, targets, loss_scale, eager=True)
+        assert not self._microbatches, "every stream is born and consumed in a whole-model run"
+        return result
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without graphs: x(last), or the logits if the run ends the network."""
+        for t in range(self.first, self.last):
+            x = self.model.block_forward(t, x)
+        return self.model.head(x) if self.last == self.plan.num_blocks else x
+
+    @property
+    def outstanding(self) -> int:
+        """Microbatches whose graphs are still held (some stream has not passed yet)."""
+        return len(self._microbatches)
+
+    def _hooks(self):
+        return self.memory.hooks() if self.memory is not None else nullcontext()

@@ -1,0 +1,66 @@
+"""Activation memory accounting with saved-tensor hooks (works on CPU; spec section 6).
+
+Counts the bytes of tensors autograd saved for backward that are still alive, per storage (views
+of one tensor count once) and excluding parameters, which are not activations. The count drops
+when autograd frees a graph, so ``peak_bytes`` is the most activation memory held at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class _Saved:
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key: int, meter: ActivationMemory) -> None:
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class ActivationMemory:
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+        self._live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Context manager: tensors saved for backward inside it are counted."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.current_bytes
+
+    def _pack(self, tensor: torch.Tensor):
+        if tensor.layout != torch.strided or tensor.is_meta:
+            return tensor
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._excluded or key == 0:
+            return tensor
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [1, storage.nbytes()]
+            self.current_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        else:
+            entry[0] += 1
+        return _Saved(tensor, key, self)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def _release(self, key: int) -> None:
+        entry = self._live.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._live[key]
+            self.current_bytes -= entry[1]

@@ -1,0 +1,102 @@
+"""Credit-assignment plans: which loss trains which block (spec section 2).
+
+A plan is plain data. Stream ``s`` carries dl_s/dx backwards from the state x(s) down to block
+``low`` and deposits weight gradients into ``weight_blocks`` on its way. Every block is in exactly
+one stream's weight set, so every block has exactly one gradient source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+RULES = ("receding", "shrinking")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The backward signal of loss point ``loss_point`` (x(s), 1 <= s <= T)."""
+
+    loss_point: int
+    low: int
+    weight_blocks: tuple[int, ...]
+
+    @property
+    def blocks(self) -> range:
+        """Blocks the stream passes, in the order it visits them (top down)."""
+        return range(self.loss_point - 1, self.low - 1, -1)
+
+    def passes(self, block: int) -> bool:
+        return self.low <= block < self.loss_point
+
+    def trains(self, block: int) -> bool:
+        return block in self.weight_blocks
+
+
+@dataclass(frozen=True)
+class Plan:
+    rule: str
+    horizon: int
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"horizon.rule={self.rule!r}: unknown rule; use one of {RULES}")
+        if not 1 <= self.horizon <= self.num_blocks:
+            raise ValueError(
+                f"horizon.horizon={self.horizon}: must be in [1, {self.num_blocks}] "
+                f"(the number of blocks); use horizon {self.num_blocks} for back-propagation"
+            )
+
+    @cached_property
+    def streams(self) -> tuple[Stream, ...]:
+        """Streams in increasing loss point."""
+        T, h = self.num_blocks, self.horizon
+        if self.rule == "receding":
+            # Block t is trained by l_{min(t+h, T)}: stream s < T trains block s-h only and
+            # passes through s-1 .. s-h+1; stream T trains every block from T-h up.
+            local = [Stream(s, s - h, (s - h,)) for s in range(h, T)]
+            return (*local, Stream(T, T - h, tuple(range(T - h, T))))
+        # shrinking: greedy groups of h blocks, each trained by the loss at its own end.
+        groups = [range(start, min(start + h, T)) for start in range(0, T, h)]
+        return tuple(Stream(g[-1] + 1, g[0], tuple(g)) for g in groups)
+
+    @cached_property
+    def loss_points(self) -> tuple[int, ...]:
+        return tuple(s.loss_point for s in self.streams)
+
+    def stream(self, loss_point: int) -> Stream:
+        for s in self.streams:
+            if s.loss_point == loss_point:
+                return s
+        raise KeyError(f"no stream at loss point {loss_point} in {self.rule} h={self.horizon}")
+
+    def trainer_of(self, block: int) -> Stream:
+        """The one stream whose loss trains ``block``."""
+        (stream,) = (s for s in self.streams if s.trains(block))
+        return stream
+
+    def streams_through(self, block: int) -> tuple[Stream, ...]:
+        return tuple(s for s in self.streams if s.passes(block))
+
+    def crossing(self, boundary: int) -> tuple[Stream, ...]:
+        """Streams whose cotangent crosses the state x(boundary) going down (0 < boundary < T)."""
+        return tuple(s for s in self.streams if s.low < boundary < s.loss_point)
+
+    @property
+    def input_gradient_products(self) -> int:
+        """Vector-Jacobian products w.r.t. block inputs per microbatch (block 0 needs none)."""
+        return sum(s.loss_point - max(s.low, 1) for s in self.streams)
+
+    def __str__(self) -> str:
+        points = self.loss_points
+        title = f"{self.rule} h={self.horizon} T={self.num_blocks}"
+        lines = [f"{title}  (W = weight gradient taken here, · = passes through)"]
+        lines.append("block " + "".join(f"{'l' + str(s):>4}" for s in points))
+        for block in range(self.num_blocks):
+            cells = []
+            for stream in self.streams:
+                mark = "W" if stream.trains(block) else "·" if stream.passes(block) else ""
+                cells.append(f"{mark:>4}")
+            lines.append(f"{block:>5} " + "".join(cells).rstrip())
+        return "\n".join(lines)
