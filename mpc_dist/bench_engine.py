@@ -1,0 +1,107 @@
+"""Engine overhead: time per training step of the horizon engine relative to plain autograd BP.
+
+Same model, batch and optimizer for every configuration; configurations are timed in interleaved
+rounds so drift in machine load affects all of them alike; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .engine import HorizonEngine
+from .memory import ActivationMemory
+from .metrics import console
+from .models import build_model
+from .plan import Plan
+
+# Issue targets for the ratio to plain BP (a benchmark, read from the output).
+TARGETS = {"bp": 1.10, "receding-2": 1.30, "shrinking": 1.15}
+
+
+def _configurations(num_blocks: int) -> list[tuple[str, int]]:
+    horizons = sorted({1, 2, num_blocks // 2, num_blocks})
+    return [("receding", h) for h in horizons] + [("shrinking", h) for h in horizons if h > 1]
+
+
+def _target(rule: str, horizon: int, num_blocks: int) -> float | None:
+    if horizon == num_blocks:
+        return TARGETS["bp"]
+    if rule == "shrinking" or horizon == 1:  # receding h = 1 is shrinking h = 1
+        return TARGETS["shrinking"]
+    return TARGETS["receding-2"] if horizon == 2 else None
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    spec = ModelConfig(
+        name="residual_mlp", num_blocks=args.blocks, width=args.width, hidden=args.hidden
+    )
+    model = build_model(spec, (1, 28, 28), 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch_size,))
+
+    def plain_step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"plain autograd BP": plain_step}
+    engines = {}
+    for rule, h in _configurations(args.blocks):
+        engine = HorizonEngine(model, Plan(rule, h, args.blocks), track_memory=False)
+        engines[(rule, h)] = engine
+
+        def engine_step(engine: HorizonEngine = engine) -> None:
+            engine.train_microbatch(x, y)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[f"{rule} h={h}"] = engine_step
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            for _ in range(3):  # warm-up
+                step()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps)
+
+    base = statistics.median(times["plain autograd BP"])
+    console.print(
+        f"residual MLP T={args.blocks} width={args.width} hidden={args.hidden} "
+        f"batch={args.batch_size}, {torch.get_num_threads()} threads; median of {args.repeats} "
+        f"rounds x {args.steps} steps"
+    )
+    console.print(f"{'configuration':<22}{'ms/step':>9}{'vs BP':>8}{'target':>9}{'act. MiB':>10}")
+    ratios = {}
+    for name, samples in times.items():
+        ms = 1000 * statistics.median(samples)
+        ratio = statistics.median(samples) / base
+        ratios[name] = ratio
+        target, verdict, mib = "", "", ""
+        if name != "plain autograd BP":
+            rule, h = name.split(" h=")
+            bound = _target(rule, int(h), args.blocks)
+            if bound is not None:
+                target = f"<={bound:.2f}"
+                verdict = "  ok" if ratio <= bound else "  MISSED"
+            mib = f"{_peak_activation_mib(engines[(rule, int(h))].plan, model, x, y):.1f}"
+        console.print(f"{name:<22}{ms:>9.2f}{ratio:>8.2f}{target:>9}{mib:>10}{verdict}")
+    return ratios
+
+
+def _peak_activation_mib(plan: Plan, model, x, y) -> float:
+    engine = HorizonEngine(model, plan, track_memory=True)
+    engine.train_microbatch(x, y)
+    model.zero_grad(set_to_none=True)
+    assert isinstance(engine.memory, ActivationMemory)
+    return engine.memory.peak_bytes / 2**20

@@ -1,0 +1,123 @@
+"""Atomic checkpoints through torch.distributed.checkpoint (DCP).
+
+Model and optimizer state are keyed by fully qualified parameter names (``blocks.5.fc1.weight``),
+so a checkpoint written by one stage layout loads into another. Every rank writes its shard into
+``step_N.partial/``; rank 0 then writes a manifest of file sizes and renames the folder to
+``step_N/``. A folder without the ``.partial`` suffix is complete by construction, and the
+manifest turns a later truncation into a clear error instead of a zip-reader traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+    ) -> Path:
+        """Collective: every rank calls it with its own model part."""
+        final = self.directory / f"step_{step:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # DCP warns when it runs without a process group
+            warnings.simplefilter("ignore")
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
+        torch.save(torch.get_rng_state(), partial / f"rng_rank{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            (partial / TRAINER_STATE).write_text(json.dumps(trainer_state))
+            sizes = {p.name: p.stat().st_size for p in sorted(partial.iterdir())}
+            (partial / MANIFEST).write_text(json.dumps(sizes))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)  # the commit point
+            self._prune()
+        _barrier()
+        return final
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
+        return done[-1] if done else None
+
+    def load(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        """Restore model, optimizer and RNG in place; returns the trainer state."""
+        self.verify(path)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, checkpoint_id=path)
+        except Exception as error:  # DCP's own errors name zip internals, not the fix
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:120]}); delete it to resume from an earlier one"
+            ) from error
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        rng = path / f"rng_rank{_rank()}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng))
+        return json.loads((path / TRAINER_STATE).read_text())
+
+    @staticmethod
+    def verify(path: Path) -> None:
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} has no {MANIFEST}; it is incomplete, delete it"
+            )
+        for name, size in json.loads(manifest.read_text()).items():
+            file = path / name
+            actual = file.stat().st_size if file.exists() else -1
+            if actual != size:
+                raise CheckpointError(
+                    f"checkpoint {path} is damaged: {name} has {max(actual, 0)} of {size} bytes "
+                    f"(truncated or missing); delete {path} to resume from an earlier checkpoint"
+                )
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
