@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "residual_mlp"  # deep_linear | residual_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet18 | resnet50
+    # deep_linear | residual_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet18 | resnet50
+    name: str = "residual_mlp"
     num_blocks: int = 8  # T for deep_linear, residual_mlp, vit_tiny (fixed by the others)
     width: int = 256  # state width (hidden_dim for vit_tiny)
     hidden: int = 512  # MLP hidden width inside a block
@@ -179,10 +180,11 @@ def validate(config: Config) -> None:
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
+    suggestion = d.num_microbatches * max(1, d.batch_size // d.num_microbatches)
     need(
         d.batch_size % d.num_microbatches == 0,
         f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches="
-        f"{d.num_microbatches}; e.g. batch_size={d.num_microbatches * max(1, d.batch_size // d.num_microbatches)}",
+        f"{d.num_microbatches}; e.g. data.batch_size={suggestion}",
     )
     need(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
     need(o.name in ("adamw", "adam", "sgd"), f"optim.name={o.name!r}: use adamw, adam or sgd")
