@@ -107,8 +107,11 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if value is None:
             return None
         kind = next(a for a in get_args(kind) if a is not type(None))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}={value!r}: expected {kind.__name__}")
     return value

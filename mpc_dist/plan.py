@@ -86,7 +86,7 @@ class Plan:
     @property
     def input_gradient_products(self) -> int:
         """Vector-Jacobian products w.r.t. block inputs per microbatch (block 0 needs none)."""
-        return sum(s.loss_point - max(s.low, 1) for s in self.streams)
+        return sum(s.loss_point - max(s.low + 1, 1) for s in self.streams)
 
     def __str__(self) -> str:
         points = self.loss_points
