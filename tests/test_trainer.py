@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpc_dist.checkpoint import CheckpointError, Checkpointer
+from mpc_dist.checkpoint import Checkpointer, CheckpointError
 from mpc_dist.config import load_config
 from mpc_dist.data import load_dataset
 from mpc_dist.models import build_model
