@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .models import ModelError
+from .runtime import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -20,10 +23,39 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from .config import load_config, validate
     from .trainer import train
 
-    train(load_config(args.config, args.set), resume=args.resume)
+    config = load_config(args.config, args.set)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        validate(config)  # fail here, once, rather than in every process
+        if config.world_size != args.nproc:
+            raise ConfigError(
+                f"--nproc {args.nproc}: pipeline.stages x pipeline.replicas is "
+                f"{config.world_size}; pass --nproc {config.world_size} or change the config"
+            )
+        _spawn(args)
+        return
+    train(config, resume=args.resume)
+
+
+def _spawn(args: argparse.Namespace) -> None:
+    """One process per rank on this machine, through torchrun (it also stops the others when
+    one fails)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={args.nproc}", "-m", "mpc_dist.cli", "train",
+    ]  # fmt: skip
+    if args.config:
+        command += ["--config", args.config]
+    for item in args.set:
+        command += ["--set", item]
+    if args.resume:
+        command.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    code = subprocess.call(command, env=env)
+    if code:
+        raise SystemExit(code)
 
 
 def _bench_engine(args: argparse.Namespace) -> None:
@@ -49,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set horizon.horizon=2 (repeatable)",
     )  # fmt: skip
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--nproc", type=int, default=1,
+        help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",
+    )  # fmt: skip
     train.set_defaults(run=_train)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
@@ -67,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except USER_ERRORS as error:
-        print(f"mpc-dist: error: {error}", file=sys.stderr)
-        return 2
+        print(f"mpc-dist: error: {_where()}{error}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingError) else 2
     return 0
+
+
+def _where() -> str:
+    """Name the rank in multi-process runs."""
+    return f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
 
 
 if __name__ == "__main__":

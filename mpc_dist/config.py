@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -80,6 +80,19 @@ class RunConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: int = 1  # P pipeline stages (processes per replica); 1 = single-process training
+    replicas: int = 1  # D data-parallel copies of the pipeline; world size = P * D
+    mode: str = "sync"  # sync (flush + step together per minibatch) | async (spec section 4)
+    schedule: str = "auto"  # auto (horizon schedule) | 1f1b | gpipe (back-propagation only)
+    partition: str = "uniform"  # uniform | params | time (profiled) | explicit (blocks_per_stage)
+    blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
+    async_window: int = 32  # minibatches per async schedule; the pipeline drains between them
+    timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
@@ -87,6 +100,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline.stages * self.pipeline.replicas
 
     @property
     def run_dir(self) -> Path:
@@ -103,10 +121,15 @@ class Config:
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:
-    if get_args(kind):  # `X | None`
+    if type(None) in get_args(kind):  # `X | None`
         if value is None:
             return None
         kind = next(a for a in get_args(kind) if a is not type(None))
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r}: expected a list of {item.__name__}")
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if kind is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-3" as a string
             return float(value)
@@ -201,3 +224,56 @@ def validate(config: Config) -> None:
     need(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
     need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
+    _validate_pipeline(config, blocks)
+
+
+def _validate_pipeline(config: Config, blocks: int) -> None:
+    p, h, d = config.pipeline, config.horizon, config.data
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
+    need(p.replicas >= 1, f"pipeline.replicas={p.replicas}: must be >= 1")
+    need(
+        p.stages <= blocks,
+        f"pipeline.stages={p.stages}: {config.model.name} has only {blocks} blocks; "
+        f"use at most {blocks} stages",
+    )
+    need(p.mode in ("sync", "async"), f"pipeline.mode={p.mode!r}: use sync or async")
+    need(
+        p.schedule in ("auto", "1f1b", "gpipe"),
+        f"pipeline.schedule={p.schedule!r}: use auto, 1f1b or gpipe",
+    )
+    need(
+        p.schedule == "auto" or h.horizon == blocks,
+        f"pipeline.schedule={p.schedule}: a back-propagation schedule needs horizon.horizon="
+        f"{blocks}; use pipeline.schedule=auto for horizon {h.horizon}",
+    )
+    need(
+        p.partition in ("uniform", "params", "time", "explicit"),
+        f"pipeline.partition={p.partition!r}: use uniform, params, time or explicit",
+    )
+    if p.partition == "explicit" or p.blocks_per_stage is not None:
+        counts = p.blocks_per_stage or []
+        even = [blocks // p.stages + (i < blocks % p.stages) for i in range(p.stages)]
+        need(
+            len(counts) == p.stages and all(c >= 1 for c in counts) and sum(counts) == blocks,
+            f"pipeline.blocks_per_stage={counts}: need {p.stages} positive counts summing to "
+            f"{blocks}, e.g. {even}",
+        )
+    need(
+        d.batch_size % (d.num_microbatches * p.replicas) == 0,
+        f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches x "
+        f"pipeline.replicas = {d.num_microbatches * p.replicas}",
+    )
+    need(
+        not (p.mode == "async" and p.stages > 1 and config.model.head == "shared"
+             and h.horizon < blocks),
+        "pipeline.mode=async: a shared head couples every stage to the last one; "
+        "set model.head=aux or pipeline.mode=sync",
+    )  # fmt: skip
+    need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
+    need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
+    need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")

@@ -1,7 +1,7 @@
 """Activation memory accounting with saved-tensor hooks (works on CPU; spec section 6).
 
-Counts the bytes of tensors autograd saved for backward that are still alive, per storage (views
-of one tensor count once) and excluding parameters, which are not activations. The count drops
+Counts the bytes of tensors autograd saved for backward that are still alive (a region saved
+twice counts once) and excluding parameters, which are not activations. The count drops
 when autograd frees a graph, so ``peak_bytes`` is the most activation memory held at once.
 """
 
@@ -15,7 +15,7 @@ import torch
 class _Saved:
     __slots__ = ("tensor", "key", "meter")
 
-    def __init__(self, tensor: torch.Tensor, key: int, meter: ActivationMemory) -> None:
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, int], meter: ActivationMemory) -> None:
         self.tensor, self.key, self.meter = tensor, key, meter
 
     def __del__(self) -> None:
@@ -25,7 +25,7 @@ class _Saved:
 class ActivationMemory:
     def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
         self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
-        self._live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+        self._live: dict[tuple[int, int], list[int]] = {}  # (address, bytes) -> [references, bytes]
         self.current_bytes = 0
         self.peak_bytes = 0
 
@@ -39,14 +39,15 @@ class ActivationMemory:
     def _pack(self, tensor: torch.Tensor):
         if tensor.layout != torch.strided or tensor.is_meta:
             return tensor
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._excluded or key == 0:
+        if tensor.untyped_storage().data_ptr() in self._excluded or tensor.data_ptr() == 0:
             return tensor
+        # Views of one region (x, x.t()) count once; chunks of one buffer count separately.
+        nbytes = tensor.numel() * tensor.element_size()
+        key = (tensor.data_ptr(), nbytes)
         entry = self._live.get(key)
         if entry is None:
-            self._live[key] = [1, storage.nbytes()]
-            self.current_bytes += storage.nbytes()
+            self._live[key] = [1, nbytes]
+            self.current_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         else:
             entry[0] += 1
@@ -56,7 +57,7 @@ class ActivationMemory:
     def _unpack(packed):
         return packed.tensor if isinstance(packed, _Saved) else packed
 
-    def _release(self, key: int) -> None:
+    def _release(self, key: tuple[int, int]) -> None:
         entry = self._live.get(key)
         if entry is None:
             return

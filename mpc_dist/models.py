@@ -41,6 +41,8 @@ class BlockModel(nn.Module):
         self.aux_heads = nn.ModuleDict({str(s): h for s, h in aux_heads.items()})
         self.num_blocks = num_blocks
         self.head_mode = head_mode
+        self.input_shape: tuple[int, ...] = ()  # (C, H, W) of one sample
+        self.state_shapes: list[tuple[int, ...]] = []  # shape of x(0) .. x(T), one sample
 
     @property
     def block_indices(self) -> list[int]:
@@ -73,16 +75,21 @@ class BlockModel(nn.Module):
             x = self.block_forward(t, x)
         return self.head(x)
 
-    def split(self, first: int, last: int) -> BlockModel:
-        """The part holding blocks [first, last) with the modules it needs (shared, not copied)."""
-        return BlockModel(
+    def split(self, first: int, last: int, head_copy: bool = False) -> BlockModel:
+        """The part holding blocks [first, last) with the modules it needs (shared, not copied).
+
+        ``head_copy``: keep the shared head below the last block, for loss points s < T.
+        """
+        part = BlockModel(
             self.stem if first == 0 else None,
             {t: self.blocks[str(t)] for t in range(first, last)},
-            self.head if last == self.num_blocks or self.head_mode == "shared" else None,
+            self.head if last == self.num_blocks or head_copy else None,
             {s: h for s, h in self._aux_items() if first < s <= last},
             self.num_blocks,
             self.head_mode,
         )
+        part.input_shape, part.state_shapes = self.input_shape, self.state_shapes
+        return part
 
     def _aux_items(self) -> Iterator[tuple[int, nn.Module]]:
         return ((int(s), h) for s, h in self.aux_heads.items())
@@ -189,7 +196,9 @@ def _assemble(
                     f"head takes {shapes[T]}; set model.head=aux"
                 )
     aux = {s: make_aux_head(shapes[s]) for s in range(1, T)} if spec.head == "aux" else {}
-    return BlockModel(stem, dict(enumerate(blocks)), head, aux, T, spec.head)
+    model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, spec.head)
+    model.input_shape, model.state_shapes = tuple(input_shape), shapes
+    return model
 
 
 @torch.no_grad()

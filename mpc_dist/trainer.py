@@ -1,4 +1,10 @@
-"""Single-process trainer: the horizon engine over every block, on one device."""
+"""The training loop, shared by single-process and pipeline runs.
+
+A *runner* trains on a chunk of minibatches (one optimizer step each) and evaluates:
+``SingleRunner`` runs the horizon engine over every block in this process; ``PipelineRunner``
+runs this rank's stage of the pipeline runtime. The loop around them (data order, learning
+rate, logging, checkpoints, resume) is the same.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +19,14 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError, OptimConfig, validate
 from .data import Dataset, load_dataset, minibatches, num_batches
 from .engine import HorizonEngine
-from .metrics import MetricsLogger, plot_run, print_summary, progress_bar
+from .metrics import MetricsLogger, console, plot_run, print_summary, progress_bar
 from .models import BlockModel, build_model
 from .plan import Plan
+from .runtime import TrainingError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
-
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["TrainingError", "train"]
 
 
 @dataclass
@@ -89,21 +94,55 @@ def train_step(
     return loss, correct
 
 
-@torch.no_grad()
-def evaluate(model: BlockModel, dataset: Dataset, batch_size: int, device, dtype) -> dict:
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for x, y in minibatches(dataset, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False):
-        logits = model(x.to(device, dtype))
-        y = y.to(device)
-        loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    model.train(was_training)
-    return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+def _eval_batches(dataset: Dataset, batch_size: int):
+    return minibatches(dataset, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
 
 
-def prepare_run_dir(config: Config, resume: bool) -> Path:
+class SingleRunner:
+    """The horizon engine over every block, in this process."""
+
+    chunk_size = 1
+    is_logger = True
+    description = "single process"
+
+    def __init__(self, config: Config, model: BlockModel, plan: Plan, device, dtype) -> None:
+        self.config, self.model, self.device, self.dtype = config, model, device, dtype
+        self.engine = HorizonEngine(model, plan, track_memory=False)
+        self.optimizer = build_optimizer(config.optim, model.parameters())
+
+    def run(self, batches, learning_rates: list[float]) -> list[tuple[float, int, int]]:
+        """(final loss, correct, samples) per minibatch."""
+        results = []
+        for (x, y), lr in zip(batches, learning_rates, strict=True):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, correct = train_step(
+                self.engine, self.optimizer, x.to(self.device, self.dtype), y.to(self.device),
+                self.config.data.num_microbatches, self.config.optim.grad_clip,
+            )  # fmt: skip
+            results.append((loss, correct, len(y)))
+        return results
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for x, y in _eval_batches(dataset, self.config.data.eval_batch_size):
+            logits = self.model(x.to(self.device, self.dtype))
+            y = y.to(self.device)
+            loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+        self.model.train()
+        return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+
+    def stage_report(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
     run_dir = config.run_dir
     checkpoints = run_dir / "checkpoints"
     if not resume and any(checkpoints.glob("step_*")):
@@ -113,95 +152,137 @@ def prepare_run_dir(config: Config, resume: bool) -> Path:
         )
     if resume and not any(checkpoints.glob("step_*")):
         raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
 
 
 def train(config: Config, resume: bool = False) -> dict:
-    """Train (or resume) the run ``config`` describes; returns the final metrics."""
+    """Train (or resume) the run ``config`` describes; returns the final metrics.
+
+    The one entry point: called in every process, by every launcher. A pipeline config
+    (pipeline.stages x pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE.
+    """
     validate(config)
-    device, dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
-    data, opt = config.data, config.optim
+    data = config.data
     train_set = load_dataset(
         data.dataset, "train", data.root, data.synthetic_size, config.train.seed
     )
     test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, config.train.seed)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes)
-    model = model.to(device, dtype)
     plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
-    engine = HorizonEngine(model, plan, track_memory=False)
-    optimizer = build_optimizer(opt, model.parameters())
-    run_dir = prepare_run_dir(config, resume)
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints)
+    if config.world_size == 1:
+        device, dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
+        prepare_run_dir(config, resume)
+        runner = SingleRunner(config, model.to(device, dtype), plan, device, dtype)
+        return _loop(config, runner, train_set, test_set, resume)
+    from .pipeline import PipelineRunner
 
+    runner = PipelineRunner.launch(config, model, plan, resume)
+    try:
+        return _loop(config, runner, train_set, test_set, resume)
+    except BaseException as error:
+        runner.fail(error)
+        raise
+    finally:
+        runner.close()
+
+
+def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume: bool) -> dict:
+    data, opt = config.data, config.optim
+    run_dir = config.run_dir
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints)
     state = Progress()
     if resume:
-        state = Progress(**checkpointer.load(checkpointer.latest(), model, optimizer))
+        state = Progress(**checkpointer.load(checkpointer.latest(), runner.model, runner.optimizer))
     steps_per_epoch = num_batches(train_set, data.batch_size)
     total_steps = config.train.epochs * steps_per_epoch
     stop_at = min(total_steps, config.train.max_steps or total_steps)
-    logger = MetricsLogger(run_dir, config.run.tensorboard, state.step if resume else None)
+    logger = None
+    if runner.is_logger:
+        logger = MetricsLogger(run_dir, config.run.tensorboard, state.step if resume else None)
+    every = config.run.checkpoint_every
 
     def save() -> None:
         if checkpointer.latest() != checkpointer.directory / f"step_{state.step:08d}":
-            checkpointer.save(state.step, model, optimizer, vars(state))
+            checkpointer.save(state.step, runner.model, runner.optimizer, vars(state))
 
-    final = {}
+    def evaluate() -> dict:
+        nonlocal evaluated_at
+        evaluated_at = state.step
+        metrics = runner.evaluate(test_set)
+        report = runner.stage_report()  # collective in a pipeline
+        if logger is not None:
+            logger.log("eval", state.step, epoch=state.epoch, **metrics, **report)
+        return metrics
+
+    final, evaluated_at = {}, -1
     started, seen = time.perf_counter(), 0
     window = [0.0, 0, 0]  # loss sum, correct, samples since the last metrics line
-    with progress_bar(config.run.progress) as bar:
+    with progress_bar(config.run.progress and runner.is_logger) as bar:
         task = bar.add_task("train", total=stop_at, completed=state.step, status="")
         while state.epoch < config.train.epochs and state.step < stop_at:
             batches = minibatches(
                 train_set, data.batch_size, config.train.seed, state.epoch, start_batch=state.batch
             )
-            for x, y in batches:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(opt, state.step, total_steps)
+            while state.batch < steps_per_epoch and state.step < stop_at:
+                # A chunk ends at the epoch's end, at stop_at and at the next checkpoint.
+                size = min(runner.chunk_size, steps_per_epoch - state.batch, stop_at - state.step)
+                if every:
+                    size = min(size, every - state.step % every)
+                chunk = [next(batches) for _ in range(size)]
+                lrs = [learning_rate(opt, state.step + j, total_steps) for j in range(size)]
                 try:
-                    loss, correct = train_step(
-                        engine, optimizer, x.to(device, dtype), y.to(device),
-                        data.num_microbatches, opt.grad_clip,
-                    )  # fmt: skip
+                    results = runner.run(chunk, lrs)
                 except TrainingError as error:
-                    kept = checkpointer.latest()
                     raise TrainingError(
-                        f"{error} at step {state.step} (epoch {state.epoch}); weights not updated, "
-                        f"last good checkpoint kept: {kept}; lower optim.lr or set optim.grad_clip"
+                        f"{error} in steps {state.step}-{state.step + size - 1} (epoch "
+                        f"{state.epoch}); weights not updated, last good checkpoint kept: "
+                        f"{checkpointer.latest()}; lower optim.lr or set optim.grad_clip"
                     ) from None
-                state.step, state.batch, seen = state.step + 1, state.batch + 1, seen + len(y)
-                window = [window[0] + loss * len(y), window[1] + correct, window[2] + len(y)]
-                rate = seen / (time.perf_counter() - started)
-                status = f"loss {loss:.4f}  acc {correct / len(y):.3f}  {rate:,.0f} samples/s"
-                bar.update(task, advance=1, status=status)
-                if state.step % config.train.log_every == 0 or state.step == stop_at:
-                    logger.log("train", state.step, loss=window[0] / window[2],
-                               accuracy=window[1] / window[2],
-                               lr=optimizer.param_groups[0]["lr"], samples_per_s=rate)  # fmt: skip
-                    window = [0.0, 0, 0]
-                if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0:
+                for j in range(size):
+                    state.step, state.batch = state.step + 1, state.batch + 1
+                    seen += data.batch_size
+                    if not results:
+                        continue
+                    loss, correct, count = results[j]
+                    window = [window[0] + loss * count, window[1] + correct, window[2] + count]
+                    rate = seen / (time.perf_counter() - started)
+                    status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
+                    bar.update(task, advance=1, status=status)
+                    if logger and (
+                        state.step % config.train.log_every == 0 or state.step == stop_at
+                    ):
+                        logger.log("train", state.step, loss=window[0] / window[2],
+                                   accuracy=window[1] / window[2], lr=lrs[j],
+                                   samples_per_s=rate)  # fmt: skip
+                        window = [0.0, 0, 0]
+                if not runner.is_logger:
+                    bar.update(task, advance=size)
+                if every and state.step % every == 0:
                     save()
-                if state.step >= stop_at and state.batch < steps_per_epoch:
-                    break  # max_steps reached mid-epoch
-            else:
+            if state.batch == steps_per_epoch:
                 state.epoch, state.batch = state.epoch + 1, 0
-                final = evaluate(model, test_set, data.eval_batch_size, device, dtype)
-                logger.log("eval", state.step, epoch=state.epoch, **final)
-                bar.console.print(
-                    f"epoch {state.epoch}: test accuracy {100 * final['accuracy']:.2f}%  "
-                    f"test loss {final['loss']:.4f}"
-                )
+                final = evaluate()
+                if runner.is_logger:
+                    console.print(
+                        f"epoch {state.epoch}: test accuracy {100 * final['accuracy']:.2f}%  "
+                        f"test loss {final['loss']:.4f}"
+                    )
             save()
-    if not final:  # stopped mid-epoch (max_steps): evaluate where we are
-        final = evaluate(model, test_set, data.eval_batch_size, device, dtype)
-        logger.log("eval", state.step, epoch=state.epoch, **final)
-    logger.close()
+    if evaluated_at != state.step:  # stopped mid-epoch (max_steps): evaluate where we are
+        final = evaluate()
     elapsed = time.perf_counter() - started
+    if logger is None:
+        return final
+    logger.close()
+    plan = runner.engine.plan
     summary = {
         "run": str(run_dir),
         "plan": f"{plan.rule} h={plan.horizon} of T={plan.num_blocks}",
+        "processes": runner.description,
         "steps": state.step,
         "train time (s)": elapsed,
         "samples/s": seen / elapsed if elapsed else 0.0,

@@ -1,0 +1,144 @@
+"""Process groups and failure handling: a failing rank makes every rank exit, never hang.
+
+Every rank runs a watchdog thread with its own client of the rendezvous store. It publishes a
+heartbeat and watches for (a) a failure record written by a rank that raised and (b) a peer
+whose heartbeat stopped (killed). Either way it prints one line naming the failed rank and stage
+and ends the process with a non-zero code, even if the main thread is blocked in a receive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from .topology import Topology
+
+FAILED_KEY = "mpc_dist/failed"
+EXIT_PEER_FAILED = 3
+
+
+class PeerFailure(RuntimeError):
+    pass
+
+
+def launched_world_size() -> int | None:
+    """WORLD_SIZE as torchrun / accelerate / deepspeed / Ray set it; None when run plainly."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value is not None else None
+
+
+def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:
+    """Join the job's default group from the launcher's environment; returns rank, world, local."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
+    return rank, world, local_rank
+
+
+def check_same_config(config_yaml: str, topology: Topology) -> None:
+    """Ranks started with different configs would train different things: refuse at start-up."""
+    digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:12]
+    digests: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        names = ", ".join(topology.describe(r) for r in odd)
+        raise ValueError(
+            f"pipeline: {names} started with a different config than rank 0 "
+            f"({digests[odd[0]]} vs {digests[0]}); launch every rank with the same --config/--set"
+        )
+
+
+class Watchdog:
+    """Heartbeats through the store; ends this process when a peer fails or goes silent."""
+
+    def __init__(self, topology: Topology, timeout_s: float, interval_s: float = 0.5) -> None:
+        self.topology, self.timeout_s, self.interval_s = topology, timeout_s, interval_s
+        self.rank = topology.rank
+        self._stop = threading.Event()
+        self._store = self._client_store()
+        self._thread = threading.Thread(target=self._run, name="mpc-dist-watchdog", daemon=True)
+
+    @staticmethod
+    def _client_store() -> dist.Store:
+        # A separate client: the main thread may hold the default store's connection.
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
+        return dist.PrefixStore("mpc_dist_watchdog", store)
+
+    def start(self) -> Watchdog:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):  # the store may already be gone at shutdown
+            self._store.set(f"done/{self.rank}", "1")
+
+    def report_failure(self, error: BaseException) -> str:
+        """Called by a rank that raised. The first failure recorded wins: a rank that fails
+        because a peer died first reports the peer. Returns the failure every rank reports."""
+        message = f"{self.topology.describe(self.rank)} failed: {type(error).__name__}: {error}"
+        message = message.splitlines()[0][:500]
+        with contextlib.suppress(Exception):
+            # compare_set with an empty expected value only writes a key that does not exist
+            return self._store.compare_set(FAILED_KEY, "", message).decode()
+        return message
+
+    def _beat(self) -> None:
+        self._store.set(f"beat/{self.rank}", repr(time.time()))
+
+    def _run(self) -> None:
+        started = time.time()
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                if self._store.check([FAILED_KEY]):
+                    failure = self._store.get(FAILED_KEY).decode()
+                    if not failure.startswith(self.topology.describe(self.rank)):
+                        self.exit(f"stopping: {failure}")
+                silent = self._silent_peers(started)
+                if silent:
+                    names = ", ".join(self.topology.describe(r) for r in silent)
+                    self.exit(
+                        f"stopping: {names} stopped responding for {self.timeout_s:.0f} s "
+                        f"(killed or hung)"
+                    )
+            except Exception as error:  # the store lives in rank 0's launcher or process
+                if self._stop.is_set():
+                    return
+                self.exit(
+                    f"stopping: lost the rendezvous store ({type(error).__name__}); "
+                    f"{self.topology.describe(0)} or its launcher has died"
+                )
+
+    def _silent_peers(self, started: float) -> list[int]:
+        now = time.time()
+        silent = []
+        for r in range(self.topology.world_size):
+            if r == self.rank or self._store.check([f"done/{r}"]):
+                continue
+            if not self._store.check([f"beat/{r}"]):
+                if now - started > self.timeout_s:
+                    silent.append(r)
+                continue
+            if now - float(self._store.get(f"beat/{r}").decode()) > self.timeout_s:
+                silent.append(r)
+        return silent
+
+    def exit(self, message: str) -> None:
+        print(f"mpc-dist: {self.topology.describe(self.rank)}: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_FAILED)

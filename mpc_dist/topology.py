@@ -1,0 +1,130 @@
+"""Who is where: P pipeline stages x D data-parallel replicas, and which blocks each stage holds.
+
+Rank r is stage ``r % P`` of replica ``r // P``: each replica is a run of consecutive ranks, so a
+pipeline's neighbours are neighbouring ranks (on one node with ``--nproc-per-node P``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    stages: int
+    replicas: int
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.stages * self.replicas
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.stages
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.stages
+
+    def rank_of(self, stage: int, replica: int | None = None) -> int:
+        return (self.replica if replica is None else replica) * self.stages + stage
+
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        return [self.rank_of(k, replica) for k in range(self.stages)]
+
+    def data_parallel_ranks(self, stage: int) -> list[int]:
+        return [self.rank_of(stage, d) for d in range(self.replicas)]
+
+    def describe(self, rank: int) -> str:
+        return f"rank {rank} (stage {rank % self.stages}, replica {rank // self.stages})"
+
+
+def device_and_backend(local_rank: int, backend: str = "auto") -> tuple[torch.device, str]:
+    """CUDA with NCCL when a GPU is present, else CPU with gloo."""
+    if torch.cuda.is_available() and backend in ("auto", "nccl"):
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device, "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+# ----------------------------------------------------------------------------- partitioning
+
+
+def balanced_partition(costs: list[float], stages: int) -> list[int]:
+    """Blocks per stage: contiguous groups minimizing the most expensive stage (exact DP)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][j]: minimal max-stage cost of putting the first j blocks on k stages
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(k, n - (stages - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    counts, j = [], n
+    for k in range(stages, 0, -1):
+        counts.append(j - cut[k][j])
+        j = cut[k][j]
+    return counts[::-1]
+
+
+def uniform_partition(num_blocks: int, stages: int) -> list[int]:
+    return [num_blocks // stages + (k < num_blocks % stages) for k in range(stages)]
+
+
+def block_costs(model, method: str, sample: torch.Tensor | None = None) -> list[float]:
+    """Per-block cost: parameter count (stem with block 0, head with the last block) or time."""
+    T = model.num_blocks
+    if method == "params":
+        costs = [float(sum(p.numel() for p in model.block_parameters(t))) for t in range(T)]
+        costs[-1] += sum(p.numel() for p in model.head.parameters())
+        return costs
+    # time: forward + backward of each block on a sample microbatch, median of a few runs
+    costs, x = [], sample
+    for t in range(T):
+        runs = []
+        for _ in range(5):
+            leaf = x.detach().requires_grad_(t > 0)
+            start = time.perf_counter()
+            out = model.block_forward(t, leaf)
+            out.backward(torch.ones_like(out))
+            runs.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        costs.append(sorted(runs)[len(runs) // 2])
+        x = out.detach()
+    return costs
+
+
+def partition(config: PipelineConfig, model, sample: torch.Tensor | None = None) -> list[int]:
+    """Blocks per stage for the method the config names."""
+    if config.blocks_per_stage is not None:
+        return list(config.blocks_per_stage)
+    if config.partition == "uniform" or config.stages == 1:
+        return uniform_partition(model.num_blocks, config.stages)
+    return balanced_partition(block_costs(model, config.partition, sample), config.stages)
+
+
+def stage_ranges(blocks_per_stage: list[int]) -> list[tuple[int, int]]:
+    """[first, last) block range of every stage."""
+    ranges, first = [], 0
+    for count in blocks_per_stage:
+        ranges.append((first, first + count))
+        first += count
+    return ranges

@@ -1,0 +1,64 @@
+"""Run a test function in N gloo processes; fail fast, name the rank that failed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn, world: int, *args, timeout: float = 240.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; raise naming any failed rank."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    context = mp.start_processes(
+        _entry, args=(world, free_port(), fn, args, errors), nprocs=world, join=False,
+        start_method="spawn",
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=2):
+            if time.monotonic() > deadline:
+                alive = [r for r, p in enumerate(context.processes) if p.is_alive()]
+                raise AssertionError(f"timed out after {timeout:.0f} s; ranks {alive} still run")
+    except AssertionError:
+        raise
+    except Exception as error:
+        reports = []
+        while not errors.empty():
+            rank, text = errors.get()
+            reports.append(f"--- rank {rank} ---\n{text}")
+        raise AssertionError("\n".join(reports) or str(error)) from None
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

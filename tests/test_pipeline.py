@@ -1,0 +1,138 @@
+"""The pipeline runtime over real gloo process groups equals the single-process engine."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from multiprocess import run
+
+from mpc_dist.config import ModelConfig
+from mpc_dist.engine import HorizonEngine
+from mpc_dist.models import build_model
+from mpc_dist.plan import Plan
+from mpc_dist.runtime import Groups, PipelineRuntime, needs_head_copies, owned_parameters
+from mpc_dist.topology import Topology, stage_ranges, uniform_partition
+
+T, STEPS, BATCH = 4, 3, 8
+SHAPE = (1, 6, 6)
+
+
+def make(head: str, width: int = 8):
+    torch.manual_seed(0)
+    spec = ModelConfig(name="residual_mlp", num_blocks=T, width=width, hidden=12, head=head)
+    return build_model(spec, SHAPE, 5).double()
+
+
+def batches(n: int = STEPS, size: int = BATCH):
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(size, *SHAPE, dtype=torch.float64, generator=g),
+         torch.randint(0, 5, (size,), generator=g))
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tensor]:
+    model = make(head)
+    engine = HorizonEngine(model, plan, track_memory=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for x, y in data:
+        for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
+            engine.train_microbatch(xs, ys, loss_scale=1 / m)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(model.named_parameters())
+
+
+def pipeline(topology: Topology, groups: Groups, head, plan, m, mode, data, policy="horizon"):
+    model = make(head)
+    ranges = stage_ranges(uniform_partition(T, topology.stages))
+    part = model.split(*ranges[topology.stage], needs_head_copies(head, plan))
+    optimizer = torch.optim.Adam(owned_parameters(part), lr=0.01)
+    runtime = PipelineRuntime(
+        part, plan, ranges, topology, groups, optimizer, model.state_shapes, m, mode,
+        policy, torch.device("cpu"), torch.float64,
+    )  # fmt: skip
+    share = data[0][0].shape[0] // topology.replicas
+    d = topology.replica
+    mine = [(x[d * share : (d + 1) * share], y[d * share : (d + 1) * share]) for x, y in data]
+    if mode == "async":
+        runtime.run(mine, [0.01] * len(mine))  # one schedule over all minibatches
+    else:
+        for batch in mine:
+            runtime.run([batch], [0.01])
+    return part, runtime
+
+
+def check_exactness(rank: int, world: int) -> None:
+    data = batches()
+    layouts = [Topology(4, 1, rank), Topology(2, 2, rank)]
+    groups = {t.stages: Groups.create(t) for t in layouts}
+    cases = 0
+    for topology in layouts:
+        for h in (1, 2, 4):
+            for rule in ("receding", "shrinking"):
+                for mode in ("sync", "async"):
+                    for head in ("aux", "shared") if mode == "sync" else ("aux",):
+                        plan = Plan(rule, h, T)
+                        m = 2
+                        expected = single_process(head, plan, m * topology.replicas, data)
+                        part, _ = pipeline(
+                            topology, groups[topology.stages], head, plan, m, mode, data
+                        )
+                        for name, p in part.named_parameters():
+                            torch.testing.assert_close(
+                                p, expected[name], rtol=0, atol=1e-6,
+                                msg=lambda e, n=name: f"{topology} {rule} h={h} {mode} {head} {n}: {e}",
+                            )  # fmt: skip
+                        cases += 1
+    assert cases == 2 * 3 * 2 * 3
+
+
+def check_async_every_microbatch_count(rank: int, world: int) -> None:
+    topology = Topology(4, 1, rank)
+    groups = Groups.create(topology)
+    for m in range(1, 17):
+        for rule, h in (("receding", 1), ("receding", 2), ("shrinking", 2), ("receding", 3)):
+            data = batches(n=2, size=2 * m)
+            plan = Plan(rule, h, T)
+            part, runtime = pipeline(topology, groups, "aux", plan, m, "async", data)
+            assert runtime.engine.outstanding == 0
+            dist.barrier()
+
+
+def check_memory(rank: int, world: int, results) -> None:
+    topology = Topology(4, 1, rank)
+    groups = Groups.create(topology)
+    data = batches(n=1, size=64)
+    peaks = {}
+    for name, plan, m, mode, policy in (
+        ("unit", Plan("receding", T, T), 1, "sync", "1f1b"),  # one microbatch's activations
+        ("h1-async", Plan("receding", 1, T), 8, "async", "horizon"),
+        ("bp-1f1b", Plan("receding", T, T), 8, "sync", "1f1b"),
+    ):
+        size = 8 if name == "unit" else 64
+        _, runtime = pipeline(
+            topology, groups, "aux", plan, m, mode, [(x[:size], y[:size]) for x, y in data]
+        )
+        peaks[name] = runtime.engine.memory.peak_bytes
+    if topology.stage == 0:
+        results.put({k: v / peaks["unit"] for k, v in peaks.items()})
+
+
+def test_pipeline_equals_single_process_engine():
+    run(check_exactness, 4, timeout=400)
+
+
+def test_async_completes_for_every_microbatch_count():
+    run(check_async_every_microbatch_count, 4, timeout=400)
+
+
+def test_stage_zero_activation_memory_h1_async_vs_1f1b():
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    run(check_memory, 4, results, timeout=200)
+    ratio = results.get()
+    assert ratio["h1-async"] <= 2.0, ratio
+    assert ratio["bp-1f1b"] >= 4.0, ratio
