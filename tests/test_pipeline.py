@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from multiprocess import run
@@ -14,6 +16,7 @@ from mpc_dist.runtime import Groups, PipelineRuntime, needs_head_copies, owned_p
 from mpc_dist.topology import Topology, stage_ranges, uniform_partition
 
 T, STEPS, BATCH = 4, 3, 8
+MODES = ("sync", "async")
 SHAPE = (1, 6, 6)
 
 
@@ -64,29 +67,27 @@ def pipeline(topology: Topology, groups: Groups, head, plan, m, mode, data, poli
     return part, runtime
 
 
+def exactness_cases():
+    for stages in (4, 2):
+        for h, rule, mode in itertools.product((1, 2, 4), ("receding", "shrinking"), MODES):
+            for head in ("aux", "shared") if mode == "sync" else ("aux",):
+                yield stages, h, rule, mode, head
+
+
 def check_exactness(rank: int, world: int) -> None:
+    """P = 4 and P = 2 x D = 2; h in {1, 2, 4}; both rules and modes: 3 steps, 1e-6."""
     data = batches()
-    layouts = [Topology(4, 1, rank), Topology(2, 2, rank)]
-    groups = {t.stages: Groups.create(t) for t in layouts}
-    cases = 0
-    for topology in layouts:
-        for h in (1, 2, 4):
-            for rule in ("receding", "shrinking"):
-                for mode in ("sync", "async"):
-                    for head in ("aux", "shared") if mode == "sync" else ("aux",):
-                        plan = Plan(rule, h, T)
-                        m = 2
-                        expected = single_process(head, plan, m * topology.replicas, data)
-                        part, _ = pipeline(
-                            topology, groups[topology.stages], head, plan, m, mode, data
-                        )
-                        for name, p in part.named_parameters():
-                            torch.testing.assert_close(
-                                p, expected[name], rtol=0, atol=1e-6,
-                                msg=lambda e, n=name: f"{topology} {rule} h={h} {mode} {head} {n}: {e}",
-                            )  # fmt: skip
-                        cases += 1
-    assert cases == 2 * 3 * 2 * 3
+    layouts = {4: Topology(4, 1, rank), 2: Topology(2, 2, rank)}
+    groups = {stages: Groups.create(t) for stages, t in layouts.items()}
+    for stages, h, rule, mode, head in exactness_cases():
+        topology, plan, m = layouts[stages], Plan(rule, h, T), 2
+        expected = single_process(head, plan, m * topology.replicas, data)
+        part, _ = pipeline(topology, groups[stages], head, plan, m, mode, data)
+        case = f"P={stages} D={topology.replicas} {rule} h={h} {mode} {head}"
+        for name, p in part.named_parameters():
+            torch.testing.assert_close(
+                p, expected[name], rtol=0, atol=1e-6, msg=lambda e, n=f"{case} {name}": f"{n}: {e}"
+            )
 
 
 def check_async_every_microbatch_count(rank: int, world: int) -> None:
@@ -112,9 +113,8 @@ def check_memory(rank: int, world: int, results) -> None:
         ("bp-1f1b", Plan("receding", T, T), 8, "sync", "1f1b"),
     ):
         size = 8 if name == "unit" else 64
-        _, runtime = pipeline(
-            topology, groups, "aux", plan, m, mode, [(x[:size], y[:size]) for x, y in data]
-        )
+        sized = [(x[:size], y[:size]) for x, y in data]
+        _, runtime = pipeline(topology, groups, "aux", plan, m, mode, sized, policy)
         peaks[name] = runtime.engine.memory.peak_bytes
     if topology.stage == 0:
         results.put({k: v / peaks["unit"] for k, v in peaks.items()})
