@@ -12,14 +12,40 @@ from .config import ConfigError
 from .data import DataError
 from .models import ModelError
 from .runtime import TrainingError
+from .schedule import ScheduleError
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, ScheduleError)
 
 
 def _plan(args: argparse.Namespace) -> None:
     from .plan import Plan
 
     print(Plan(args.rule, args.horizon, args.blocks))
+
+
+def _schedule(args: argparse.Namespace) -> None:
+    from .plan import Plan
+    from .schedule import bubble_fraction, generate, validate
+    from .topology import stage_ranges, uniform_partition
+
+    blocks = args.blocks or args.stages
+    horizon = args.horizon or blocks
+    policy = "horizon" if args.policy == "auto" else args.policy
+    ranges = stage_ranges(uniform_partition(blocks, args.stages))
+    schedule = generate(
+        Plan(args.rule, horizon, blocks), ranges, args.microbatches, args.minibatches,
+        args.mode, policy,
+    )  # fmt: skip
+    events = validate(schedule)
+    print(schedule)
+    makespan = max(e.end for e in events)
+    print(
+        f"valid: complete, exact and deadlock-free; {makespan:g} time units "
+        f"({makespan / args.minibatches:g} per minibatch), bubble {bubble_fraction(events):.1%}"
+    )
+    if args.actions:
+        for stage, actions in enumerate(schedule.actions):
+            print(f"stage {stage}: " + " ".join(str(a) for a in actions))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -73,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--horizon", type=int, required=True, help="h, 1 <= h <= T")
     plan.add_argument("--rule", default="receding", choices=("receding", "shrinking"))
     plan.set_defaults(run=_plan)
+
+    sched = commands.add_parser("schedule", help="print and validate a pipeline schedule")
+    sched.add_argument("--stages", type=int, required=True, help="P pipeline stages")
+    sched.add_argument("--microbatches", type=int, required=True, help="m per minibatch")
+    sched.add_argument("--blocks", type=int, default=0, help="T (default: one per stage)")
+    sched.add_argument("--horizon", type=int, default=0, help="h (default: T, i.e. BP)")
+    sched.add_argument("--rule", default="receding", choices=("receding", "shrinking"))
+    sched.add_argument("--mode", default="sync", choices=("sync", "async"))
+    sched.add_argument("--policy", default="auto", choices=("auto", "1f1b", "gpipe"))
+    sched.add_argument("--minibatches", type=int, default=2)
+    sched.add_argument("--actions", action="store_true", help="also list every rank's actions")
+    sched.set_defaults(run=_schedule)
 
     train = commands.add_parser("train", help="train a model (see configs/)")
     train.add_argument("--config", help="YAML run config, e.g. configs/quickstart.yaml")
