@@ -121,3 +121,41 @@ class Checkpointer:
         done = sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
         for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def load_run_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a run's latest checkpoint, by parameter name (any stage layout)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    run_dir = Path(run_dir)
+    latest = Checkpointer(run_dir / "checkpoints").latest()
+    if latest is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint")
+    Checkpointer.verify(latest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = _load_state_dict_from_keys(checkpoint_id=latest)
+    return {
+        k.removeprefix("model."): v for k, v in _flatten(state).items() if k.startswith("model.")
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+    return flat
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, float]:
+    """Largest absolute difference per parameter between two runs' final weights."""
+    a, b = load_run_weights(run_a), load_run_weights(run_b)
+    if a.keys() != b.keys():
+        raise CheckpointError(
+            f"the runs hold different parameters: {sorted(a.keys() ^ b.keys())[:5]}"
+        )
+    return {k: (a[k].double() - b[k].double()).abs().max().item() for k in sorted(a)}

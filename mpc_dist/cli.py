@@ -84,6 +84,19 @@ def _spawn(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from .checkpoint import compare_runs
+
+    differences = compare_runs(args.run_a, args.run_b)
+    worst = max(differences, key=differences.get)
+    for name, value in differences.items():
+        if args.verbose or name == worst:
+            print(f"{name:<40} max |a - b| = {value:.3g}")
+    print(f"{len(differences)} parameters; largest difference {differences[worst]:.3g} ({worst})")
+    if args.atol is not None and differences[worst] > args.atol:
+        raise SystemExit(1)
+
+
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench_engine import main as bench
 
@@ -124,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",
     )  # fmt: skip
     train.set_defaults(run=_train)
+
+    compare = commands.add_parser("compare", help="compare two runs' final weights")
+    compare.add_argument("run_a", help="run directory, e.g. runs/mnist_4stage")
+    compare.add_argument("run_b")
+    compare.add_argument("--atol", type=float, help="exit 1 if any difference exceeds this")
+    compare.add_argument("--verbose", action="store_true", help="one line per parameter")
+    compare.set_defaults(run=_compare)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
     bench.add_argument("--blocks", type=int, default=8)

@@ -59,6 +59,15 @@ def check_same_config(config_yaml: str, topology: Topology) -> None:
         )
 
 
+def _is_communication_error(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "Connection", "NCCL", "connection", "peer")
+    )
+
+
 class Watchdog:
     """Heartbeats through the store; ends this process when a peer fails or goes silent."""
 
@@ -97,6 +106,31 @@ class Watchdog:
             return self._store.compare_set(FAILED_KEY, "", message).decode()
         return message
 
+    def fail(self, error: BaseException) -> None:
+        """This rank raised: record it; if a peer failed first, say so and exit instead.
+
+        A communication error means a peer died: name that peer (the one whose heartbeat
+        stopped), not this rank, so every rank reports the same root cause.
+        """
+        if _is_communication_error(error):
+            deadline = time.time() + self.timeout_s
+            while time.time() < deadline:
+                with contextlib.suppress(Exception):
+                    if self._store.check([FAILED_KEY]):
+                        self.exit(f"stopping: {self._store.get(FAILED_KEY).decode()}")
+                    silent = self._silent_peers(time.time(), stale_s=3 * self.interval_s + 1)
+                    if silent:
+                        names = ", ".join(self.topology.describe(r) for r in silent)
+                        first = self._store.compare_set(
+                            FAILED_KEY, "", f"{names} stopped responding (killed or crashed)"
+                        ).decode()
+                        self.exit(f"stopping: {first}")
+                time.sleep(self.interval_s)
+        first = self.report_failure(error)
+        if not first.startswith(self.topology.describe(self.rank) + " "):
+            self.exit(f"stopping: {first}")
+        self.linger()
+
     def _beat(self) -> None:
         self._store.set(f"beat/{self.rank}", repr(time.time()))
 
@@ -124,8 +158,8 @@ class Watchdog:
                     f"{self.topology.describe(0)} or its launcher has died"
                 )
 
-    def _silent_peers(self, started: float) -> list[int]:
-        now = time.time()
+    def _silent_peers(self, started: float, stale_s: float | None = None) -> list[int]:
+        now, stale_s = time.time(), stale_s or self.timeout_s
         silent = []
         for r in range(self.topology.world_size):
             if r == self.rank or self._store.check([f"done/{r}"]):
@@ -134,11 +168,25 @@ class Watchdog:
                 if now - started > self.timeout_s:
                     silent.append(r)
                 continue
-            if now - float(self._store.get(f"beat/{r}").decode()) > self.timeout_s:
+            if now - float(self._store.get(f"beat/{r}").decode()) > stale_s:
                 silent.append(r)
         return silent
 
     def exit(self, message: str) -> None:
         print(f"mpc-dist: {self.topology.describe(self.rank)}: {message}", file=sys.stderr)
         sys.stderr.flush()
+        self.linger()
         os._exit(EXIT_PEER_FAILED)
+
+    def linger(self, timeout_s: float = 5.0) -> None:
+        """Rank 0 may host the store: let every peer read the failure before it goes away."""
+        with contextlib.suppress(Exception):
+            self._store.set(f"seen/{self.rank}", "1")
+            if self.rank != 0:
+                return
+            deadline = time.time() + timeout_s
+            peers = [r for r in range(self.topology.world_size) if r != self.rank]
+            while time.time() < deadline and not all(
+                self._store.check([f"seen/{r}"]) or self._store.check([f"done/{r}"]) for r in peers
+            ):
+                time.sleep(0.1)

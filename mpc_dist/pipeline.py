@@ -101,7 +101,7 @@ class PipelineRunner:
             )  # fmt: skip
             dist.barrier()
         except BaseException as error:
-            watchdog.report_failure(error)
+            watchdog.fail(error)
             raise
         return cls(config, topology, runtime, watchdog)
 
@@ -140,10 +140,7 @@ class PipelineRunner:
         }
 
     def fail(self, error: BaseException) -> None:
-        """Record the failure for every rank; if a peer failed first, say so and exit."""
-        first = self.watchdog.report_failure(error)
-        if not first.startswith(self.topology.describe(self.topology.rank) + " "):
-            self.watchdog.exit(f"stopping: {first}")
+        self.watchdog.fail(error)
 
     def close(self) -> None:
         if self._closed:

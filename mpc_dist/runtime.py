@@ -8,6 +8,8 @@ from the model (every rank builds it), so nothing about shapes is negotiated at 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -156,6 +158,7 @@ class PipelineRuntime:
         self.times = StageTimes()
         self._schedules: dict[int, Schedule] = {}
         self.microbatch_size = 0
+        self.steps = 0
 
     def schedule(self, num_minibatches: int) -> Schedule:
         if num_minibatches not in self._schedules:
@@ -237,6 +240,8 @@ class PipelineRuntime:
 
     def _step(self, loss: float, lr: float) -> None:
         """All-reduce over replicas, clip, check the loss, step; sync mode flushes the pipeline."""
+        self.steps += 1
+        _maybe_inject_fault(self.topology.rank, self.steps)
         if self.groups.data_parallel is not None:
             _all_reduce_buckets([p.grad for p in self.params if p.grad is not None],
                                 self.groups.data_parallel)  # fmt: skip
@@ -302,6 +307,18 @@ class PipelineRuntime:
                 dist.send(out.contiguous(), dst=self.topology.rank_of(self.stage + 1))
         self.model.train(was_training)
         return loss, correct
+
+
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    """Failure drills: MPC_DIST_INJECT_FAULT=RANK:STEP:raise|kill fails that rank at that step."""
+    spec = os.environ.get("MPC_DIST_INJECT_FAULT")
+    if not spec:
+        return
+    fault_rank, fault_step, kind = spec.split(":")
+    if rank == int(fault_rank) and step == int(fault_step):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at step {step}")
 
 
 def needs_head_copies(head_mode: str, plan: Plan) -> bool:
