@@ -10,6 +10,7 @@ from mpc_dist.engine import HorizonEngine
 from mpc_dist.models import build_model
 from mpc_dist.plan import Plan
 from mpc_dist.reference import reference_gradients
+from mpc_dist.runtime import needs_head_copies
 
 
 def engine_grads(model, plan, x, y, num_microbatches=1):
@@ -130,8 +131,9 @@ def test_engines_over_split_runs_chain_to_the_whole(rule, h, cut):
     plan = Plan(rule, h, T)
     expected = engine_grads(model, plan, x, y)
     model.zero_grad(set_to_none=True)
-    lower = HorizonEngine(model.split(0, cut), plan)
-    upper = HorizonEngine(model.split(cut, T), plan)
+    copy = needs_head_copies(model.head_mode, plan)
+    lower = HorizonEngine(model.split(0, cut, copy), plan)
+    upper = HorizonEngine(model.split(cut, T, copy), plan)
     assert {s.loss_point for s in lower.incoming} == {s.loss_point for s in upper.outgoing}
     below = lower.forward(0, x, y, eager=False)
     above = upper.forward(0, below.output, y, eager=True)
