@@ -19,9 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 MANIFEST = "manifest.json"
+# Optimizer state and hyper-parameters keyed per parameter name, so any stage layout can load it.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 TRAINER_STATE = "trainer.json"
 
 
@@ -57,7 +63,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
         with warnings.catch_warnings():  # DCP warns when it runs without a process group
             warnings.simplefilter("ignore")
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
@@ -82,7 +88,7 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; returns the trainer state."""
         self.verify(path)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
         state = {"model": model_state, "optim": optim_state}
         try:
             with warnings.catch_warnings():

@@ -214,11 +214,12 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
         evaluated_at = state.step
         metrics = runner.evaluate(test_set)
         report = runner.stage_report()  # collective in a pipeline
+        stages.update(report)
         if logger is not None:
             logger.log("eval", state.step, epoch=state.epoch, **metrics, **report)
         return metrics
 
-    final, evaluated_at = {}, -1
+    final, evaluated_at, stages = {}, -1, {}
     started, seen = time.perf_counter(), 0
     window = [0.0, 0, 0]  # loss sum, correct, samples since the last metrics line
     with progress_bar(config.run.progress and runner.is_logger) as bar:
@@ -289,6 +290,12 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
         "test loss": final["loss"],
         "test accuracy": final["accuracy"],
     }
+    if stages:
+        pairs = zip(stages["stage_busy_s"], stages["stage_idle_s"], strict=True)
+        summary["stage busy / idle (s)"] = "  ".join(f"{b:.1f}/{i:.1f}" for b, i in pairs)
+        summary["stage peak activations (MiB)"] = "  ".join(
+            f"{m:.2f}" for m in stages["stage_peak_activation_mib"]
+        )
     if config.run.plot:
         summary["plot"] = str(plot_run(logger.path, run_dir / "plot.png", summary["plan"]))
     print_summary(f"mpc_dist: {config.model.name} on {data.dataset}", summary)

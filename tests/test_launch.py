@@ -147,3 +147,17 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
     assert all(code != 0 for code, _ in results)
     assert any("rank 1 (stage 1, replica 0) started with a different config" in err
                for _, err in results), [err[-1500:] for _, err in results]  # fmt: skip
+
+
+def test_checkpoint_from_two_stages_resumes_on_four(tmp_path):
+    """Checkpoints are keyed by parameter name: a 2-stage run continues on 4 stages."""
+    extra = ["horizon.horizon=2", "train.max_steps=6"]
+    single = single_process_run(tmp_path, *extra)
+    common = [*TINY, *extra, f"run.out_dir={tmp_path}", "run.name=moved"]
+    first = mpc_dist(
+        "train", "--nproc", "2", *sets(*common, "pipeline.stages=2", "train.max_steps=3")
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = mpc_dist("train", "--nproc", "4", "--resume", *sets(*common, "pipeline.stages=4"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_weights(single, tmp_path / "moved")
