@@ -97,6 +97,18 @@ def _compare(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import main as bench
+
+    bench(args)
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from .simulator import main as simulate
+
+    simulate(args)
+
+
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench_engine import main as bench
 
@@ -144,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--atol", type=float, help="exit 1 if any difference exceeds this")
     compare.add_argument("--verbose", action="store_true", help="one line per parameter")
     compare.set_defaults(run=_compare)
+
+    from .bench import add_arguments as bench_arguments
+    from .simulator import add_arguments as simulate_arguments
+
+    pipeline_bench = commands.add_parser(
+        "bench", help="measure pipeline schedules against BP baselines (emulated compute)"
+    )
+    bench_arguments(pipeline_bench)
+    pipeline_bench.set_defaults(run=_bench)
+
+    simulate = commands.add_parser("simulate", help="project schedules to large pipelines")
+    simulate_arguments(simulate)
+    simulate.set_defaults(run=_simulate)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
     bench.add_argument("--blocks", type=int, default=8)

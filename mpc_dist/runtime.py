@@ -159,6 +159,7 @@ class PipelineRuntime:
         self._schedules: dict[int, Schedule] = {}
         self.microbatch_size = 0
         self.steps = 0
+        self.trace: list[tuple[Action, float, float]] | None = None  # set to [] to record
 
     def schedule(self, num_minibatches: int) -> Schedule:
         if num_minibatches not in self._schedules:
@@ -225,9 +226,11 @@ class PipelineRuntime:
             elif kind == "S":
                 self._step(results[n][0], learning_rates[n])
             if kind in ("F", "B", "S"):
-                spent = time.perf_counter() - tick
-                self.times.busy += spent
-                self.times.by_kind[kind] = self.times.by_kind.get(kind, 0.0) + spent
+                now = time.perf_counter()
+                self.times.busy += now - tick
+                self.times.by_kind[kind] = self.times.by_kind.get(kind, 0.0) + now - tick
+                if self.trace is not None:
+                    self.trace.append((action, tick, now))
         mailbox.flush()
         self.times.wall += time.perf_counter() - started
         return (

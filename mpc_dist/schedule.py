@@ -15,6 +15,7 @@ prove a schedule complete and deadlock-free; the bubble benchmark uses it to pre
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ class _Graph:
     def __init__(self, schedule: Schedule, policy: str) -> None:
         self.s, self.policy = schedule, policy
         self.infos = schedule.stages
+        self._outgoing = [{s.loss_point for s in info.outgoing} for info in self.infos]
         P, m = schedule.num_stages, schedule.num_microbatches
         if policy == "gpipe":
             self.in_flight = [m] * P
@@ -240,59 +242,94 @@ class _Graph:
             return (0,)
         if a.kind == "B":
             # older microbatches first; streams that continue below first (they unblock others)
-            continues = a.stream in {s.loss_point for s in self.infos[a.stage].outgoing}
+            continues = a.stream in self._outgoing[a.stage]
             key = (a.minibatch, a.microbatch, not continues, -a.stream)
             return (2, *key) if self.policy == "gpipe" else (1, *key)
         return (1 if self.policy == "gpipe" else 2, a.minibatch, a.microbatch)
 
     def list_schedule(self, cost: Callable[[Action], float]) -> list[list[Action]]:
-        P = self.s.num_stages
-        done: dict[Action, float] = {}
-        order: list[list[Action]] = [[] for _ in range(P)]
-        pending = [set(self.actions(k, 0)) for k in range(P)]
-        next_minibatch = [1] * P
+        """Greedy list scheduling: whenever a stage is idle it starts its best ready action.
+
+        Event-driven with dependency counters, so it scales to 64+ stages.
+        """
+        P, N = self.s.num_stages, self.s.num_minibatches
+        everything = [a for k in range(P) for n in range(N) for a in self.actions(k, n)]
+        unmet: dict[Action, int] = {}
+        successors: dict[Action, list[Action]] = defaultdict(list)
+        step_waits: dict[tuple, list[Action]] = defaultdict(list)  # flush group -> its steps
+        step_left: dict[tuple, int] = defaultdict(int)  # flush group -> actions outstanding
+        for a in everything:
+            if a.kind == "S":
+                group = self._flush_group(a)
+                step_waits[group].append(a)
+                unmet[a] = 1  # released when its flush group is complete
+            else:
+                deps = self.deps(a)
+                unmet[a] = len(deps)
+                for d in deps:
+                    successors[d].append(a)
+                step_left[self._flush_group(a)] += 1
+        ready_f: list[list] = [[] for _ in range(P)]
+        ready_other: list[list] = [[] for _ in range(P)]
+
+        def release(a: Action) -> None:
+            heap = ready_f if a.kind == "F" else ready_other
+            heapq.heappush(heap[a.stage], (self.priority(a), a))
+
+        for a in everything:
+            if unmet[a] == 0:
+                release(a)
         in_flight = [0] * P  # microbatches forwarded whose streams have not all passed
-        left_b: dict[tuple[int, int, int], int] = {}
+        left_b = {}
+        order: list[list[Action]] = [[] for _ in range(P)]
         busy: list[tuple[float, Action] | None] = [None] * P
-        now = 0.0
-        total = sum(len(self.actions(k, 0)) for k in range(P)) * self.s.num_minibatches
-        while len(done) < total:
+        now, finished = 0.0, 0
+        while finished < len(everything):
             for k in range(P):
                 if busy[k] is not None:
                     continue
-                ready = [
-                    a
-                    for a in pending[k]
-                    if all(done.get(d, float("inf")) <= now for d in self.deps(a))
-                    and not (a.kind == "F" and in_flight[k] >= self.in_flight[k])
-                ]
-                if not ready:
+                options = []
+                if ready_other[k]:
+                    options.append(ready_other[k])
+                if ready_f[k] and in_flight[k] < self.in_flight[k]:
+                    options.append(ready_f[k])
+                if not options:
                     continue
-                a = min(ready, key=self.priority)
-                pending[k].discard(a)
+                heap = min(options, key=lambda h: h[0][0])
+                _, a = heapq.heappop(heap)
                 order[k].append(a)
                 busy[k] = (now + cost(a), a)
                 if a.kind == "F":
                     in_flight[k] += 1
-                    left_b[(k, a.minibatch, a.microbatch)] = len(self.infos[k].streams)
+                    left_b[(a.minibatch, a.microbatch, k)] = len(self.infos[k].streams)
             running = [b for b in busy if b is not None]
             if not running:
-                stuck = {k: sorted(map(str, pending[k]))[:4] for k in range(P) if pending[k]}
-                raise ScheduleError(f"dependency cycle while generating: {stuck}")
+                raise ScheduleError(f"dependency cycle while generating {self.s.name}")
             now = min(end for end, _ in running)
             for k in range(P):
-                if busy[k] is not None and busy[k][0] <= now:
-                    a = busy[k][1]
-                    done[a], busy[k] = now, None
-                    if a.kind == "B":
-                        key = (k, a.minibatch, a.microbatch)
-                        left_b[key] -= 1
-                        if left_b[key] == 0:
-                            in_flight[k] -= 1
-                    if a.kind == "S" and next_minibatch[k] < self.s.num_minibatches:
-                        pending[k] |= set(self.actions(k, next_minibatch[k]))
-                        next_minibatch[k] += 1
+                if busy[k] is None or busy[k][0] > now:
+                    continue
+                a, busy[k] = busy[k][1], None
+                finished += 1
+                if a.kind == "B":
+                    key = (a.minibatch, a.microbatch, k)
+                    left_b[key] -= 1
+                    in_flight[k] -= left_b[key] == 0
+                if a.kind != "S":
+                    group = self._flush_group(a)
+                    step_left[group] -= 1
+                    if step_left[group] == 0:
+                        for step in step_waits[group]:
+                            release(step)
+                for b in successors[a]:
+                    unmet[b] -= 1
+                    if unmet[b] == 0:
+                        release(b)
         return order
+
+    def _flush_group(self, a: Action) -> tuple:
+        """The actions a step waits for: its minibatch on every stage (sync) or its own (async)."""
+        return (a.minibatch,) if self.s.mode == "sync" else (a.minibatch, a.stage)
 
 
 def _lower(schedule: Schedule, stage: int, compute: list[Action]) -> list[Action]:
