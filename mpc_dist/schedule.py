@@ -139,6 +139,8 @@ class Costs:
     weight_grad: float = 1.0
     step: float = 0.0
     latency: float = 0.0  # per message
+    forward_overhead: float = 0.0  # per F action (framework time besides the blocks)
+    backward_overhead: float = 0.0  # per B action
 
 
 def unit_costs(schedule: Schedule) -> Callable[[Action], float]:
@@ -152,9 +154,9 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
     def cost(action: Action) -> float:
         info = infos[action.stage]
         if action.kind == "F":
-            return costs.forward * (info.last - info.first)
+            return costs.forward * (info.last - info.first) + costs.forward_overhead
         if action.kind == "B":
-            return _backward_cost(plan.stream(action.stream), info, costs)
+            return _backward_cost(plan.stream(action.stream), info, costs) + costs.backward_overhead
         if action.kind == "S":
             return costs.step
         return 0.0

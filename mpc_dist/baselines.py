@@ -1,0 +1,402 @@
+"""Third-party pipeline-parallel baselines for benchmarking.
+
+Each function runs ONE pipeline-parallel training configuration of another system inside an
+already-initialized ``torch.distributed`` default process group whose world size is the number of
+pipeline stages ``P`` (rank ``r`` holds stage ``r``); all ranks call the same function:
+
+* :func:`run_torch_pipelining`: ``torch.distributed.pipelining`` with ``Schedule1F1B``,
+  ``ScheduleGPipe`` or ``ScheduleZBVZeroBubble`` (two stages per rank, in a V).
+* :func:`run_deepspeed_pipeline`: ``deepspeed.pipe.PipelineModule`` + ``engine.train_batch``
+  (DeepSpeed's ``TrainSchedule``, a 1F1B schedule).
+
+Every rank builds only the blocks of its own stage(s) with ``make_block(i)``. The data is one fixed
+random batch (inputs and regression targets, same on every rank: see :func:`make_batch`), the
+loss is the mean squared error, averaged over microbatches, and the optimizer is plain SGD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "BaselineResult",
+    "DEFAULT_LR",
+    "TORCH_SCHEDULES",
+    "make_batch",
+    "mse_loss",
+    "run_deepspeed_pipeline",
+    "run_torch_pipelining",
+    "stage_block_ranges",
+]
+
+TORCH_SCHEDULES = ("Schedule1F1B", "ScheduleGPipe", "ScheduleZBVZeroBubble")
+
+# Tiny, so that benchmark runs of many steps stay finite whatever the blocks are.
+DEFAULT_LR = 1e-4
+DATA_SEED = 1234
+
+
+@dataclass
+class BaselineResult:
+    # Wall seconds of each optimizer step (minibatch), measured on this rank, warm-up excluded.
+    step_times: list[float] = field(default_factory=list)
+    # (start, end) perf_counter times of each measured step, to cut timelines into steps.
+    windows: list[tuple[float, float]] = field(default_factory=list)
+    # Loss (mean over microbatches) per measured step on the last stage; empty elsewhere.
+    losses: list[float] = field(default_factory=list)
+
+
+def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Default loss: mean squared error against the fixed random target."""
+    return nn.functional.mse_loss(output, target)
+
+
+def make_batch(
+    microbatch_shape: tuple[int, ...],
+    num_microbatches: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = DATA_SEED,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed minibatch ``(inputs, targets)`` every baseline trains on, same on every rank.
+
+    Both have shape ``(num_microbatches * microbatch_shape[0], *microbatch_shape[1:])``;
+    microbatch ``j`` is rows ``j * mb : (j + 1) * mb``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_microbatches * microbatch_shape[0], *microbatch_shape[1:])
+    inputs = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    targets = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return inputs, targets
+
+
+def stage_block_ranges(schedule: str, num_blocks: int, world: int, rank: int) -> list[range]:
+    """Global block indices of the stage(s) rank ``rank`` holds, in stage order.
+
+    1F1B/GPipe/DeepSpeed: one contiguous range (stage ``rank`` of ``world``). ZBV: two ranges,
+    stage ``rank`` and stage ``2 * world - 1 - rank`` of ``2 * world`` stages.
+    """
+    if schedule == "ScheduleZBVZeroBubble":
+        num_stages = 2 * world
+        stage_ids = [rank, num_stages - 1 - rank]
+    else:
+        num_stages = world
+        stage_ids = [rank]
+    if num_blocks % num_stages:
+        raise ValueError(
+            f"{schedule}: num_blocks={num_blocks} must be divisible by the number of pipeline "
+            f"stages {num_stages} (world size {world}"
+            + (", two stages per rank)" if num_stages != world else ")")
+        )
+    per_stage = num_blocks // num_stages
+    return [range(s * per_stage, (s + 1) * per_stage) for s in stage_ids]
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dtype_of(modules: list[nn.Module]) -> torch.dtype:
+    for module in modules:
+        for tensor in module.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _check_common(microbatch_shape, num_microbatches, steps, warmup) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("initialize the torch.distributed default process group first")
+    if len(microbatch_shape) < 1 or microbatch_shape[0] < 1:
+        raise ValueError(f"bad microbatch_shape {microbatch_shape!r}")
+    if num_microbatches < 1 or steps < 0 or warmup < 0:
+        raise ValueError(
+            f"need num_microbatches >= 1, steps >= 0, warmup >= 0; got "
+            f"{num_microbatches}, {steps}, {warmup}"
+        )
+
+
+def _context(around_step: Callable[[], ContextManager] | None) -> ContextManager:
+    return around_step() if around_step is not None else contextlib.nullcontext()
+
+
+def run_torch_pipelining(
+    schedule: str,
+    make_block: Callable[[int], nn.Module],
+    num_blocks: int,
+    microbatch_shape: tuple[int, ...],
+    num_microbatches: int,
+    steps: int,
+    warmup: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mse_loss,
+    around_step: Callable[[], ContextManager] | None = None,
+    *,
+    lr: float = DEFAULT_LR,
+) -> BaselineResult:
+    """Train with a ``torch.distributed.pipelining`` schedule for ``warmup + steps`` steps.
+
+    Rank ``r`` of ``P`` holds stage ``r`` of ``P`` (1F1B, GPipe) or stages ``r`` and
+    ``2P - 1 - r`` of ``2P`` (ZBV, whose first AND last stage are on rank 0). Each step:
+    ``barrier``; ``schedule.step`` (inside ``around_step()``); SGD step; ``zero_grad``. The
+    timed region is ``schedule.step`` + ``optimizer.step``. Gradients are averaged over
+    microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
+    when ``loss_fn`` is a mean.
+    """
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    if schedule not in TORCH_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {TORCH_SCHEDULES}")
+    _check_common(microbatch_shape, num_microbatches, steps, warmup)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    zbv = schedule == "ScheduleZBVZeroBubble"
+    num_stages = 2 * world if zbv else world
+    if schedule == "Schedule1F1B" and num_microbatches < num_stages:
+        raise ValueError(
+            f"Schedule1F1B needs num_microbatches >= stages ({num_stages}); got {num_microbatches}"
+        )
+    ranges = stage_block_ranges(schedule, num_blocks, world, rank)
+    stage_ids = [rank, num_stages - 1 - rank] if zbv else [rank]
+
+    device = _device()
+    modules = [nn.Sequential(*[make_block(i) for i in blocks]).to(device) for blocks in ranges]
+    dtype = _dtype_of(modules)
+
+    def example(requires_grad: bool) -> torch.Tensor:
+        tensor = torch.empty(microbatch_shape, dtype=dtype, device=device)
+        return tensor.requires_grad_(requires_grad)
+
+    # Static metadata (no shape inference at the first step). In torch 2.14 the examples'
+    # requires_grad decides which activation gradients are sent: received activations and all
+    # outputs need it, the root input (stage 0) does not.
+    stages = [
+        PipelineStage(
+            module,
+            stage_id,
+            num_stages,
+            device,
+            input_args=example(stage_id > 0),
+            output_args=example(True),
+        )
+        for module, stage_id in zip(modules, stage_ids, strict=True)
+    ]
+    schedule_cls = getattr(schedules, schedule)
+    if zbv:
+        pipe = schedule_cls(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
+    else:
+        pipe = schedule_cls(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)
+    is_first = any(s.is_first for s in stages)
+    is_last = any(s.is_last for s in stages)
+
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.SGD(params, lr=lr) if params else None
+    inputs, targets = (t.to(device) for t in make_batch(microbatch_shape, num_microbatches, dtype))
+    args = (inputs,) if is_first else ()
+    kwargs: dict[str, Any] = {"target": targets} if is_last else {}
+
+    result = BaselineResult()
+    for step in range(warmup + steps):
+        mb_losses: list[torch.Tensor] = []
+        dist.barrier()
+        start = time.perf_counter()
+        with _context(around_step):
+            pipe.step(*args, losses=mb_losses, return_outputs=False, **kwargs)
+        if optimizer is not None:
+            optimizer.step()
+        elapsed = time.perf_counter() - start
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            result.step_times.append(elapsed)
+            result.windows.append((start, start + elapsed))
+            if is_last:
+                result.losses.append(float(torch.stack([x.detach() for x in mb_losses]).mean()))
+    dist.barrier()
+    return result
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Swallow what DeepSpeed prints on stdout; replay it on stderr if something fails."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _import_deepspeed():
+    """Import DeepSpeed (CPU accelerator when there is no GPU) with its logger at WARNING."""
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # On CPU machines with a CUDA toolkit dir, importing torch.utils.cpp_extension (DeepSpeed's
+    # op builders do) warns "No CUDA runtime is found" once per process.
+    quiet_ext = logging.ERROR if cpu else logging.NOTSET
+    with _silenced(), _logger_level("torch.utils.cpp_extension", quiet_ext):
+        import deepspeed
+        import deepspeed.pipe  # noqa: F401
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+@contextlib.contextmanager
+def _without_shm_comm_op(skip: bool) -> Iterator[None]:
+    """Keep DeepSpeed's TorchBackend from JIT-compiling its shared-memory comm op.
+
+    DeepSpeed builds ``deepspeed_shm_comm`` (a C++ op, ~40 s with a cold ``TORCH_EXTENSIONS_DIR``,
+    needs a compiler) when its comm backend is created, but uses it only in
+    ``inference_all_reduce`` (tensor-parallel inference), never in pipeline training. Without
+    it DeepSpeed falls back to ``torch.distributed``, which is what it uses for training anyway.
+    """
+    # importlib, not ``import deepspeed.comm.torch as m``: ``deepspeed.comm`` re-exports the name
+    # ``torch`` (the torch package), which that attribute-based import would bind instead.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    original = getattr(ds_torch_comm, "build_shm_op", None)
+    if not skip or original is None:
+        yield
+        return
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch_comm.build_shm_op = original
+
+
+class _BuildBlock(nn.Module):
+    """``LayerSpec`` needs an ``nn.Module`` subclass; this one builds ``make_block(index)``.
+
+    ``__new__`` returns the user's module itself (so ``__init__`` never runs and nothing wraps
+    it); DeepSpeed calls it only for the layers of this rank's stage.
+    """
+
+    def __new__(cls, make_block: Callable[[int], nn.Module], index: int) -> Any:
+        return make_block(index)
+
+
+def run_deepspeed_pipeline(
+    make_block: Callable[[int], nn.Module],
+    num_blocks: int,
+    microbatch_shape: tuple[int, ...],
+    num_microbatches: int,
+    steps: int,
+    warmup: int,
+    around_step: Callable[[], ContextManager] | None = None,
+    *,
+    lr: float = DEFAULT_LR,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mse_loss,
+    skip_shm_comm_op: bool = True,
+) -> BaselineResult:
+    """Train with DeepSpeed's pipeline engine (1F1B ``TrainSchedule``), ``warmup + steps`` steps.
+
+    ``PipelineModule(num_stages=P, partition_method="uniform")`` over ``LayerSpec``s, so each
+    rank builds only its own contiguous blocks; a torch SGD optimizer (no DeepSpeed-built
+    optimizer op); no fp16/bf16, ZeRO stage 0. Each step: ``barrier``; ``engine.train_batch``
+    (forward, backward, optimizer step and zero_grad, all inside DeepSpeed), timed and entered
+    inside ``around_step()``. ``skip_shm_comm_op`` (default) keeps DeepSpeed from JIT-compiling
+    its shared-memory comm op, which pipeline training never calls (~40 s on a cold
+    ``TORCH_EXTENSIONS_DIR``); with ``False`` the first use on a machine compiles it (outside the
+    timed steps). Only takes effect if DeepSpeed's comm backend is not yet created in this process.
+    """
+    _check_common(microbatch_shape, num_microbatches, steps, warmup)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    stage_block_ranges("DeepSpeed", num_blocks, world, rank)  # validates divisibility
+    # PipelineModule reads LOCAL_RANK; launchers other than torchrun/deepspeed may not set it.
+    gpus = torch.cuda.device_count()
+    os.environ.setdefault("LOCAL_RANK", str(rank % gpus if gpus else rank))
+
+    deepspeed = _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    with _silenced():
+        with _without_shm_comm_op(skip_shm_comm_op):
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        module = PipelineModule(
+            layers=[LayerSpec(_BuildBlock, make_block, i) for i in range(num_blocks)],
+            num_stages=world,
+            loss_fn=loss_fn,
+            partition_method="uniform",
+        )
+    dtype = _dtype_of([module])
+    supported = get_accelerator().supported_dtypes()
+    if dtype not in supported:  # e.g. float64 on CPU: DeepSpeed's gradient reduction asserts
+        raise ValueError(
+            f"DeepSpeed's {get_accelerator().device_name()} accelerator does not train {dtype} "
+            f"parameters (supported: {supported}); build the blocks in one of those dtypes"
+        )
+    params = [p for p in module.parameters() if p.requires_grad]
+    # torch refuses an empty parameter list; a stage without parameters gets a dummy one.
+    optimizer = torch.optim.SGD(params or [nn.Parameter(torch.zeros(1))], lr=lr)
+    config = {
+        "train_micro_batch_size_per_gpu": microbatch_shape[0],
+        "gradient_accumulation_steps": num_microbatches,
+        "train_batch_size": microbatch_shape[0] * num_microbatches,  # data-parallel degree 1
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 0},
+        "gradient_clipping": 0.0,
+        "dump_state": False,
+    }
+    with _silenced():
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+
+    inputs, targets = make_batch(microbatch_shape, num_microbatches, dtype)
+    mb = microbatch_shape[0]
+    batches = [
+        (inputs[j * mb : (j + 1) * mb], targets[j * mb : (j + 1) * mb])
+        for j in range(num_microbatches)
+    ]
+
+    def data_iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from batches
+
+    stream = data_iter()
+    is_last = engine.is_last_stage()
+    result = BaselineResult()
+    for step in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        with _context(around_step):
+            loss = engine.train_batch(data_iter=stream)
+        elapsed = time.perf_counter() - start
+        if step >= warmup:
+            result.step_times.append(elapsed)
+            result.windows.append((start, start + elapsed))
+            if is_last:
+                result.losses.append(float(loss.detach()) if loss is not None else math.nan)
+    dist.barrier()
+    return result

@@ -1,0 +1,486 @@
+"""`mpc-dist bench`: pipeline bubbles and throughput of our schedules against BP baselines.
+
+All systems run the same emulated blocks (``emulate.py``) in one set of P processes: our
+BP-1F1B and BP-GPipe, our horizon schedules (rules x horizons x modes), torch.distributed.pipelining
+(Schedule1F1B, ScheduleGPipe, ScheduleZBVZeroBubble) and DeepSpeed's PipelineEngine. Every
+number is measured from the blocks' own timestamps, identically for every system, and compared
+with the simulator's prediction for the same schedule and costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import emulate
+from .memory import ActivationMemory
+from .metrics import console
+from .plan import Plan
+from .schedule import COMPUTE, Costs, Event, _backward_cost, generate, simulate
+from .topology import Topology, stage_ranges
+
+
+@dataclass
+class Case:
+    system: str  # ours | torch | deepspeed
+    name: str
+    rule: str = "receding"
+    horizon: int = 0  # 0: back-propagation (h = P)
+    mode: str = "sync"
+    policy: str = "horizon"  # ours: 1f1b | gpipe | horizon; torch: the schedule class
+
+
+@dataclass
+class Result:
+    case: Case
+    time_per_minibatch: float = 0.0  # seconds, median over measured steps
+    samples_per_s: float = 0.0
+    bubble: list[float] = field(default_factory=list)  # per stage: idle outside F/B actions
+    compute_bubble: list[float] = field(default_factory=list)  # idle outside the blocks' compute
+    simulated_bubble: list[float] | None = None
+    simulated_time: float | None = None
+    fill: float | None = None  # async: seconds until the last stage starts
+    overhead_ms: tuple[float, float] = (0.0, 0.0)  # measured framework time per F, per B action
+    peak_mib: list[float] = field(default_factory=list)
+    vs_torch_1f1b: float = 0.0  # speed-up in time per minibatch over torch Schedule1F1B
+    trace: list[tuple[int, str, float, float]] = field(default_factory=list)  # stage, kind, s, e
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    P = args.stages
+    out = [
+        Case("torch", "torch Schedule1F1B", policy="Schedule1F1B"),
+        Case("torch", "torch ScheduleGPipe", policy="ScheduleGPipe"),
+        Case("ours", "ours BP-1F1B", policy="1f1b"),
+        Case("ours", "ours BP-GPipe", policy="gpipe"),
+    ]
+    for mode in args.modes:
+        for rule in args.rules:
+            for h in args.horizons:
+                if h < P and not (rule == "shrinking" and h == 1):  # shrinking 1 == receding 1
+                    out.append(Case("ours", f"ours {rule} h={h} {mode}", rule, h, mode))
+    if "zbv" in args.systems:
+        out.append(Case("torch", "torch ScheduleZBVZeroBubble", policy="ScheduleZBVZeroBubble"))
+    if "deepspeed" in args.systems:
+        out.append(Case("deepspeed", "DeepSpeed PipelineEngine (1F1B)", policy="1f1b"))
+    return out
+
+
+# ----------------------------------------------------------------------------- one rank
+
+
+def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
+    from .runtime import PipelineRuntime
+
+    P, m = args.stages, args.microbatches
+    cost = args.cost_ms / 1000
+    model = emulate.emulated_model(P, args.width, cost, cost, cost, aux_heads=case.mode == "async")
+    plan = Plan(case.rule, case.horizon or P, P)
+    ranges = stage_ranges([1] * P)
+    part = model.split(topology.stage, topology.stage + 1, head_copy=plan.horizon < P)
+    optimizer = torch.optim.SGD(part.parameters(), lr=0.0)
+    runtime = PipelineRuntime(
+        part, plan, ranges, topology, groups, optimizer, model.state_shapes, m, case.mode,
+        case.policy, torch.device("cpu"), torch.float32,
+    )  # fmt: skip
+    runtime.trace = []
+    batch = _batch(args)
+    total = args.warmup + args.steps
+    step_times, windows = [], []
+    if case.mode == "sync":
+        for step in range(total):
+            dist.barrier()
+            start = time.perf_counter()
+            runtime.run([batch], [0.0])
+            end = time.perf_counter()
+            if step >= args.warmup:
+                step_times.append(end - start)
+                windows.append((start, end))
+    else:
+        dist.barrier()
+        start = time.perf_counter()
+        runtime.run([batch] * total, [0.0] * total)
+        windows.append((start, time.perf_counter()))
+    steps = [end for action, _, end in runtime.trace if action.kind == "S"]
+    first_forward = min(s for action, s, _ in runtime.trace if action.kind == "F")
+    # Framework time per action besides the emulated blocks, to calibrate the simulator.
+    stream_cost = {
+        a.stream: _backward_cost(plan.stream(a.stream), schedule_info(runtime), Costs(cost, cost, cost))
+        for a, _, _ in runtime.trace if a.kind == "B"
+    }  # fmt: skip
+    f_over = [e - s - cost for a, s, e in runtime.trace if a.kind == "F"]
+    b_over = [e - s - stream_cost[a.stream] for a, s, e in runtime.trace if a.kind == "B"]
+    return {
+        "step_times": step_times, "windows": windows, "step_ends": steps,
+        "first_forward": first_forward, "peak": runtime.engine.memory.peak_bytes,
+        "actions": [(s, e) for a, s, e in runtime.trace if a.kind in ("F", "B")],
+        "overhead": (statistics.median(f_over), statistics.median(b_over) if b_over else 0.0),
+        # the stage that reaches a step last waits least: its duration is the step's own cost
+        "step_durations": [e - s for a, s, e in runtime.trace if a.kind == "S"],
+    }  # fmt: skip
+
+
+def schedule_info(runtime):
+    return runtime.schedule(1).stages[runtime.stage]
+
+
+def _run_baseline(case: Case, args) -> dict:
+    from . import baselines
+
+    P, cost = args.stages, args.cost_ms / 1000
+    blocks = 2 * P if case.policy == "ScheduleZBVZeroBubble" else P
+    # Same per-stage compute for every system: a stage holding two blocks runs them at half cost.
+    per_block = cost * P / blocks
+
+    def make_block(i: int):
+        return emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block)
+
+    meter = ActivationMemory()
+    shape = (args.microbatch_size, args.width)
+    common = dict(make_block=make_block, num_blocks=blocks, microbatch_shape=shape,
+                  num_microbatches=args.microbatches, steps=args.steps, warmup=args.warmup,
+                  around_step=meter.hooks)  # fmt: skip
+    if case.system == "torch":
+        result = baselines.run_torch_pipelining(case.policy, **common)
+    else:
+        result = baselines.run_deepspeed_pipeline(**common)
+    return {"step_times": result.step_times, "windows": result.windows, "step_ends": [],
+            "first_forward": None, "peak": meter.peak_bytes}  # fmt: skip
+
+
+def _batch(args) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = args.microbatch_size * args.microbatches
+    return torch.randn(n, args.width, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _measure_latency(args, rank: int, rounds: int = 30) -> float:
+    """One-way time of an activation-sized message between neighbouring stages (ping-pong)."""
+    buffer = torch.zeros(args.microbatch_size, args.width)
+    elapsed = torch.zeros(1)
+    if rank in (0, 1):
+        peer = 1 - rank
+        for i in range(rounds + 5):
+            if i == 5:
+                start = time.perf_counter()
+            if rank == 0:
+                dist.send(buffer, peer)
+                dist.recv(buffer, peer)
+            else:
+                dist.recv(buffer, peer)
+                dist.send(buffer, peer)
+        elapsed[0] = (time.perf_counter() - start) / (2 * rounds)
+    dist.broadcast(elapsed, src=0)
+    return 1000 * elapsed.item()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Runs on every rank (started by torchrun); rank 0 writes the report."""
+    from .runtime import Groups
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    topology = Topology(args.stages, 1, rank)
+    groups = Groups.create(topology)
+    args.latency_ms = _measure_latency(args, rank)
+    if rank == 0:
+        console.print(f"measured message latency {args.latency_ms:.2f} ms (used by the simulator)")
+    results = []
+    for case in cases(args):
+        emulate.recorded()
+        emulate.RECORDING[0] = True
+        try:
+            measured = _run_ours(case, args, topology, groups) if case.system == "ours" else (
+                _run_baseline(case, args))  # fmt: skip
+            error = None
+        except Exception as exc:  # a baseline that cannot run here is reported, not fatal
+            measured, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        emulate.RECORDING[0] = False
+        trace = emulate.recorded()
+        gathered: list = [None] * args.stages
+        dist.all_gather_object(gathered, (measured, trace, error))
+        if rank == 0:
+            results.append(_summarize(case, gathered, args))
+            _print_row(results[-1])
+        dist.barrier()
+    if rank == 0:
+        _finish(results, args)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _busy(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
+    lo, hi = window
+    return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in intervals)
+
+
+def _summarize(case: Case, gathered: list, args) -> Result:
+    errors = [g[2] for g in gathered if g[2]]
+    result = Result(case)
+    if errors:
+        result.case.name += f" (failed: {errors[0]})"
+        return result
+    P = args.stages
+    per_rank = [g[0] for g in gathered]
+    traces = [g[1] for g in gathered]
+    result.trace = [(k, kind, s, e) for k, tr in enumerate(traces) for kind, _, s, e in tr]
+    compute = [[(s, e) for _, _, s, e in tr] for tr in traces]
+    # Our runtime timestamps every action; for the baselines the blocks' compute is all we see.
+    actions = [r.get("actions") or c for r, c in zip(per_rank, compute, strict=True)]
+    if case.mode == "async":
+        # steady state: after every stage finished its warm-up minibatches, until the first
+        # stage finished all; time per minibatch from consecutive step ends of every stage
+        ends = [r["step_ends"] for r in per_rank]
+        lo = (
+            max(e[args.warmup - 1] for e in ends)
+            if args.warmup
+            else max(r["windows"][0][0] for r in per_rank)
+        )
+        hi = min(e[-1] for e in ends)
+        gaps = [
+            b - a
+            for e in ends
+            for a, b in zip(e[args.warmup - 1 :], e[args.warmup :], strict=False)
+        ]
+        result.time_per_minibatch = statistics.median(gaps)
+        result.bubble = [1 - _busy(iv, (lo, hi)) / (hi - lo) for iv in actions]
+        result.compute_bubble = [1 - _busy(iv, (lo, hi)) / (hi - lo) for iv in compute]
+        start = min(r["windows"][0][0] for r in per_rank)
+        result.fill = per_rank[-1]["first_forward"] - start
+    else:
+        times = [max(r["step_times"][i] for r in per_rank) for i in range(args.steps)]
+        result.time_per_minibatch = statistics.median(times)
+        windows = [
+            (min(r["windows"][i][0] for r in per_rank), max(r["windows"][i][1] for r in per_rank))
+            for i in range(args.steps)
+        ]
+        result.bubble, result.compute_bubble = (
+            [statistics.mean(1 - _busy(iv, w) / (w[1] - w[0]) for w in windows) for iv in kind]
+            for kind in (actions, compute)
+        )
+    result.samples_per_s = args.microbatch_size * args.microbatches / result.time_per_minibatch
+    result.peak_mib = [r["peak"] / 2**20 for r in per_rank]
+    calibration = (0.0, 0.0, 0.0)
+    if case.system == "ours":  # framework time per F, per B action and per step, as measured
+        overheads = [r["overhead"] for r in per_rank]
+        steps = zip(*(r["step_durations"] for r in per_rank), strict=True)
+        calibration = (
+            statistics.median(o[0] for o in overheads),
+            statistics.median(o[1] for o in overheads),
+            statistics.median(min(durations) for durations in steps),
+        )
+    _simulate_case(result, args, P, calibration)
+    return result
+
+
+def _simulated_schedule(case: Case, args):
+    P = args.stages
+    if case.system == "ours":
+        plan = Plan(case.rule, case.horizon or P, P)
+        policy = case.policy
+    elif case.policy in ("Schedule1F1B", "1f1b"):
+        plan, policy = Plan("receding", P, P), "1f1b"
+    elif case.policy == "ScheduleGPipe":
+        plan, policy = Plan("receding", P, P), "gpipe"
+    else:
+        return None, None
+    minibatches = args.warmup + args.steps if case.mode == "async" else 1
+    return generate(
+        plan, stage_ranges([1] * P), args.microbatches, minibatches, case.mode, policy
+    ), minibatches
+
+
+def _simulate_case(result: Result, args, P: int, overhead: tuple[float, float, float]) -> None:
+    schedule, minibatches = _simulated_schedule(result.case, args)
+    if schedule is None:
+        return
+    cost = args.cost_ms / 1000
+    costs = Costs(cost, cost, cost, step=overhead[2], latency=args.latency_ms / 1000,
+                  forward_overhead=overhead[0], backward_overhead=overhead[1])  # fmt: skip
+    result.overhead_ms = (1000 * overhead[0], 1000 * overhead[1])
+    events = simulate(schedule, costs)
+    compute = [e for e in events if e.action.kind in COMPUTE]
+    if result.case.mode == "async":
+        ends = [[e.end for e in compute if e.stage == k and e.action.kind == "S"] for k in range(P)]
+        lo, hi = max(e[args.warmup - 1] for e in ends), min(e[-1] for e in ends)
+        gaps = [
+            b - a
+            for e in ends
+            for a, b in zip(e[args.warmup - 1 :], e[args.warmup :], strict=False)
+        ]
+        result.simulated_time = statistics.median(gaps)
+    else:
+        lo, hi = 0.0, max(e.end for e in events)
+        result.simulated_time = hi
+    result.simulated_bubble = [
+        1 - _busy([(e.start, e.end) for e in compute if e.stage == k and e.action.kind != "S"],
+                  (lo, hi)) / (hi - lo)
+        for k in range(P)
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _print_row(r: Result) -> None:
+    def pct(values) -> str:
+        return f"{100 * statistics.mean(values):5.1f}%" if values else "  n/a "
+
+    console.print(
+        f"{r.case.name:<34} {1000 * r.time_per_minibatch:8.1f} ms {r.samples_per_s:7.0f}/s  "
+        f"bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} compute-only {pct(r.compute_bubble)}",
+        soft_wrap=True,
+    )
+
+
+def _finish(results: list[Result], args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = next(
+        (r for r in results if r.case.policy == "Schedule1F1B" and r.time_per_minibatch), None
+    )
+    for r in results:
+        if base and r.time_per_minibatch:
+            r.vs_torch_1f1b = base.time_per_minibatch / r.time_per_minibatch
+    rows = [_row(r) for r in results]
+    with (out / "bench.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "bench.md").write_text(_markdown(rows, args))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"args": vars(args), "results": [{**asdict(r), "trace": None} for r in results]},
+            indent=1,
+        )
+    )
+    from .plots import gantt, horizon_sweep
+
+    for r in results:
+        if r.trace:
+            slug = r.case.name.split(" (failed")[0].replace(" ", "_").replace("=", "")
+            _chrome_trace(r, out / "traces" / f"{slug}.json")
+            gantt(r.trace, args.stages, out / "gantt" / f"{slug}.png", r.case.name)
+    horizon_sweep(rows, out / "horizon_sweep.png")
+    console.print(
+        f"\nwrote {out}/bench.md, bench.csv, traces/*.json (Perfetto), gantt/*.png, horizon_sweep.png"
+    )
+
+
+def _row(r: Result) -> dict:
+    def pct(values):
+        return round(100 * statistics.mean(values), 2) if values else ""
+
+    return {
+        "configuration": r.case.name, "system": r.case.system, "rule": r.case.rule,
+        "horizon": r.case.horizon or "", "mode": r.case.mode,
+        "ms_per_minibatch": round(1000 * r.time_per_minibatch, 2),
+        "samples_per_s": round(r.samples_per_s, 1),
+        "speedup_vs_torch_1f1b": round(r.vs_torch_1f1b, 3),
+        "bubble_pct": pct(r.bubble), "simulated_bubble_pct": pct(r.simulated_bubble),
+        "compute_bubble_pct": pct(r.compute_bubble),
+        "overhead_ms_per_F_B": " ".join(f"{o:.2f}" for o in r.overhead_ms),
+        "simulated_ms_per_minibatch": round(1000 * r.simulated_time, 2) if r.simulated_time else "",
+        "fill_ms": round(1000 * r.fill, 1) if r.fill is not None else "",
+        "bubble_per_stage_pct": " ".join(f"{100 * b:.1f}" for b in r.bubble),
+        "peak_activation_mib_per_stage": " ".join(f"{m:.2f}" for m in r.peak_mib),
+    }  # fmt: skip
+
+
+def _markdown(rows: list[dict], args) -> str:
+    cols = ["configuration", "ms_per_minibatch", "samples_per_s", "speedup_vs_torch_1f1b",
+            "bubble_pct", "simulated_bubble_pct", "compute_bubble_pct",
+            "simulated_ms_per_minibatch", "fill_ms", "peak_activation_mib_per_stage"]  # fmt: skip
+    lines = [
+        f"P = {args.stages} stages, m = {args.microbatches} microbatches of "
+        f"{args.microbatch_size} x {args.width}, emulated F = B = W = {args.cost_ms} ms per "
+        f"block, {args.steps} measured steps after {args.warmup} warm-up.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _chrome_trace(r: Result, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = min(s for _, _, s, _ in r.trace)
+    events = [
+        {"name": kind, "ph": "X", "pid": 0, "tid": stage, "ts": 1e6 * (s - start),
+         "dur": 1e6 * (e - s), "cat": kind}
+        for stage, kind, s, e in r.trace
+    ]  # fmt: skip
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": k, "args": {"name": f"stage {k}"}}
+               for k in sorted({t[0] for t in r.trace})]  # fmt: skip
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", type=int, default=8)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=1024, help="activation width (real tensors)")
+    parser.add_argument("--cost-ms", type=float, default=30.0, help="F = B = W per block")
+    parser.add_argument("--latency-ms", type=float, default=0.5, help="simulator message latency")
+    parser.add_argument(
+        "--horizons", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4]
+    )
+    parser.add_argument("--rules", type=lambda s: s.split(","), default=["receding", "shrinking"])
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["sync", "async"])
+    parser.add_argument(
+        "--systems",
+        type=lambda s: s.split(","),
+        default=["zbv", "deepspeed"],
+        help="extra baselines besides torch 1F1B/GPipe: zbv, deepspeed",
+    )
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Start one process per stage with torchrun; each runs ``worker``."""
+    forwarded = []
+    for key, value in vars(args).items():
+        if key in ("command", "run"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        forwarded += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.stages}", "-m", "mpc_dist.bench", *forwarded]  # fmt: skip
+    started = time.perf_counter()
+    code = subprocess.call(command, env=env)
+    console.print(f"bench finished in {time.perf_counter() - started:.0f} s")
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with contextlib.suppress(KeyboardInterrupt):
+        worker(parser.parse_args())
+
+
+__all__ = ["Event", "main", "worker"]
