@@ -116,10 +116,8 @@ def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
     steps = [end for action, _, end in runtime.trace if action.kind == "S"]
     first_forward = min(s for action, s, _ in runtime.trace if action.kind == "F")
     # Framework time per action besides the emulated blocks, to calibrate the simulator.
-    stream_cost = {
-        a.stream: _backward_cost(plan.stream(a.stream), schedule_info(runtime), Costs(cost, cost, cost))
-        for a, _, _ in runtime.trace if a.kind == "B"
-    }  # fmt: skip
+    info, costs = runtime.schedule(1).stages[runtime.stage], Costs(cost, cost, cost)
+    stream_cost = {s.loss_point: _backward_cost(s, info, costs) for s in info.streams}
     f_over = [e - s - cost for a, s, e in runtime.trace if a.kind == "F"]
     b_over = [e - s - stream_cost[a.stream] for a, s, e in runtime.trace if a.kind == "B"]
     return {
@@ -130,10 +128,6 @@ def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
         # the stage that reaches a step last waits least: its duration is the step's own cost
         "step_durations": [e - s for a, s, e in runtime.trace if a.kind == "S"],
     }  # fmt: skip
-
-
-def schedule_info(runtime):
-    return runtime.schedule(1).stages[runtime.stage]
 
 
 def _run_baseline(case: Case, args) -> dict:
@@ -344,7 +338,8 @@ def _print_row(r: Result) -> None:
 
     console.print(
         f"{r.case.name:<34} {1000 * r.time_per_minibatch:8.1f} ms {r.samples_per_s:7.0f}/s  "
-        f"bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} compute-only {pct(r.compute_bubble)}",
+        f"bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} "
+        f"compute-only {pct(r.compute_bubble)}",
         soft_wrap=True,
     )
 
@@ -379,7 +374,8 @@ def _finish(results: list[Result], args) -> None:
             gantt(r.trace, args.stages, out / "gantt" / f"{slug}.png", r.case.name)
     horizon_sweep(rows, out / "horizon_sweep.png")
     console.print(
-        f"\nwrote {out}/bench.md, bench.csv, traces/*.json (Perfetto), gantt/*.png, horizon_sweep.png"
+        f"\nwrote {out}/: bench.md, bench.csv, traces/*.json (Perfetto), gantt/*.png, "
+        "horizon_sweep.png"
     )
 
 
@@ -427,8 +423,9 @@ def _chrome_trace(r: Result, path: Path) -> None:
          "dur": 1e6 * (e - s), "cat": kind}
         for stage, kind, s, e in r.trace
     ]  # fmt: skip
-    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": k, "args": {"name": f"stage {k}"}}
-               for k in sorted({t[0] for t in r.trace})]  # fmt: skip
+    for k in sorted({t[0] for t in r.trace}):
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": k,
+                       "args": {"name": f"stage {k}"}})  # fmt: skip
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 

@@ -35,17 +35,18 @@ def _sleep(kind: str, block: int, seconds: float) -> None:
 
 class _Sleep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block: int, forward_s: float, backward_kind: str, backward_s: float):
+    def forward(ctx, x, saved, block: int, forward_s: float, backward_kind: str, backward_s: float):
         _sleep("F", block, forward_s)
         ctx.block, ctx.kind, ctx.seconds = block, backward_kind, backward_s
-        # Save the input, as a real layer would: it is the activation memory a stage holds.
-        ctx.save_for_backward(x)
+        # Keep the block's input, as a real layer does for either gradient: it is the
+        # activation memory a stage holds.
+        ctx.save_for_backward(saved)
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
         _sleep(ctx.kind, ctx.block, ctx.seconds)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class EmulatedBlock(nn.Module):
@@ -60,8 +61,9 @@ class EmulatedBlock(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Sleep.apply(x, self.block, self.forward_s, "B", self.input_grad_s)
-        return out + _Sleep.apply(self.weight, self.block, 0.0, "W", self.weight_grad_s)
+        saved = x.detach()
+        out = _Sleep.apply(x, saved, self.block, self.forward_s, "B", self.input_grad_s)
+        return out + _Sleep.apply(self.weight, saved, self.block, 0.0, "W", self.weight_grad_s)
 
 
 def emulated_model(

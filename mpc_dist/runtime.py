@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .engine import HorizonEngine
 from .models import BlockModel
 from .plan import Plan
-from .schedule import Schedule, generate, peer, send_order, validate
+from .schedule import Action, Schedule, generate, peer, send_order, validate
 from .topology import Topology
 
 BUCKET_BYTES = 25 * 2**20

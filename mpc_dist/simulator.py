@@ -28,7 +28,7 @@ def project(
     costs: Costs,
     minibatches: int = 4,
 ) -> tuple[float, float]:
-    """(time per minibatch, bubble) of one configuration, steady state over a few minibatches."""  # fmt: skip
+    """(time per minibatch, bubble) of one configuration over a few minibatches."""
     plan = Plan(rule, horizon, stages)
     schedule = generate(plan, stage_ranges([1] * stages), microbatches, minibatches, mode, policy)
     events = simulate(schedule, costs)
@@ -60,9 +60,8 @@ def main(args: argparse.Namespace) -> None:
         latency = recorded["latency_ms"]
     costs = Costs(f, b, w, latency=latency)
     console.print(f"per block: F {f} ms, B {b} ms, W {w} ms; message latency {latency} ms")
-    console.print(
-        f"{'P':>3} {'m':>3}  {'configuration':<24}{'ms/minibatch':>13}{'vs BP-1F1B':>11}{'bubble':>8}"
-    )
+    header = f"{'configuration':<24}{'ms/minibatch':>13}{'vs BP-1F1B':>11}{'bubble':>8}"
+    console.print(f"{'P':>3} {'m':>3}  {header}")
     for P in args.stages:
         m = args.microbatches or P
         started = time.perf_counter()

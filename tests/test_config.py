@@ -42,6 +42,11 @@ def test_unknown_or_mistyped_keys(overrides, field):
         (["data.dataset=imagenet"], "data.dataset"),
         (["data.batch_size=100", "data.num_microbatches=3"], "data.batch_size=100"),
         (["optim.lr=-1"], "optim.lr"),
+        (["pipeline.stages=4", "pipeline.mode=async", "horizon.horizon=2"], "pipeline.mode=async"),
+        (["pipeline.stages=9"], "pipeline.stages=9"),
+        (["pipeline.stages=2", "pipeline.blocks_per_stage=[5, 2]"], "pipeline.blocks_per_stage"),
+        (["pipeline.replicas=3"], "data.batch_size=128"),
+        (["pipeline.schedule=gpipe"], "pipeline.schedule=gpipe"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

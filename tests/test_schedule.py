@@ -129,3 +129,21 @@ def test_partitions():
     assert balanced_partition([1, 1, 1, 1, 4, 4], 3) == [4, 1, 1]
     assert balanced_partition([5, 1, 1, 1, 1, 1], 2) == [1, 5]
     assert sum(balanced_partition([3, 1, 4, 1, 5, 9, 2, 6], 4)) == 8
+
+
+def test_partition_methods_on_a_model():
+    import torch
+
+    from mpc_dist.config import ModelConfig, PipelineConfig
+    from mpc_dist.models import build_model
+    from mpc_dist.topology import partition
+
+    model = build_model(ModelConfig(name="resnet18", head="aux"), (1, 16, 16), 10)
+    by_params = partition(PipelineConfig(stages=4, partition="params"), model)
+    assert sum(by_params) == 8 and by_params[-1] < by_params[0]  # late ResNet blocks are wide
+    by_time = partition(
+        PipelineConfig(stages=2, partition="time"), model, torch.randn(4, 1, 16, 16)
+    )
+    assert sum(by_time) == 8 and len(by_time) == 2
+    explicit = partition(PipelineConfig(stages=2, blocks_per_stage=[5, 3]), model)
+    assert explicit == [5, 3]
