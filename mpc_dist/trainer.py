@@ -18,6 +18,7 @@ import torch
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, OptimConfig, validate
 from .data import Dataset, load_dataset, minibatches, num_batches
+from .distributed import launched_world_size
 from .engine import HorizonEngine
 from .metrics import MetricsLogger, console, plot_run, print_summary, progress_bar
 from .models import BlockModel, build_model
@@ -173,6 +174,12 @@ def train(config: Config, resume: bool = False) -> dict:
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes)
     plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
+    launched = launched_world_size()
+    if config.world_size == 1 and launched not in (None, 1):
+        raise ConfigError(
+            f"pipeline.stages x pipeline.replicas = 1, but the launcher started {launched} "
+            f"processes; set pipeline.stages/pipeline.replicas to match or start one process"
+        )
     if config.world_size == 1:
         device, dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
         prepare_run_dir(config, resume)

@@ -161,3 +161,9 @@ def test_checkpoint_from_two_stages_resumes_on_four(tmp_path):
     second = mpc_dist("train", "--nproc", "4", "--resume", *sets(*common, "pipeline.stages=4"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_weights(single, tmp_path / "moved")
+
+
+def test_single_process_config_under_a_multi_process_launcher_is_refused(tmp_path):
+    results = wait_all(start_ranks(2, lambda rank: sets(*TINY, f"run.out_dir={tmp_path}")), 90)
+    for code, err in results:
+        assert code == 2 and "launcher started 2 processes" in err, err[-1500:]
