@@ -182,11 +182,16 @@ class Watchdog:
         """Rank 0 may host the store: let every peer read the failure before it goes away."""
         with contextlib.suppress(Exception):
             self._store.set(f"seen/{self.rank}", "1")
-            if self.rank != 0:
-                return
+        self.wait_until_all_done(timeout_s, ("seen", "done"))
+
+    def wait_until_all_done(self, timeout_s: float = 10.0, marks=("done",)) -> None:
+        """On rank 0 (which may host the store): wait until every peer has set one of marks."""
+        if self.rank != 0:
+            return
+        with contextlib.suppress(Exception):
             deadline = time.time() + timeout_s
             peers = [r for r in range(self.topology.world_size) if r != self.rank]
             while time.time() < deadline and not all(
-                self._store.check([f"seen/{r}"]) or self._store.check([f"done/{r}"]) for r in peers
+                any(self._store.check([f"{mark}/{r}"]) for mark in marks) for r in peers
             ):
-                time.sleep(0.1)
+                time.sleep(0.05)

@@ -143,9 +143,11 @@ class PipelineRunner:
         self.watchdog.fail(error)
 
     def close(self) -> None:
+        """Orderly shutdown: nobody leaves before everyone is done (rank 0 may host the store)."""
         if self._closed:
             return
         self._closed = True
+        dist.barrier()
         self.watchdog.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.watchdog.wait_until_all_done()
+        dist.destroy_process_group()

@@ -189,12 +189,12 @@ def train(config: Config, resume: bool = False) -> dict:
 
     runner = PipelineRunner.launch(config, model, plan, resume)
     try:
-        return _loop(config, runner, train_set, test_set, resume)
+        result = _loop(config, runner, train_set, test_set, resume)
     except BaseException as error:
-        runner.fail(error)
+        runner.fail(error)  # every rank learns who failed; no orderly shutdown after this
         raise
-    finally:
-        runner.close()
+    runner.close()
+    return result
 
 
 def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume: bool) -> dict:

@@ -167,3 +167,17 @@ def test_single_process_config_under_a_multi_process_launcher_is_refused(tmp_pat
     results = wait_all(start_ranks(2, lambda rank: sets(*TINY, f"run.out_dir={tmp_path}")), 90)
     for code, err in results:
         assert code == 2 and "launcher started 2 processes" in err, err[-1500:]
+
+
+def test_deepspeed_launcher_pipeline_matches_single_process(tmp_path):
+    """`deepspeed --num_gpus N` hosts the store in rank 0 and passes --local_rank."""
+    single = single_process_run(tmp_path)
+    command = [
+        str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+        "launch/train.py",
+        *sets(*TINY, "pipeline.stages=2", f"run.out_dir={tmp_path}", "run.name=ds"),
+    ]  # fmt: skip
+    env = {**ENV, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(single, tmp_path / "ds")
