@@ -28,7 +28,7 @@ from . import emulate
 from .memory import ActivationMemory
 from .metrics import console
 from .plan import Plan
-from .schedule import COMPUTE, Costs, Event, _backward_cost, generate, simulate
+from .schedule import COMPUTE, Costs, backward_cost, generate, simulate
 from .topology import Topology, stage_ranges
 
 
@@ -117,7 +117,7 @@ def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
     first_forward = min(s for action, s, _ in runtime.trace if action.kind == "F")
     # Framework time per action besides the emulated blocks, to calibrate the simulator.
     info, costs = runtime.schedule(1).stages[runtime.stage], Costs(cost, cost, cost)
-    stream_cost = {s.loss_point: _backward_cost(s, info, costs) for s in info.streams}
+    stream_cost = {s.loss_point: backward_cost(s, info, costs) for s in info.streams}
     f_over = [e - s - cost for a, s, e in runtime.trace if a.kind == "F"]
     b_over = [e - s - stream_cost[a.stream] for a, s, e in runtime.trace if a.kind == "B"]
     return {
@@ -478,6 +478,3 @@ if __name__ == "__main__":
     add_arguments(parser)
     with contextlib.suppress(KeyboardInterrupt):
         worker(parser.parse_args())
-
-
-__all__ = ["Event", "main", "worker"]

@@ -13,7 +13,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,6 @@ class Mailbox:
 class StageTimes:
     busy: float = 0.0  # seconds in compute actions
     wall: float = 0.0  # seconds inside run()
-    by_kind: dict[str, float] = field(default_factory=dict)
 
 
 class PipelineRuntime:
@@ -228,7 +227,6 @@ class PipelineRuntime:
             if kind in ("F", "B", "S"):
                 now = time.perf_counter()
                 self.times.busy += now - tick
-                self.times.by_kind[kind] = self.times.by_kind.get(kind, 0.0) + now - tick
                 if self.trace is not None:
                     self.trace.append((action, tick, now))
         mailbox.flush()

@@ -156,7 +156,7 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
         if action.kind == "F":
             return costs.forward * (info.last - info.first) + costs.forward_overhead
         if action.kind == "B":
-            return _backward_cost(plan.stream(action.stream), info, costs) + costs.backward_overhead
+            return backward_cost(plan.stream(action.stream), info, costs) + costs.backward_overhead
         if action.kind == "S":
             return costs.step
         return 0.0
@@ -164,7 +164,8 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
     return cost
 
 
-def _backward_cost(stream: Stream, info: StageInfo, costs: Costs) -> float:
+def backward_cost(stream: Stream, info: StageInfo, costs: Costs) -> float:
+    """One stream through one stage: input gradients where it passes, weights where it trains."""
     top = min(stream.loss_point, info.last)
     total = 0.0
     for t in range(max(stream.low, info.first), top):

@@ -143,6 +143,33 @@ class SingleRunner:
         pass
 
 
+class _StepLog:
+    """The progress bar and the metrics lines (means over the steps since the last line)."""
+
+    def __init__(self, bar, task, logger: MetricsLogger | None, every: int, last: int) -> None:
+        self.bar, self.task, self.logger, self.every, self.last = bar, task, logger, every, last
+        self.started, self.seen = time.perf_counter(), 0
+        self.window = [0.0, 0, 0]  # loss x samples, correct, samples
+
+    def step(self, step: int, batch_size: int, result: tuple | None, lr: float) -> None:
+        self.seen += batch_size
+        if result is None:  # only the rank holding the last stage sees the loss
+            return
+        loss, correct, count = result
+        self.window = [self.window[0] + loss * count, self.window[1] + correct,
+                       self.window[2] + count]  # fmt: skip
+        rate = self.seen / (time.perf_counter() - self.started)
+        status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
+        self.bar.update(self.task, advance=1, status=status)
+        if self.logger and (step % self.every == 0 or step == self.last):
+            total_loss, total_correct, samples = self.window
+            self.logger.log(
+                "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
+                lr=lr, samples_per_s=rate,
+            )  # fmt: skip
+            self.window = [0.0, 0, 0]
+
+
 def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
     run_dir = config.run_dir
     checkpoints = run_dir / "checkpoints"
@@ -227,10 +254,9 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
         return metrics
 
     final, evaluated_at, stages = {}, -1, {}
-    started, seen = time.perf_counter(), 0
-    window = [0.0, 0, 0]  # loss sum, correct, samples since the last metrics line
     with progress_bar(config.run.progress and runner.is_logger) as bar:
-        task = bar.add_task("train", total=stop_at, completed=state.step, status="")
+        log = _StepLog(bar, bar.add_task("train", total=stop_at, completed=state.step, status=""),
+                       logger, config.train.log_every, stop_at)  # fmt: skip
         while state.epoch < config.train.epochs and state.step < stop_at:
             batches = minibatches(
                 train_set, data.batch_size, config.train.seed, state.epoch, start_batch=state.batch
@@ -252,23 +278,7 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
                     ) from None
                 for j in range(size):
                     state.step, state.batch = state.step + 1, state.batch + 1
-                    seen += data.batch_size
-                    if not results:
-                        continue
-                    loss, correct, count = results[j]
-                    window = [window[0] + loss * count, window[1] + correct, window[2] + count]
-                    rate = seen / (time.perf_counter() - started)
-                    status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
-                    bar.update(task, advance=1, status=status)
-                    if logger and (
-                        state.step % config.train.log_every == 0 or state.step == stop_at
-                    ):
-                        logger.log("train", state.step, loss=window[0] / window[2],
-                                   accuracy=window[1] / window[2], lr=lrs[j],
-                                   samples_per_s=rate)  # fmt: skip
-                        window = [0.0, 0, 0]
-                if not runner.is_logger:
-                    bar.update(task, advance=size)
+                    log.step(state.step, data.batch_size, results[j] if results else None, lrs[j])
                 if every and state.step % every == 0:
                     save()
             if state.batch == steps_per_epoch:
@@ -282,7 +292,7 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
             save()
     if evaluated_at != state.step:  # stopped mid-epoch (max_steps): evaluate where we are
         final = evaluate()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - log.started
     if logger is None:
         return final
     logger.close()
@@ -293,7 +303,7 @@ def _loop(config: Config, runner, train_set: Dataset, test_set: Dataset, resume:
         "processes": runner.description,
         "steps": state.step,
         "train time (s)": elapsed,
-        "samples/s": seen / elapsed if elapsed else 0.0,
+        "samples/s": log.seen / elapsed if elapsed else 0.0,
         "test loss": final["loss"],
         "test accuracy": final["accuracy"],
     }
