@@ -19,6 +19,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .plan import Plan, Stream
 
@@ -94,8 +95,9 @@ class Schedule:
     def num_stages(self) -> int:
         return len(self.ranges)
 
-    @property
+    @cached_property
     def stages(self) -> list[StageInfo]:
+        """What each stage holds and which streams enter, start in and leave it (derived once)."""
         return stage_infos(self.plan, self.ranges)
 
     def compute(self, stage: int) -> list[Action]:
