@@ -1,4 +1,8 @@
-"""``mpc-dist``: plan, train, bench-engine."""
+"""``mpc-dist``: plan, schedule, train, compare, bench, simulate, bench-engine.
+
+The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
+calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,20 @@ import os
 import subprocess
 import sys
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .data import DataError
-from .models import ModelError
-from .runtime import TrainingError
-from .schedule import ScheduleError
+from .config import ConfigError, load_config
+from .core import RULES, Plan
+from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
+from .parallel import validate as validate_schedule
+from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError, ScheduleError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError)
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from .plan import Plan
-
     print(Plan(args.rule, args.horizon, args.blocks))
 
 
 def _schedule(args: argparse.Namespace) -> None:
-    from .plan import Plan
-    from .schedule import bubble_fraction, generate, validate
-    from .topology import stage_ranges, uniform_partition
-
     blocks = args.blocks or args.stages
     horizon = args.horizon or blocks
     policy = "horizon" if args.policy == "auto" else args.policy
@@ -36,7 +33,7 @@ def _schedule(args: argparse.Namespace) -> None:
         Plan(args.rule, horizon, blocks), ranges, args.microbatches, args.minibatches,
         args.mode, policy,
     )  # fmt: skip
-    events = validate(schedule)
+    events = validate_schedule(schedule)
     print(schedule)
     makespan = max(e.end for e in events)
     print(
@@ -49,9 +46,6 @@ def _schedule(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .config import load_config, validate
-    from .trainer import train
-
     config = load_config(args.config, args.set)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         validate(config)  # fail here, once, rather than in every process
@@ -85,8 +79,6 @@ def _spawn(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from .checkpoint import compare_runs
-
     differences = compare_runs(args.run_a, args.run_b)
     worst = max(differences, key=differences.get)
     for name, value in differences.items():
@@ -98,19 +90,19 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import main as bench
+    from .bench.bubble import main as bench
 
     bench(args)
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from .simulator import main as simulate
+    from .bench.simulator import main as simulate
 
     simulate(args)
 
 
 def _bench_engine(args: argparse.Namespace) -> None:
-    from .bench_engine import main as bench
+    from .bench.engine_overhead import main as bench
 
     bench(args)
 
@@ -122,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print a credit-assignment plan")
     plan.add_argument("--blocks", type=int, required=True, help="T, the number of blocks")
     plan.add_argument("--horizon", type=int, required=True, help="h, 1 <= h <= T")
-    plan.add_argument("--rule", default="receding", choices=("receding", "shrinking"))
+    plan.add_argument("--rule", default="receding", choices=RULES)
     plan.set_defaults(run=_plan)
 
     sched = commands.add_parser("schedule", help="print and validate a pipeline schedule")
@@ -130,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--microbatches", type=int, required=True, help="m per minibatch")
     sched.add_argument("--blocks", type=int, default=0, help="T (default: one per stage)")
     sched.add_argument("--horizon", type=int, default=0, help="h (default: T, i.e. BP)")
-    sched.add_argument("--rule", default="receding", choices=("receding", "shrinking"))
+    sched.add_argument("--rule", default="receding", choices=RULES)
     sched.add_argument("--mode", default="sync", choices=("sync", "async"))
     sched.add_argument("--policy", default="auto", choices=("auto", "1f1b", "gpipe"))
     sched.add_argument("--minibatches", type=int, default=2)
@@ -157,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--verbose", action="store_true", help="one line per parameter")
     compare.set_defaults(run=_compare)
 
-    from .bench import add_arguments as bench_arguments
-    from .simulator import add_arguments as simulate_arguments
+    from .bench.bubble import add_arguments as bench_arguments
+    from .bench.simulator import add_arguments as simulate_arguments
 
     pipeline_bench = commands.add_parser(
         "bench", help="measure pipeline schedules against BP baselines (emulated compute)"

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from multiprocess import run
 from torch import nn
 
-from mpc_dist.baselines import (
+from mpc_dist.bench.baselines import (
     TORCH_SCHEDULES,
     BaselineResult,
     make_batch,

@@ -3,7 +3,8 @@
 import pytest
 
 from mpc_dist.cli import main
-from mpc_dist.config import ConfigError, load_config, validate
+from mpc_dist.config import ConfigError, load_config
+from mpc_dist.train import validate
 
 
 def test_defaults_file_and_overrides(tmp_path):

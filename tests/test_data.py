@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpc_dist import data
-from mpc_dist.data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
+from mpc_dist.train import data
+from mpc_dist.train.data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
 
 
 def _write_idx(path: Path, array: np.ndarray, type_byte: int, compress: bool) -> None:

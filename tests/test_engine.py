@@ -6,11 +6,8 @@ import torch.nn.functional as F
 from helpers import MODELS, grads, make_batch, make_model
 
 from mpc_dist.config import ModelConfig
-from mpc_dist.engine import HorizonEngine
+from mpc_dist.core import HorizonEngine, Plan, reference_gradients
 from mpc_dist.models import build_model
-from mpc_dist.plan import Plan
-from mpc_dist.reference import reference_gradients
-from mpc_dist.runtime import needs_head_copies
 
 
 def engine_grads(model, plan, x, y, num_microbatches=1):
@@ -131,7 +128,7 @@ def test_engines_over_split_runs_chain_to_the_whole(rule, h, cut):
     plan = Plan(rule, h, T)
     expected = engine_grads(model, plan, x, y)
     model.zero_grad(set_to_none=True)
-    copy = needs_head_copies(model.head_mode, plan)
+    copy = plan.reads_shared_head_below_top(model.head_mode)
     lower = HorizonEngine(model.split(0, cut, copy), plan)
     upper = HorizonEngine(model.split(cut, T, copy), plan)
     assert {s.loss_point for s in lower.incoming} == {s.loss_point for s in upper.outgoing}

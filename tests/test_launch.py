@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from multiprocess import free_port
 
-from mpc_dist.checkpoint import compare_runs
+from mpc_dist.train import compare_runs
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -90,7 +90,9 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "--nproc 4" in result.stderr
 
 
-def start_ranks(world: int, args_of_rank, env_extra=None) -> list[subprocess.Popen]:
+def start_ranks(
+    world: int, args_of_rank, env_extra=None, script: str = "launch/train.py"
+) -> list[subprocess.Popen]:
     """Ranks started by hand, the way a cluster scheduler would start them."""
     port = free_port()
     processes = []
@@ -99,7 +101,7 @@ def start_ranks(world: int, args_of_rank, env_extra=None) -> list[subprocess.Pop
                "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), **(env_extra or {})}  # fmt: skip
         processes.append(
             subprocess.Popen(
-                [sys.executable, "launch/train.py", *args_of_rank(rank)],
+                [sys.executable, script, *args_of_rank(rank)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -128,7 +130,8 @@ def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
     args = sets(*TINY, "pipeline.stages=4", "horizon.horizon=2", "train.max_steps=50",
                 "data.synthetic_size=2048", f"run.out_dir={tmp_path}")  # fmt: skip
     started = time.monotonic()
-    processes = start_ranks(4, lambda rank: args, {"MPC_DIST_INJECT_FAULT": f"2:2:{kind}"})
+    drill = str(Path(__file__).with_name("fault_drill.py"))
+    processes = start_ranks(4, lambda rank: [f"2:2:{kind}", *args], script=drill)
     results = wait_all(processes, timeout=90)
     elapsed = time.monotonic() - started
     assert elapsed < 60 + 15, elapsed  # 60 s after the failure, plus start-up

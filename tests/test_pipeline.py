@@ -8,12 +8,11 @@ import torch
 import torch.distributed as dist
 from multiprocess import run
 
-from mpc_dist.config import ModelConfig
-from mpc_dist.engine import HorizonEngine
+from mpc_dist.config import ModelConfig, OptimConfig
+from mpc_dist.core import HorizonEngine, Plan
 from mpc_dist.models import build_model
-from mpc_dist.plan import Plan
-from mpc_dist.runtime import Groups, PipelineRuntime, needs_head_copies, owned_parameters
-from mpc_dist.topology import Topology, stage_ranges, uniform_partition
+from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges, uniform_partition
+from mpc_dist.train import build_stage
 
 T, STEPS, BATCH = 4, 3, 8
 MODES = ("sync", "async")
@@ -47,15 +46,12 @@ def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tenso
     return dict(model.named_parameters())
 
 
-def pipeline(topology: Topology, groups: Groups, head, plan, m, mode, data, policy="horizon"):
-    model = make(head)
+def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon"):
+    topology = groups.topology
     ranges = stage_ranges(uniform_partition(T, topology.stages))
-    part = model.split(*ranges[topology.stage], needs_head_copies(head, plan))
-    optimizer = torch.optim.Adam(owned_parameters(part), lr=0.01)
-    runtime = PipelineRuntime(
-        part, plan, ranges, topology, groups, optimizer, model.state_shapes, m, mode,
-        policy, torch.device("cpu"), torch.float64,
-    )  # fmt: skip
+    options = RuntimeOptions(m, mode, policy, dtype=torch.float64)
+    stage = build_stage(make(head), plan, ranges, groups, OptimConfig("adam", lr=0.01), options)
+    part, runtime = stage.model, stage.runtime
     share = data[0][0].shape[0] // topology.replicas
     d = topology.replica
     mine = [(x[d * share : (d + 1) * share], y[d * share : (d + 1) * share]) for x, y in data]
@@ -82,7 +78,7 @@ def check_exactness(rank: int, world: int) -> None:
     for stages, h, rule, mode, head in exactness_cases():
         topology, plan, m = layouts[stages], Plan(rule, h, T), 2
         expected = single_process(head, plan, m * topology.replicas, data)
-        part, _ = pipeline(topology, groups[stages], head, plan, m, mode, data)
+        part, _ = pipeline(groups[stages], head, plan, m, mode, data)
         case = f"P={stages} D={topology.replicas} {rule} h={h} {mode} {head}"
         for name, p in part.named_parameters():
             torch.testing.assert_close(
@@ -91,13 +87,12 @@ def check_exactness(rank: int, world: int) -> None:
 
 
 def check_async_every_microbatch_count(rank: int, world: int) -> None:
-    topology = Topology(4, 1, rank)
-    groups = Groups.create(topology)
+    groups = Groups.create(Topology(4, 1, rank))
     for m in range(1, 17):
         for rule, h in (("receding", 1), ("receding", 2), ("shrinking", 2), ("receding", 3)):
             data = batches(n=2, size=2 * m)
             plan = Plan(rule, h, T)
-            part, runtime = pipeline(topology, groups, "aux", plan, m, "async", data)
+            part, runtime = pipeline(groups, "aux", plan, m, "async", data)
             assert runtime.engine.outstanding == 0
             dist.barrier()
 
@@ -114,7 +109,7 @@ def check_memory(rank: int, world: int, results) -> None:
     ):
         size = 8 if name == "unit" else 64
         sized = [(x[:size], y[:size]) for x, y in data]
-        _, runtime = pipeline(topology, groups, "aux", plan, m, mode, sized, policy)
+        _, runtime = pipeline(groups, "aux", plan, m, mode, sized, policy)
         peaks[name] = runtime.engine.memory.peak_bytes
     if topology.stage == 0:
         results.put({k: v / peaks["unit"] for k, v in peaks.items()})

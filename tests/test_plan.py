@@ -3,7 +3,7 @@
 import pytest
 
 from mpc_dist.cli import main
-from mpc_dist.plan import Plan
+from mpc_dist.core import Plan
 
 SPEC_RECEDING_T4_H2 = """\
 block   l2  l3  l4

@@ -5,20 +5,18 @@ import dataclasses
 import pytest
 
 from mpc_dist.cli import main
-from mpc_dist.plan import Plan
-from mpc_dist.schedule import (
+from mpc_dist.core import Plan
+from mpc_dist.parallel import (
     Action,
     Costs,
     ScheduleError,
+    balanced_partition,
     bubble_fraction,
     generate,
     simulate,
-    validate,
-)
-from mpc_dist.topology import (
-    balanced_partition,
     stage_ranges,
     uniform_partition,
+    validate,
 )
 
 
@@ -136,7 +134,7 @@ def test_partition_methods_on_a_model():
 
     from mpc_dist.config import ModelConfig, PipelineConfig
     from mpc_dist.models import build_model
-    from mpc_dist.topology import partition
+    from mpc_dist.parallel import partition
 
     model = build_model(ModelConfig(name="resnet18", head="aux"), (1, 16, 16), 10)
     by_params = partition(PipelineConfig(stages=4, partition="params"), model)

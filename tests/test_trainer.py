@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpc_dist.checkpoint import Checkpointer, CheckpointError
 from mpc_dist.config import load_config
-from mpc_dist.data import load_dataset
 from mpc_dist.models import build_model
-from mpc_dist.trainer import TrainingError, build_optimizer, train
+from mpc_dist.train import (
+    Checkpointer,
+    CheckpointError,
+    TrainingError,
+    build_optimizer,
+    load_dataset,
+    train,
+)
 
 SMALL = [
     "model.num_blocks=4", "model.width=32", "model.hidden=64",

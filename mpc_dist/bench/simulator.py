@@ -1,21 +1,19 @@
 """`mpc-dist simulate`: project our schedules and the BP baselines to large pipelines.
 
-Uses the discrete-event simulator in ``schedule.py`` on the very schedules the runtime executes,
-with per-block costs given on the command line or read from a bench run (``bench.json``).
+Uses the discrete-event simulator of ``mpc_dist.parallel`` on the very schedules the runtime
+executes, with per-block costs given on the command line or read from a bench run (``bench.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-from .metrics import console
-from .plan import Plan
-from .schedule import Costs, bubble_fraction, generate, simulate
-from .topology import stage_ranges
+from ..core import Plan
+from ..parallel import Costs, bubble_fraction, generate, simulate, stage_ranges, steady_state
+from ..train.metrics import console
 
 
 def project(
@@ -35,8 +33,7 @@ def project(
     if mode == "sync":
         return max(e.end for e in events) / minibatches, bubble_fraction(events)
     ends = [[e.end for e in events if e.stage == k and e.action.kind == "S"] for k in range(stages)]
-    gaps = [b - a for e in ends for a, b in zip(e, e[1:], strict=False)]
-    return statistics.median(gaps), bubble_fraction(events)
+    return steady_state(ends, warmup=0)[0], bubble_fraction(events)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

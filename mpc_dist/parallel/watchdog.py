@@ -1,4 +1,4 @@
-"""Process groups and failure handling: a failing rank makes every rank exit, never hang.
+"""Failure handling: a failing rank makes every rank exit, never hang.
 
 Every rank runs a watchdog thread with its own client of the rendezvous store. It publishes a
 heartbeat and watches for (a) a failure record written by a rank that raised and (b) a peer
@@ -9,7 +9,6 @@ and ends the process with a non-zero code, even if the main thread is blocked in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 import threading
@@ -22,41 +21,6 @@ from .topology import Topology
 
 FAILED_KEY = "mpc_dist/failed"
 EXIT_PEER_FAILED = 3
-
-
-class PeerFailure(RuntimeError):
-    pass
-
-
-def launched_world_size() -> int | None:
-    """WORLD_SIZE as torchrun / accelerate / deepspeed / Ray set it; None when run plainly."""
-    value = os.environ.get("WORLD_SIZE")
-    return int(value) if value is not None else None
-
-
-def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:
-    """Join the job's default group from the launcher's environment; returns rank, world, local."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
-        )
-    return rank, world, local_rank
-
-
-def check_same_config(config_yaml: str, topology: Topology) -> None:
-    """Ranks started with different configs would train different things: refuse at start-up."""
-    digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:12]
-    digests: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
-    odd = [r for r, d in enumerate(digests) if d != digests[0]]
-    if odd:
-        names = ", ".join(topology.describe(r) for r in odd)
-        raise ValueError(
-            f"pipeline: {names} started with a different config than rank 0 "
-            f"({digests[odd[0]]} vs {digests[0]}); launch every rank with the same --config/--set"
-        )
 
 
 def _is_communication_error(error: BaseException) -> bool:

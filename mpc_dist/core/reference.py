@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models import BlockModel
+from ..models import BlockModel
 from .plan import Plan
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models import BlockModel
 from .memory import ActivationMemory
-from .models import BlockModel
 from .plan import Plan, Stream
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,8 +59,8 @@ class HorizonEngine:
         self._through = {t: plan.streams_through(t) for t in blocks}
         # A block's input needs a gradient only if some stream continues below it.
         self._input_grad = {t: t > 0 and any(s.low < t for s in self._through[t]) for t in blocks}
-        self.incoming = tuple(s for s in plan.streams if s.loss_point > self.last > s.low)
-        self.outgoing = plan.crossing(self.first) if self.first > 0 else ()
+        part = plan.part(self.first, self.last)
+        self.incoming, self.outgoing = part.incoming, part.outgoing
         self.memory = ActivationMemory(model.parameters()) if track_memory else None
         self._microbatches: dict[int, _Microbatch] = {}
 

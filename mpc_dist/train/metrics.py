@@ -106,3 +106,33 @@ def print_summary(title: str, rows: dict[str, Any]) -> None:
     for key, value in rows.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+class StepLog:
+    """The progress bar and the metrics lines (means over the steps since the last line)."""
+
+    def __init__(
+        self, bar: Progress, logger: MetricsLogger | None, every: int, completed: int, last: int
+    ) -> None:
+        self.bar, self.logger, self.every, self.last = bar, logger, every, last
+        self.task = bar.add_task("train", total=last, completed=completed, status="")
+        self.started, self.seen = time.perf_counter(), 0
+        self.window = [0.0, 0, 0]  # loss x samples, correct, samples
+
+    def step(self, step: int, batch_size: int, result: tuple | None, lr: float) -> None:
+        self.seen += batch_size
+        if result is None:  # only the rank holding the last stage sees the loss
+            return
+        loss, correct, count = result
+        self.window = [self.window[0] + loss * count, self.window[1] + correct,
+                       self.window[2] + count]  # fmt: skip
+        rate = self.seen / (time.perf_counter() - self.started)
+        status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
+        self.bar.update(self.task, advance=1, status=status)
+        if self.logger and (step % self.every == 0 or step == self.last):
+            total_loss, total_correct, samples = self.window
+            self.logger.log(
+                "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
+                lr=lr, samples_per_s=rate,
+            )  # fmt: skip
+            self.window = [0.0, 0, 0]

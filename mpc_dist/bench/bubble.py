@@ -24,12 +24,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import OptimConfig
+from ..core import ActivationMemory, Plan
+from ..parallel import (
+    COMPUTE,
+    Costs,
+    Groups,
+    RuntimeOptions,
+    Topology,
+    backward_cost,
+    busy_time,
+    generate,
+    simulate,
+    stage_ranges,
+    steady_state,
+)
+from ..train import build_stage
+from ..train.metrics import console
 from . import emulate
-from .memory import ActivationMemory
-from .metrics import console
-from .plan import Plan
-from .schedule import COMPUTE, Costs, backward_cost, generate, simulate
-from .topology import Topology, stage_ranges
 
 
 @dataclass
@@ -81,21 +93,16 @@ def cases(args: argparse.Namespace) -> list[Case]:
 # ----------------------------------------------------------------------------- one rank
 
 
-def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
-    from .runtime import PipelineRuntime
-
+def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> dict:
     P, m = args.stages, args.microbatches
     cost = args.cost_ms / 1000
-    model = emulate.emulated_model(P, args.width, cost, cost, cost, aux_heads=case.mode == "async")
+    model = emulate.emulated_model(
+        P, args.width, cost, cost, cost, aux_heads=case.mode == "async", recorder=recorder
+    )
     plan = Plan(case.rule, case.horizon or P, P)
-    ranges = stage_ranges([1] * P)
-    part = model.split(topology.stage, topology.stage + 1, head_copy=plan.horizon < P)
-    optimizer = torch.optim.SGD(part.parameters(), lr=0.0)
-    runtime = PipelineRuntime(
-        part, plan, ranges, topology, groups, optimizer, model.state_shapes, m, case.mode,
-        case.policy, torch.device("cpu"), torch.float32,
-    )  # fmt: skip
-    runtime.trace = []
+    frozen = OptimConfig(name="sgd", lr=0.0, momentum=0.0)  # timing only: weights stay put
+    options = RuntimeOptions(m, case.mode, case.policy, trace=True)
+    runtime = build_stage(model, plan, stage_ranges([1] * P), groups, frozen, options).runtime
     batch = _batch(args)
     total = args.warmup + args.steps
     step_times, windows = [], []
@@ -130,7 +137,7 @@ def _run_ours(case: Case, args, topology: Topology, groups) -> dict:
     }  # fmt: skip
 
 
-def _run_baseline(case: Case, args) -> dict:
+def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
     from . import baselines
 
     P, cost = args.stages, args.cost_ms / 1000
@@ -139,7 +146,7 @@ def _run_baseline(case: Case, args) -> dict:
     per_block = cost * P / blocks
 
     def make_block(i: int):
-        return emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block)
+        return emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block, recorder)
 
     meter = ActivationMemory()
     shape = (args.microbatch_size, args.width)
@@ -182,8 +189,6 @@ def _measure_latency(args, rank: int, rounds: int = 30) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Runs on every rank (started by torchrun); rank 0 writes the report."""
-    from .runtime import Groups
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -193,18 +198,18 @@ def worker(args: argparse.Namespace) -> None:
     args.latency_ms = _measure_latency(args, rank)
     if rank == 0:
         console.print(f"measured message latency {args.latency_ms:.2f} ms (used by the simulator)")
-    results = []
+    results, recorder = [], emulate.Recorder()
     for case in cases(args):
-        emulate.recorded()
-        emulate.RECORDING[0] = True
+        recorder.take()
+        recorder.recording = True
         try:
-            measured = _run_ours(case, args, topology, groups) if case.system == "ours" else (
-                _run_baseline(case, args))  # fmt: skip
+            measured = _run_ours(case, args, groups, recorder) if case.system == "ours" else (
+                _run_baseline(case, args, recorder))  # fmt: skip
             error = None
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             measured, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        emulate.RECORDING[0] = False
-        trace = emulate.recorded()
+        recorder.recording = False
+        trace = recorder.take()
         gathered: list = [None] * args.stages
         dist.all_gather_object(gathered, (measured, trace, error))
         if rank == 0:
@@ -217,11 +222,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def _busy(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
-    lo, hi = window
-    return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in intervals)
 
 
 def _summarize(case: Case, gathered: list, args) -> Result:
@@ -238,23 +238,13 @@ def _summarize(case: Case, gathered: list, args) -> Result:
     # Our runtime timestamps every action; for the baselines the blocks' compute is all we see.
     actions = [r.get("actions") or c for r, c in zip(per_rank, compute, strict=True)]
     if case.mode == "async":
-        # steady state: after every stage finished its warm-up minibatches, until the first
-        # stage finished all; time per minibatch from consecutive step ends of every stage
+        start = max(r["windows"][0][0] for r in per_rank)
         ends = [r["step_ends"] for r in per_rank]
-        lo = (
-            max(e[args.warmup - 1] for e in ends)
-            if args.warmup
-            else max(r["windows"][0][0] for r in per_rank)
+        result.time_per_minibatch, window = steady_state(ends, args.warmup, start)
+        result.bubble, result.compute_bubble = (
+            [1 - busy_time(iv, window) / (window[1] - window[0]) for iv in kind]
+            for kind in (actions, compute)
         )
-        hi = min(e[-1] for e in ends)
-        gaps = [
-            b - a
-            for e in ends
-            for a, b in zip(e[args.warmup - 1 :], e[args.warmup :], strict=False)
-        ]
-        result.time_per_minibatch = statistics.median(gaps)
-        result.bubble = [1 - _busy(iv, (lo, hi)) / (hi - lo) for iv in actions]
-        result.compute_bubble = [1 - _busy(iv, (lo, hi)) / (hi - lo) for iv in compute]
         start = min(r["windows"][0][0] for r in per_rank)
         result.fill = per_rank[-1]["first_forward"] - start
     else:
@@ -265,7 +255,7 @@ def _summarize(case: Case, gathered: list, args) -> Result:
             for i in range(args.steps)
         ]
         result.bubble, result.compute_bubble = (
-            [statistics.mean(1 - _busy(iv, w) / (w[1] - w[0]) for w in windows) for iv in kind]
+            [statistics.mean(1 - busy_time(iv, w) / (w[1] - w[0]) for w in windows) for iv in kind]
             for kind in (actions, compute)
         )
     result.samples_per_s = args.microbatch_size * args.microbatches / result.time_per_minibatch
@@ -312,19 +302,13 @@ def _simulate_case(result: Result, args, P: int, overhead: tuple[float, float, f
     compute = [e for e in events if e.action.kind in COMPUTE]
     if result.case.mode == "async":
         ends = [[e.end for e in compute if e.stage == k and e.action.kind == "S"] for k in range(P)]
-        lo, hi = max(e[args.warmup - 1] for e in ends), min(e[-1] for e in ends)
-        gaps = [
-            b - a
-            for e in ends
-            for a, b in zip(e[args.warmup - 1 :], e[args.warmup :], strict=False)
-        ]
-        result.simulated_time = statistics.median(gaps)
+        result.simulated_time, (lo, hi) = steady_state(ends, args.warmup)
     else:
         lo, hi = 0.0, max(e.end for e in events)
         result.simulated_time = hi
     result.simulated_bubble = [
-        1 - _busy([(e.start, e.end) for e in compute if e.stage == k and e.action.kind != "S"],
-                  (lo, hi)) / (hi - lo)
+        1 - busy_time([(e.start, e.end) for e in compute if e.stage == k and e.action.kind != "S"],
+                      (lo, hi)) / (hi - lo)
         for k in range(P)
     ]  # fmt: skip
 
@@ -465,7 +449,7 @@ def main(args: argparse.Namespace) -> None:
         forwarded += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.stages}", "-m", "mpc_dist.bench", *forwarded]  # fmt: skip
+               f"--nproc-per-node={args.stages}", "-m", __name__, *forwarded]  # fmt: skip
     started = time.perf_counter()
     code = subprocess.call(command, env=env)
     console.print(f"bench finished in {time.perf_counter() - started:.0f} s")

@@ -1,64 +1,14 @@
-"""Who is where: P pipeline stages x D data-parallel replicas, and which blocks each stage holds.
-
-Rank r is stage ``r % P`` of replica ``r // P``: each replica is a run of consecutive ranks, so a
-pipeline's neighbours are neighbouring ranks (on one node with ``--nproc-per-node P``).
-"""
+"""Which blocks each stage holds: uniform, balanced by parameter count or measured time, or
+explicit. The partition is a list of blocks per stage; ``stage_ranges`` turns it into ranges."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from .config import PipelineConfig
-
-
-@dataclass(frozen=True)
-class Topology:
-    stages: int
-    replicas: int
-    rank: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
-
-    @property
-    def world_size(self) -> int:
-        return self.stages * self.replicas
-
-    @property
-    def stage(self) -> int:
-        return self.rank % self.stages
-
-    @property
-    def replica(self) -> int:
-        return self.rank // self.stages
-
-    def rank_of(self, stage: int, replica: int | None = None) -> int:
-        return (self.replica if replica is None else replica) * self.stages + stage
-
-    def pipeline_ranks(self, replica: int) -> list[int]:
-        return [self.rank_of(k, replica) for k in range(self.stages)]
-
-    def data_parallel_ranks(self, stage: int) -> list[int]:
-        return [self.rank_of(stage, d) for d in range(self.replicas)]
-
-    def describe(self, rank: int) -> str:
-        return f"rank {rank} (stage {rank % self.stages}, replica {rank // self.stages})"
-
-
-def device_and_backend(local_rank: int, backend: str = "auto") -> tuple[torch.device, str]:
-    """CUDA with NCCL when a GPU is present, else CPU with gloo."""
-    if torch.cuda.is_available() and backend in ("auto", "nccl"):
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device, "nccl"
-    return torch.device("cpu"), "gloo"
-
-
-# ----------------------------------------------------------------------------- partitioning
+from ..config import PipelineConfig
+from ..models import BlockModel
 
 
 def balanced_partition(costs: list[float], stages: int) -> list[int]:
@@ -89,7 +39,7 @@ def uniform_partition(num_blocks: int, stages: int) -> list[int]:
     return [num_blocks // stages + (k < num_blocks % stages) for k in range(stages)]
 
 
-def block_costs(model, method: str, sample: torch.Tensor | None = None) -> list[float]:
+def block_costs(model: BlockModel, method: str, sample: torch.Tensor | None = None) -> list[float]:
     """Per-block cost: parameter count (stem with block 0, head with the last block) or time."""
     T = model.num_blocks
     if method == "params":
@@ -112,7 +62,9 @@ def block_costs(model, method: str, sample: torch.Tensor | None = None) -> list[
     return costs
 
 
-def partition(config: PipelineConfig, model, sample: torch.Tensor | None = None) -> list[int]:
+def partition(
+    config: PipelineConfig, model: BlockModel, sample: torch.Tensor | None = None
+) -> list[int]:
     """Blocks per stage for the method the config names."""
     if config.blocks_per_stage is not None:
         return list(config.blocks_per_stage)

@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..config import ConfigError
+
 RULES = ("receding", "shrinking")
+
+
+def check_horizon(rule: str, horizon: int, num_blocks: int) -> None:
+    """The one check of a rule and horizon; the message names the config field and the fix."""
+    if rule not in RULES:
+        raise ConfigError(f"horizon.rule={rule!r}: unknown rule; use one of {RULES}")
+    if not 1 <= horizon <= num_blocks:
+        raise ConfigError(
+            f"horizon.horizon={horizon}: must be in [1, {num_blocks}] (the model has {num_blocks} "
+            f"blocks); horizon {num_blocks} is back-propagation"
+        )
 
 
 @dataclass(frozen=True)
@@ -34,19 +47,29 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class PlanPart:
+    """Which streams start in, enter and leave a contiguous run of blocks [first, last)."""
+
+    first: int
+    last: int
+    born: tuple[Stream, ...]  # loss point inside the run
+    incoming: tuple[Stream, ...]  # arriving from the blocks above
+    outgoing: tuple[Stream, ...]  # continuing to the blocks below
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        """Every stream that passes the run, the arriving ones first."""
+        return self.incoming + self.born
+
+
+@dataclass(frozen=True)
 class Plan:
     rule: str
     horizon: int
     num_blocks: int
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"horizon.rule={self.rule!r}: unknown rule; use one of {RULES}")
-        if not 1 <= self.horizon <= self.num_blocks:
-            raise ValueError(
-                f"horizon.horizon={self.horizon}: must be in [1, {self.num_blocks}] "
-                f"(the number of blocks); use horizon {self.num_blocks} for back-propagation"
-            )
+        check_horizon(self.rule, self.horizon, self.num_blocks)
 
     @cached_property
     def streams(self) -> tuple[Stream, ...]:
@@ -80,8 +103,22 @@ class Plan:
         return tuple(s for s in self.streams if s.passes(block))
 
     def crossing(self, boundary: int) -> tuple[Stream, ...]:
-        """Streams whose cotangent crosses the state x(boundary) going down (0 < boundary < T)."""
+        """Streams whose cotangent crosses the state x(boundary) going down (none at 0 and T)."""
         return tuple(s for s in self.streams if s.low < boundary < s.loss_point)
+
+    def part(self, first: int, last: int) -> PlanPart:
+        """The streams of the blocks [first, last): a pipeline stage's or an engine's view."""
+        return PlanPart(
+            first,
+            last,
+            born=tuple(s for s in self.streams if first < s.loss_point <= last),
+            incoming=self.crossing(last),
+            outgoing=self.crossing(first),
+        )
+
+    def reads_shared_head_below_top(self, head_mode: str) -> bool:
+        """A shared head is evaluated (read-only) at loss points below T when h < T."""
+        return head_mode == "shared" and self.horizon < self.num_blocks
 
     @property
     def input_gradient_products(self) -> int:

@@ -1,0 +1,2 @@
+"""Benchmarks: the pipeline-bubble bench (emulated compute, third-party baselines, simulator
+calibration, traces and plots), the simulator's CLI and the engine's overhead against autograd."""

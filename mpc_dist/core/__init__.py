@@ -1,0 +1,20 @@
+"""The horizon semantics (spec sections 1, 2 and 6): plans, the engine, the reference definition
+and activation accounting. Nothing here knows about processes or torch.distributed."""
+
+from .engine import Criterion, ForwardResult, HorizonEngine
+from .memory import ActivationMemory
+from .plan import RULES, Plan, PlanPart, Stream, check_horizon
+from .reference import reference_gradients
+
+__all__ = [
+    "RULES",
+    "ActivationMemory",
+    "Criterion",
+    "ForwardResult",
+    "HorizonEngine",
+    "Plan",
+    "PlanPart",
+    "Stream",
+    "check_horizon",
+    "reference_gradients",
+]

@@ -1,0 +1,140 @@
+"""The model protocol: a stem, T blocks, a head, and optional per-loss-point auxiliary heads.
+
+Blocks live in an ``nn.ModuleDict`` keyed by their global index, so parameter names
+(``blocks.5.fc1.weight``) survive splitting a model into pipeline stages. The stem belongs to
+block 0; on a stage that does not hold block 0 (or the head) those parts are ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+
+HEAD_MODES = ("shared", "aux")
+
+
+class ModelError(ConfigError):
+    """A model configuration that cannot be built; the message names the field and the fix."""
+
+
+class BlockModel(nn.Module):
+    def __init__(
+        self,
+        stem: nn.Module | None,
+        blocks: dict[int, nn.Module],
+        head: nn.Module | None,
+        aux_heads: dict[int, nn.Module],
+        num_blocks: int,
+        head_mode: str,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.ModuleDict({str(t): b for t, b in blocks.items()})
+        self.head = head
+        self.aux_heads = nn.ModuleDict({str(s): h for s, h in aux_heads.items()})
+        self.num_blocks = num_blocks
+        self.head_mode = head_mode
+        self.input_shape: tuple[int, ...] = ()  # (C, H, W) of one sample
+        self.state_shapes: list[tuple[int, ...]] = []  # shape of x(0) .. x(T), one sample
+
+    @property
+    def block_indices(self) -> list[int]:
+        return sorted(int(t) for t in self.blocks)
+
+    def block_forward(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        if t == 0:
+            x = self.stem(x)
+        return self.blocks[str(t)](x)
+
+    def block_parameters(self, t: int) -> list[nn.Parameter]:
+        params = list(self.blocks[str(t)].parameters())
+        if t == 0:
+            params = list(self.stem.parameters()) + params
+        return params
+
+    def loss_head(self, s: int) -> tuple[nn.Module, bool]:
+        """The head evaluated at loss point s, and whether l_s trains it.
+
+        A shared head at s < T is read-only: it gets gradient from l_T alone (spec section 1).
+        """
+        if s == self.num_blocks:
+            return self.head, True
+        if self.head_mode == "aux":
+            return self.aux_heads[str(s)], True
+        return self.head, False
+
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """Parameters this part trains: a shared head's copy below the last block is read-only."""
+        holds_last = self.num_blocks - 1 in self.block_indices
+        return [
+            p for name, p in self.named_parameters() if holds_last or not name.startswith("head.")
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for t in self.block_indices:
+            x = self.block_forward(t, x)
+        return self.head(x)
+
+    def split(self, first: int, last: int, head_copy: bool = False) -> BlockModel:
+        """The part holding blocks [first, last) with the modules it needs (shared, not copied).
+
+        ``head_copy``: keep the shared head below the last block, for loss points s < T.
+        """
+        part = BlockModel(
+            self.stem if first == 0 else None,
+            {t: self.blocks[str(t)] for t in range(first, last)},
+            self.head if last == self.num_blocks or head_copy else None,
+            {s: h for s, h in self._aux_items() if first < s <= last},
+            self.num_blocks,
+            self.head_mode,
+        )
+        part.input_shape, part.state_shapes = self.input_shape, self.state_shapes
+        return part
+
+    def _aux_items(self) -> Iterator[tuple[int, nn.Module]]:
+        return ((int(s), h) for s, h in self.aux_heads.items())
+
+
+def assemble(
+    spec: ModelConfig,
+    stem: nn.Module,
+    blocks: list[nn.Module],
+    head: nn.Module,
+    input_shape: tuple[int, ...],
+    make_aux_head: Callable[[tuple[int, ...]], nn.Module],
+) -> BlockModel:
+    """A BlockModel from its parts; aux heads (``model.head: aux``) are made for x(1) .. x(T-1)."""
+    T = len(blocks)
+    shapes = state_shapes(stem, blocks, input_shape)
+    if spec.head == "shared":
+        for s in range(1, T):
+            if shapes[s] != shapes[T]:
+                raise ModelError(
+                    f"model.head=shared: {spec.name}'s state x({s}) has shape {shapes[s]} but the "
+                    f"head takes {shapes[T]}; set model.head=aux"
+                )
+    aux = {s: make_aux_head(shapes[s]) for s in range(1, T)} if spec.head == "aux" else {}
+    model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, spec.head)
+    model.input_shape, model.state_shapes = tuple(input_shape), shapes
+    return model
+
+
+@torch.no_grad()
+def state_shapes(stem: nn.Module, blocks: list[nn.Module], input_shape) -> list[tuple[int, ...]]:
+    """Shapes of x(0) .. x(T) (without the batch dimension), from one tiny forward pass."""
+    modules = [stem, *blocks]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()  # keep batch-norm running statistics untouched
+    x = stem(torch.zeros(1, *input_shape))
+    shapes = [tuple(x.shape[1:])]
+    for block in blocks:
+        x = block(x)
+        shapes.append(tuple(x.shape[1:]))
+    for m, mode in zip(modules, modes, strict=True):
+        m.train(mode)
+    return shapes

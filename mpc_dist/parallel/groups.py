@@ -1,0 +1,109 @@
+"""Processes, devices and process groups: joining the launcher's job, the pipeline and
+data-parallel groups of a rank, and the collectives the step needs over them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .topology import Topology
+
+BUCKET_BYTES = 25 * 2**20
+
+
+def launched_world_size() -> int | None:
+    """WORLD_SIZE as torchrun / accelerate / deepspeed / Ray set it; None when run plainly."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value is not None else None
+
+
+def device_and_backend(local_rank: int, backend: str = "auto") -> tuple[torch.device, str]:
+    """CUDA with NCCL when a GPU is present, else CPU with gloo."""
+    if torch.cuda.is_available() and backend in ("auto", "nccl"):
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device, "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:
+    """Join the job's default group from the launcher's environment; returns rank, world, local."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+        )
+    return rank, world, local_rank
+
+
+def check_same_config(config_yaml: str, topology: Topology) -> None:
+    """Ranks started with different configs would train different things: refuse at start-up."""
+    digest = hashlib.sha256(config_yaml.encode()).hexdigest()[:12]
+    digests: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        names = ", ".join(topology.describe(r) for r in odd)
+        raise ValueError(
+            f"pipeline: {names} started with a different config than rank 0 "
+            f"({digests[odd[0]]} vs {digests[0]}); launch every rank with the same --config/--set"
+        )
+
+
+@dataclass
+class Groups:
+    """This rank's place and its process groups (None where a group would hold one rank)."""
+
+    topology: Topology
+    pipeline: dist.ProcessGroup | None
+    data_parallel: dist.ProcessGroup | None
+
+    @staticmethod
+    def create(topology: Topology) -> Groups:
+        # new_group is collective over the world: every rank creates every group, in order.
+        pipeline = data_parallel = None
+        for d in range(topology.replicas):
+            group = dist.new_group(topology.pipeline_ranks(d))
+            if d == topology.replica:
+                pipeline = group
+        for k in range(topology.stages):
+            group = dist.new_group(topology.data_parallel_ranks(k))
+            if k == topology.stage:
+                data_parallel = group
+        return Groups(
+            topology,
+            pipeline if topology.stages > 1 else None,
+            data_parallel if topology.replicas > 1 else None,
+        )
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Sum the gradients over ``group`` in flat buckets of about ``BUCKET_BYTES``."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    grads = [p.grad for p in params if p.grad is not None]
+    for grad in [*grads, None]:
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+        if bucket and (grad is None or size >= BUCKET_BYTES):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                g.copy_(reduced)
+            bucket, size = [], 0
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter], src: int, group) -> None:
+    """Copy the values of ``params`` on rank ``src`` to every rank of ``group``."""
+    flat = _flatten_dense_tensors([p.data for p in params])
+    dist.broadcast(flat, src=src, group=group)
+    for p, value in zip(params, _unflatten_dense_tensors(flat, params), strict=True):
+        p.data.copy_(value)

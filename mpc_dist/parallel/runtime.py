@@ -1,0 +1,204 @@
+"""The pipeline runtime: one process per stage and replica executes its schedule's action list.
+
+A table maps each action kind to its handler: compute handlers run the horizon engine on the
+stage's blocks and the step function; message handlers move activations and cotangents with
+non-blocking point-to-point operations. Message shapes follow from the model, so nothing about
+shapes is negotiated at run time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..core import HorizonEngine, Plan
+from ..models import BlockModel
+from .generate import generate, validate
+from .groups import Groups, broadcast_parameters
+from .mailbox import Mailbox
+from .schedule import COMPUTE, Action, Schedule, peer
+
+# The one optimizer step (see mpc_dist.train.step): called with the minibatch's loss on this
+# stage (0 where no loss is evaluated) and its learning rate; it may raise to stop training.
+StepFunction = Callable[[torch.Tensor, float], None]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    num_microbatches: int = 1  # per minibatch, on this replica
+    mode: str = "sync"  # sync (flush per minibatch) | async (spec section 4)
+    policy: str = "horizon"  # horizon | 1f1b | gpipe
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
+
+
+@dataclass
+class StageTimes:
+    busy: float = 0.0  # seconds in compute actions
+    wall: float = 0.0  # seconds inside run()
+
+
+@dataclass
+class _Chunk:
+    """The minibatches one ``run`` trains on and what their actions hand each other."""
+
+    microbatches: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    learning_rates: list[float]
+    mailbox: Mailbox
+    losses: list[torch.Tensor]  # final loss per minibatch (last stage)
+    correct: list[torch.Tensor]  # correct predictions per minibatch (last stage)
+    inbox: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    outbox: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+
+class PipelineRuntime:
+    """Executes schedules for one (stage, replica) rank."""
+
+    def __init__(
+        self,
+        model: BlockModel,
+        plan: Plan,
+        ranges: list[tuple[int, int]],
+        groups: Groups,
+        step: StepFunction,
+        options: RuntimeOptions,
+    ) -> None:
+        self.model, self.plan, self.ranges, self.groups = model, plan, ranges, groups
+        self.step, self.options = step, options
+        self.topology = groups.topology
+        self.stage = self.topology.stage
+        self.first, self.last = ranges[self.stage]
+        self.is_last = self.topology.is_last_stage
+        self.engine = HorizonEngine(model, plan, track_memory=True)
+        self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
+        self.times = StageTimes()
+        self.trace: list[tuple[Action, float, float]] = []
+        self._schedules: dict[int, Schedule] = {}
+        self._microbatch_size = 0
+        self.handlers: dict[str, Callable[[Action, _Chunk], None]] = {
+            "F": self._forward,
+            "B": self._backward,
+            "S": self._step,
+            "RF": self._receive,
+            "RB": self._receive,
+            "SF": self._send,
+            "SB": self._send,
+        }
+
+    def schedule(self, num_minibatches: int) -> Schedule:
+        if num_minibatches not in self._schedules:
+            o = self.options
+            schedule = generate(
+                self.plan, self.ranges, o.num_microbatches, num_minibatches, o.mode, o.policy
+            )
+            validate(schedule)
+            self._schedules[num_minibatches] = schedule
+        return self._schedules[num_minibatches]
+
+    # ------------------------------------------------------------------ one chunk
+
+    def run(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], learning_rates: list[float]
+    ) -> list[tuple[float, int]]:
+        """Train on ``batches`` (this replica's share of each minibatch), one step each.
+
+        Returns (final loss, correct predictions) per minibatch on the last stage, [] elsewhere.
+        """
+        m, device = self.options.num_microbatches, self.options.device
+        if any(x.shape[0] % m for x, _ in batches):
+            raise ValueError(f"a minibatch of {batches[0][0].shape[0]} does not split into {m}")
+        schedule = self.schedule(len(batches))
+        self._microbatch_size = batches[0][0].shape[0] // m
+        zeros = [torch.zeros((), dtype=torch.float64, device=device) for _ in batches]
+        chunk = _Chunk(
+            [
+                (x.to(device, self.options.dtype).chunk(m), y.to(device).chunk(m))
+                for x, y in batches
+            ],
+            learning_rates,
+            Mailbox(schedule, self.topology, self._shape_of, self.options.dtype, device),
+            losses=zeros,
+            correct=[z.clone() for z in zeros],
+        )
+        started = time.perf_counter()
+        for action in schedule.actions[self.stage]:
+            tick = time.perf_counter()
+            self.handlers[action.kind](action, chunk)
+            if action.kind in COMPUTE:
+                now = time.perf_counter()
+                self.times.busy += now - tick
+                if self.options.trace:
+                    self.trace.append((action, tick, now))
+        chunk.mailbox.flush()
+        self.times.wall += time.perf_counter() - started
+        if not self.is_last:
+            return []
+        replicas = self.topology.replicas
+        return [
+            (loss * replicas, int(correct))
+            for loss, correct in zip(torch.stack(chunk.losses).tolist(), chunk.correct, strict=True)
+        ]
+
+    def _shape_of(self, message: tuple) -> tuple[int, ...]:
+        boundary = self.first if message[0] == "F" else self.last
+        return (self._microbatch_size, *self.model.state_shapes[boundary])
+
+    # ------------------------------------------------------------------ handlers
+
+    def _forward(self, action: Action, chunk: _Chunk) -> None:
+        n, i, m = action.minibatch, action.microbatch, self.options.num_microbatches
+        inputs, targets = chunk.microbatches[n]
+        x = inputs[i] if self.stage == 0 else chunk.inbox.pop(action.message)
+        scale = 1.0 / (m * self.topology.replicas)
+        result = self.engine.forward(n * m + i, x, targets[i], scale, eager=False)
+        if result.output is not None:
+            chunk.outbox[action.message] = result.output
+        if result.logits is not None:
+            chunk.losses[n] += result.losses[self.plan.num_blocks].double()
+            chunk.correct[n] += (result.logits.argmax(-1) == targets[i]).sum()
+
+    def _backward(self, action: Action, chunk: _Chunk) -> None:
+        n, i, s = action.minibatch, action.microbatch, action.stream
+        cotangent = chunk.inbox.pop(action.message, None)  # None: the stream is born here
+        below = self.engine.backward(n * self.options.num_microbatches + i, s, cotangent)
+        if below is not None:
+            chunk.outbox[action.message] = below
+
+    def _step(self, action: Action, chunk: _Chunk) -> None:
+        n = action.minibatch
+        self.step(chunk.losses[n], chunk.learning_rates[n])
+        if self.head_copies and self.groups.pipeline is not None:
+            # the shared head's read-only copies follow the last stage's (sync mode)
+            src = self.topology.rank_of(self.topology.stages - 1)
+            broadcast_parameters(list(self.model.head.parameters()), src, self.groups.pipeline)
+
+    def _receive(self, action: Action, chunk: _Chunk) -> None:
+        chunk.inbox[action.message] = chunk.mailbox.receive(action.message, peer(action))
+
+    def _send(self, action: Action, chunk: _Chunk) -> None:
+        chunk.mailbox.send(chunk.outbox.pop(action.message), peer(action))
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Forward-only through replica 0's stages: the logits on its last stage, else None."""
+        if self.topology.replica != 0:
+            return None
+        device, dtype = self.options.device, self.options.dtype
+        if self.stage == 0:
+            state = x.to(device, dtype)
+        else:
+            shape = (x.shape[0], *self.model.state_shapes[self.first])
+            state = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(state, src=self.topology.rank_of(self.stage - 1))
+        out = self.engine.infer(state)
+        if self.is_last:
+            return out
+        dist.send(out.contiguous(), dst=self.topology.rank_of(self.stage + 1))
+        return None

@@ -1,0 +1,250 @@
+"""Pipeline schedules as data (per-stage ordered lists of actions) and their simulation.
+
+Compute actions are ``F`` (forward a microbatch through the stage, evaluating its loss points),
+``B`` (run one stream of one microbatch through the stage; it deposits the weight gradients the
+plan assigns to the stage's blocks on its way, so W is fused into B) and ``S`` (optimizer step).
+A lowering pass adds the messages: ``RF``/``SF`` receive/send an activation, ``RB``/``SB`` a
+stream's cotangent. Each stream is its own unit of work (spec section 3).
+
+``simulate`` executes a schedule as the runtime would, with any costs: the validator uses it to
+prove a schedule deadlock-free, ``str(schedule)`` to draw it, the bubble benchmark and
+``mpc-dist simulate`` to predict timelines. Schedules are made in ``generate.py``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import pairwise
+
+from ..core import Plan, PlanPart, Stream
+
+COMPUTE = ("F", "B", "S")
+
+
+class ScheduleError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    stage: int
+    kind: str  # F B S | RF SF RB SB
+    minibatch: int = 0
+    microbatch: int = 0
+    stream: int = 0  # loss point, for B / RB / SB
+
+    def __str__(self) -> str:
+        if self.kind == "S":
+            return f"{self.stage}S{self.minibatch}"
+        where = f"{self.minibatch}.{self.microbatch}"
+        if self.kind in ("B", "RB", "SB"):
+            where += f"s{self.stream}"
+        return f"{self.stage}{self.kind}{where}"
+
+    @property
+    def message(self) -> tuple:
+        """Identity of the message an RF/SF/RB/SB action moves (same on both ends)."""
+        kind = "F" if self.kind in ("F", "RF", "SF") else "B"
+        return (kind, self.minibatch, self.microbatch, self.stream)
+
+
+@dataclass
+class Schedule:
+    name: str
+    mode: str  # sync | async
+    plan: Plan
+    ranges: list[tuple[int, int]]
+    num_microbatches: int
+    num_minibatches: int
+    actions: list[list[Action]] = field(default_factory=list)  # per stage, lowered
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranges)
+
+    @cached_property
+    def stages(self) -> list[PlanPart]:
+        """What each stage holds and which streams enter, start in and leave it (derived once)."""
+        return [self.plan.part(first, last) for first, last in self.ranges]
+
+    def compute(self, stage: int) -> list[Action]:
+        return [a for a in self.actions[stage] if a.kind in COMPUTE]
+
+    def __str__(self) -> str:
+        """A grid: one row per stage, one column per unit of time (unit costs)."""
+        timeline = simulate(self, unit_costs(self))
+        end = max(e.end for e in timeline)
+        width = max(len(_cell(e.action)) for e in timeline) + 1
+        header = (
+            f"{self.name} ({self.mode}), {self.plan.rule} h={self.plan.horizon}, "
+            f"{self.num_stages} stages x {self.plan.num_blocks} blocks, "
+            f"{self.num_microbatches} microbatches x {self.num_minibatches} minibatches"
+        )
+        legend = "F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, S step"
+        rows = [header, legend]
+        for stage in range(self.num_stages):
+            cells = ["." * (width - 1)] * int(round(end))
+            for event in timeline:
+                if event.stage == stage and event.action.kind in COMPUTE:
+                    for slot in range(int(round(event.start)), int(round(event.end))):
+                        cells[slot] = _cell(event.action)
+            rows.append(f"stage {stage}: " + " ".join(c.ljust(width - 1) for c in cells))
+        return "\n".join(rows)
+
+
+def _cell(action: Action) -> str:
+    return str(action)[len(str(action.stage)) :]
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+@dataclass
+class Costs:
+    """Seconds (or units) per block: forward, input-gradient, weight-gradient; plus messages."""
+
+    forward: float = 1.0
+    input_grad: float = 1.0
+    weight_grad: float = 1.0
+    step: float = 0.0
+    latency: float = 0.0  # per message
+    forward_overhead: float = 0.0  # per F action (framework time besides the blocks)
+    backward_overhead: float = 0.0  # per B action
+
+
+def unit_costs(schedule: Schedule) -> Callable[[Action], float]:
+    return action_costs(schedule, Costs())
+
+
+def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
+    infos = schedule.stages
+    plan = schedule.plan
+
+    def cost(action: Action) -> float:
+        info = infos[action.stage]
+        if action.kind == "F":
+            return costs.forward * (info.last - info.first) + costs.forward_overhead
+        if action.kind == "B":
+            return backward_cost(plan.stream(action.stream), info, costs) + costs.backward_overhead
+        if action.kind == "S":
+            return costs.step
+        return 0.0
+
+    return cost
+
+
+def backward_cost(stream: Stream, info: PlanPart, costs: Costs) -> float:
+    """One stream through one stage: input gradients where it passes, weights where it trains."""
+    top = min(stream.loss_point, info.last)
+    total = 0.0
+    for t in range(max(stream.low, info.first), top):
+        total += costs.input_grad * (t > stream.low and t > 0)
+        total += costs.weight_grad * stream.trains(t)
+    return total
+
+
+def peer(action: Action) -> int:
+    """The stage at the other end of a message action."""
+    up = action.kind in ("SF", "RB")
+    return action.stage + 1 if up else action.stage - 1
+
+
+def send_order(schedule: Schedule, stage: int, to: int) -> list[tuple]:
+    """Messages ``stage`` sends to ``to``, in order: the receiver posts its receives in it."""
+    return [a.message for a in schedule.actions[stage] if a.kind in ("SF", "SB") and peer(a) == to]
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class Event:
+    stage: int
+    action: Action
+    start: float
+    end: float
+
+
+def simulate(schedule: Schedule, cost: Callable[[Action], float] | Costs) -> list[Event]:
+    """Execute every stage's list in order, as the runtime does.
+
+    A receive waits for its send (plus latency); sends never block; a sync step is a collective
+    of all stages. Raises ScheduleError naming the blocked actions if the schedule deadlocks.
+    """
+    if isinstance(cost, Costs):
+        latency = cost.latency
+        cost = action_costs(schedule, cost)
+    else:
+        latency = 0.0
+    P = schedule.num_stages
+    position = [0] * P
+    clock = [0.0] * P
+    sent: dict[tuple, float] = {}
+    events: list[Event] = []
+    arrived: dict[int, dict[int, float]] = defaultdict(dict)  # sync step -> arrivals
+    progress = True
+    while progress:
+        progress = False
+        for k in range(P):
+            while position[k] < len(schedule.actions[k]):
+                a = schedule.actions[k][position[k]]
+                start = clock[k]
+                if a.kind in ("RF", "RB"):
+                    key = (peer(a), a.message)
+                    if key not in sent:
+                        break
+                    start = max(start, sent[key] + latency)
+                elif a.kind == "S" and schedule.mode == "sync" and P > 1:
+                    waiting = arrived[a.minibatch]  # stage -> its clock on arrival
+                    waiting.setdefault(k, clock[k])
+                    if len(waiting) < P:
+                        break
+                    start = max(waiting.values())  # the flush: everyone steps together
+                end = start + cost(a)
+                if a.kind in ("SF", "SB"):
+                    sent[(k, a.message)] = end
+                events.append(Event(k, a, start, end))
+                clock[k] = end
+                position[k] += 1
+                progress = True
+    if any(position[k] < len(schedule.actions[k]) for k in range(P)):
+        blocked = {
+            k: str(schedule.actions[k][position[k]])
+            for k in range(P)
+            if position[k] < len(schedule.actions[k])
+        }
+        raise ScheduleError(f"deadlock: stages blocked at {blocked}")
+    return events
+
+
+def bubble_fraction(events: list[Event], stage: int | None = None) -> float:
+    """Idle share of [0, makespan] over compute actions, for one stage or all of them."""
+    end = max(e.end for e in events)
+    stages = {e.stage for e in events} if stage is None else {stage}
+    busy = sum(e.end - e.start for e in events if e.stage in stages and e.action.kind in COMPUTE)
+    return 1.0 - busy / (end * len(stages))
+
+
+def steady_state(
+    step_ends: list[list[float]], warmup: int, start: float = 0.0
+) -> tuple[float, tuple[float, float]]:
+    """Async time per minibatch and the steady-state window, from each stage's step end times.
+
+    The window opens once every stage has finished its ``warmup`` minibatches (at ``start``
+    without warm-up) and closes when the first stage has finished all; the time per minibatch is
+    the median gap between consecutive steps of a stage after warm-up, over all stages.
+    """
+    low = max(ends[warmup - 1] for ends in step_ends) if warmup else start
+    high = min(ends[-1] for ends in step_ends)
+    gaps = [b - a for ends in step_ends for a, b in pairwise(ends[max(warmup - 1, 0) :])]
+    return statistics.median(gaps), (low, high)
+
+
+def busy_time(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
+    """Seconds of ``intervals`` inside ``window``."""
+    low, high = window
+    return sum(max(0.0, min(e, high) - max(s, low)) for s, e in intervals)

@@ -1,0 +1,38 @@
+"""Training: the loop and its parts (step, optimizer and learning rate, runners, stage wiring,
+checkpoints, metrics, data, config validation)."""
+
+from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
+from .data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
+from .loop import Progress, prepare_run_dir, train
+from .runner import PipelineRunner, Runner, SingleRunner, evaluate
+from .stage import Stage, build_stage
+from .step import OptimizerStep, StepCallback, TrainingError, build_optimizer, learning_rate
+from .validate import validate
+
+__all__ = [
+    "DATASETS",
+    "CheckpointError",
+    "Checkpointer",
+    "DataError",
+    "Dataset",
+    "OptimizerStep",
+    "PipelineRunner",
+    "Progress",
+    "Runner",
+    "SingleRunner",
+    "Stage",
+    "StepCallback",
+    "TrainingError",
+    "build_optimizer",
+    "build_stage",
+    "compare_runs",
+    "evaluate",
+    "learning_rate",
+    "load_dataset",
+    "load_run_weights",
+    "minibatches",
+    "num_batches",
+    "prepare_run_dir",
+    "train",
+    "validate",
+]

@@ -1,0 +1,282 @@
+"""Runners: what the training loop drives. ``SingleRunner`` runs the horizon engine over every
+block in this process; ``PipelineRunner`` runs this rank's stage of a P x D pipeline. Both train
+a chunk of minibatches (one optimizer step each) with the same step, and evaluate the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config, ConfigError
+from ..core import HorizonEngine, Plan
+from ..models import BlockModel
+from ..parallel import (
+    Groups,
+    RuntimeOptions,
+    Topology,
+    Watchdog,
+    check_same_config,
+    device_and_backend,
+    init_process_group,
+    launched_world_size,
+    partition,
+    stage_ranges,
+)
+from .data import Dataset, minibatches
+from .stage import build_stage
+from .step import OptimizerStep, StepCallback, build_optimizer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+StepResult = tuple[float, int, int]  # final loss, correct predictions, samples
+
+
+class Runner(Protocol):
+    model: BlockModel  # what this process holds and checkpoints
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    chunk_size: int  # minibatches per run() call
+    is_logger: bool  # this process sees the final loss and writes the run's metrics
+    description: str
+
+    def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
+        """One optimizer step per minibatch; results where the final loss is seen, else []."""
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]: ...
+
+    def stage_report(self) -> dict[str, list[float]]: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda: no CUDA device is visible; use train.device=auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor | None],
+    dataset: Dataset,
+    batch_size: int,
+) -> tuple[float, int]:
+    """Summed loss and correct predictions over ``dataset``, where ``forward`` returns logits."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    batches = minibatches(dataset, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    for x, y in batches:
+        logits = forward(x)
+        if logits is None:  # a pipeline rank that does not hold the head
+            continue
+        y = y.to(logits.device)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return loss, correct
+
+
+class SingleRunner:
+    """The horizon engine over every block, in this process."""
+
+    chunk_size = 1
+    is_logger = True
+    description = "single process"
+
+    def __init__(
+        self, config: Config, model: BlockModel, plan: Plan, callbacks: Sequence[StepCallback] = ()
+    ) -> None:
+        self.config, self.plan = config, plan
+        self.device, self.dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
+        self.model = model.to(self.device, self.dtype)
+        self.engine = HorizonEngine(self.model, plan, track_memory=False)
+        self.optimizer = build_optimizer(config.optim, self.model.parameters())
+        self.step = OptimizerStep(self.optimizer, config.optim.grad_clip, callbacks=callbacks)
+
+    def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
+        m, T = self.config.data.num_microbatches, self.plan.num_blocks
+        results = []
+        for (inputs, targets), lr in zip(batches, learning_rates, strict=True):
+            inputs, targets = inputs.to(self.device, self.dtype), targets.to(self.device)
+            loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True):
+                result = self.engine.train_microbatch(x, y, loss_scale=1.0 / m)
+                loss += result.losses[T].double()
+                correct += (result.logits.argmax(-1) == y).sum()
+            self.step(loss, lr)
+            results.append((loss.item(), int(correct), len(targets)))
+        return results
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self.model(x.to(self.device, self.dtype))
+
+        loss, correct = evaluate(self.model, forward, dataset, self.config.data.eval_batch_size)
+        return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+
+    def stage_report(self) -> dict[str, list[float]]:
+        return {}
+
+    def fail(self, error: BaseException) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _launch_hint(config: Config) -> str:
+    n = config.world_size
+    return (
+        f"run `mpc-dist train --nproc {n} ...`, `torchrun --nproc-per-node {n} launch/train.py "
+        f"...`, or `accelerate launch --multi_gpu --num_processes {n} launch/train.py ...` "
+        f"(with ACCELERATE_USE_CPU=true on CPU)"
+    )
+
+
+def check_world_size(config: Config) -> None:
+    """The processes the launcher started must be the config's P x D (one when not launched)."""
+    world, p = launched_world_size(), config.pipeline
+    if config.world_size == 1 and world not in (None, 1):
+        raise ConfigError(
+            f"pipeline.stages x pipeline.replicas = 1, but the launcher started {world} "
+            f"processes; set pipeline.stages/pipeline.replicas to match or start one process"
+        )
+    if config.world_size > 1 and world is None:
+        raise ConfigError(
+            f"pipeline.stages={p.stages}, pipeline.replicas={p.replicas}: this needs "
+            f"{config.world_size} processes; {_launch_hint(config)}"
+        )
+    if config.world_size > 1 and world != config.world_size:
+        raise ConfigError(
+            f"pipeline.stages x pipeline.replicas = {config.world_size}, but the launcher "
+            f"started {world} processes; {_launch_hint(config)}"
+        )
+
+
+class PipelineRunner:
+    """This rank's stage of a P x D pipeline; the training loop drives it like SingleRunner."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: BlockModel,
+        plan: Plan,
+        on_ready: Callable[[Topology], None] = lambda topology: None,
+        callbacks: Sequence[StepCallback] = (),
+    ) -> None:
+        """Join the job, start the watchdog, wire this rank's stage. ``on_ready`` runs once the
+        group is up and every rank agrees on the config (the trainer prepares the run there)."""
+        p = config.pipeline
+        rank = int(os.environ["RANK"])
+        device, backend = device_and_backend(int(os.environ.get("LOCAL_RANK", rank)), p.backend)
+        init_process_group(backend, p.timeout)
+        self.topology = Topology(p.stages, p.replicas, dist.get_rank())
+        self.watchdog = Watchdog(self.topology, p.timeout).start()
+        try:
+            check_same_config(config.to_yaml(), self.topology)
+            groups = Groups.create(self.topology)
+            on_ready(self.topology)
+            ranges = stage_ranges(self._partition(config, model))
+            policy = "horizon" if p.schedule == "auto" else p.schedule
+            options = RuntimeOptions(
+                config.data.num_microbatches, p.mode, policy, device, DTYPES[config.train.dtype]
+            )
+            stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks)
+            dist.barrier()
+        except BaseException as error:
+            self.watchdog.fail(error)
+            raise
+        self.config, self.plan, self.runtime = config, plan, stage.runtime
+        self.model, self.optimizer = stage.model, stage.optimizer
+        self.chunk_size = p.async_window if p.mode == "async" else 1
+        self.is_logger = self.topology.is_last_stage and self.topology.replica == 0
+        self.description = (
+            f"{self.topology.stages} stages x {self.topology.replicas} replicas, "
+            f"{p.mode}, blocks {ranges}"
+        )
+        self._closed = False
+
+    def _partition(self, config: Config, model: BlockModel) -> list[int]:
+        """Blocks per stage; rank 0 decides (a timed partition must be the same everywhere)."""
+        counts = [None]
+        if self.topology.rank == 0:
+            data = config.data
+            sample = torch.randn(data.batch_size // data.num_microbatches, *model.input_shape)
+            counts = [partition(config.pipeline, model, sample)]
+        dist.broadcast_object_list(counts, src=0)
+        return counts[0]
+
+    def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
+        d, share = self.topology.replica, self.config.data.batch_size // self.topology.replicas
+        mine = [
+            (x[d * share : (d + 1) * share], y[d * share : (d + 1) * share]) for x, y in batches
+        ]
+        results = self.runtime.run(mine, learning_rates)
+        return [(loss, correct, share) for loss, correct in results]
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        batch_size = self.config.data.eval_batch_size
+        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size)
+        gathered: list = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, mine)
+        loss, correct = gathered[self.topology.rank_of(self.topology.stages - 1, 0)]
+        return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+
+    def stage_report(self) -> dict[str, list[float]]:
+        """Per-stage busy and idle seconds and peak activation MiB (replica 0), on every rank."""
+        times, memory = self.runtime.times, self.runtime.engine.memory
+        mine = (times.busy, max(0.0, times.wall - times.busy), memory.peak_bytes / 2**20)
+        gathered: list = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, mine)
+        rows = gathered[: self.topology.stages]
+        return {
+            "stage_busy_s": [round(r[0], 3) for r in rows],
+            "stage_idle_s": [round(r[1], 3) for r in rows],
+            "stage_peak_activation_mib": [round(r[2], 3) for r in rows],
+        }
+
+    def fail(self, error: BaseException) -> None:
+        """Every rank learns who failed; no orderly shutdown after this."""
+        self.watchdog.fail(error)
+
+    def close(self) -> None:
+        """Orderly shutdown: nobody leaves before everyone is done (rank 0 may host the store)."""
+        if self._closed:
+            return
+        self._closed = True
+        dist.barrier()
+        self.watchdog.stop()
+        self.watchdog.wait_until_all_done()
+        dist.destroy_process_group()
+
+
+def make_runner(
+    config: Config,
+    model: BlockModel,
+    plan: Plan,
+    prepare: Callable[[bool], None],
+    callbacks: Iterable[StepCallback] = (),
+) -> Runner:
+    """The runner the config asks for. ``prepare(write)`` readies the run directory: called once
+    the processes agree, writing files on one rank only."""
+    check_world_size(config)
+    callbacks = list(callbacks)
+    if config.world_size == 1:
+        runner = SingleRunner(config, model, plan, callbacks)
+        prepare(True)
+        return runner
+    return PipelineRunner(config, model, plan, lambda t: prepare(t.rank == 0), callbacks)

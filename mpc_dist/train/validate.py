@@ -1,0 +1,91 @@
+"""Config validation: every field that can be checked without data or processes, so bad input
+fails in one line naming the field and the fix before any training starts. The model registry
+and the plan check their own sections."""
+
+from __future__ import annotations
+
+from ..config import Config, ConfigError
+from ..core import check_horizon
+from ..models import check_model
+from .data import DATASETS
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Check every field that can be checked before data is read or processes start."""
+    d, o, t = config.data, config.optim, config.train
+    blocks = check_model(config.model)  # the registry knows the models
+    check_horizon(config.horizon.rule, config.horizon.horizon, blocks)
+    need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
+    need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
+    need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
+    suggestion = d.num_microbatches * max(1, d.batch_size // d.num_microbatches)
+    need(
+        d.batch_size % d.num_microbatches == 0,
+        f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches="
+        f"{d.num_microbatches}; e.g. data.batch_size={suggestion}",
+    )
+    need(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
+    need(o.name in ("adamw", "adam", "sgd"), f"optim.name={o.name!r}: use adamw, adam or sgd")
+    need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    need(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r}: cosine|constant")
+    need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
+    need(t.epochs >= 1, f"train.epochs={t.epochs}: must be >= 1")
+    need(t.dtype in ("float32", "float64", "bfloat16"), f"train.dtype={t.dtype!r}: unknown")
+    need(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: auto|cpu|cuda")
+    need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
+    need(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
+    need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
+    need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
+    _validate_pipeline(config, blocks)
+
+
+def _validate_pipeline(config: Config, blocks: int) -> None:
+    p, h, d = config.pipeline, config.horizon, config.data
+    need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
+    need(p.replicas >= 1, f"pipeline.replicas={p.replicas}: must be >= 1")
+    need(
+        p.stages <= blocks,
+        f"pipeline.stages={p.stages}: {config.model.name} has only {blocks} blocks; "
+        f"use at most {blocks} stages",
+    )
+    need(p.mode in ("sync", "async"), f"pipeline.mode={p.mode!r}: use sync or async")
+    need(
+        p.schedule in ("auto", "1f1b", "gpipe"),
+        f"pipeline.schedule={p.schedule!r}: use auto, 1f1b or gpipe",
+    )
+    need(
+        p.schedule == "auto" or h.horizon == blocks,
+        f"pipeline.schedule={p.schedule}: a back-propagation schedule needs horizon.horizon="
+        f"{blocks}; use pipeline.schedule=auto for horizon {h.horizon}",
+    )
+    need(
+        p.partition in ("uniform", "params", "time", "explicit"),
+        f"pipeline.partition={p.partition!r}: use uniform, params, time or explicit",
+    )
+    if p.partition == "explicit" or p.blocks_per_stage is not None:
+        counts = p.blocks_per_stage or []
+        even = [blocks // p.stages + (i < blocks % p.stages) for i in range(p.stages)]
+        need(
+            len(counts) == p.stages and all(c >= 1 for c in counts) and sum(counts) == blocks,
+            f"pipeline.blocks_per_stage={counts}: need {p.stages} positive counts summing to "
+            f"{blocks}, e.g. {even}",
+        )
+    need(
+        d.batch_size % (d.num_microbatches * p.replicas) == 0,
+        f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches x "
+        f"pipeline.replicas = {d.num_microbatches * p.replicas}",
+    )
+    need(
+        not (p.mode == "async" and p.stages > 1 and config.model.head == "shared"
+             and h.horizon < blocks),
+        "pipeline.mode=async: a shared head couples every stage to the last one; "
+        "set model.head=aux or pipeline.mode=sync",
+    )  # fmt: skip
+    need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
+    need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
+    need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
