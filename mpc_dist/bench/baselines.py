@@ -153,8 +153,8 @@ def run_torch_pipelining(
 
     Rank ``r`` of ``P`` holds stage ``r`` of ``P`` (1F1B, GPipe) or stages ``r`` and
     ``2P - 1 - r`` of ``2P`` (ZBV, whose first AND last stage are on rank 0). Each step:
-    ``barrier``; ``schedule.step`` (inside ``around_step()``); SGD step; ``zero_grad``. The
-    timed region is ``schedule.step`` + ``optimizer.step``. Gradients are averaged over
+    ``barrier``; then, timed and inside ``around_step()``: ``schedule.step``, SGD step,
+    ``zero_grad``. Gradients are averaged over
     microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
     when ``loss_fn`` is a mean.
     """
@@ -209,23 +209,37 @@ def run_torch_pipelining(
     args = (inputs,) if is_first else ()
     kwargs: dict[str, Any] = {"target": targets} if is_last else {}
 
-    result = BaselineResult()
-    for step in range(warmup + steps):
+    def step() -> float | None:
         mb_losses: list[torch.Tensor] = []
+        pipe.step(*args, losses=mb_losses, return_outputs=False, **kwargs)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack([x.detach() for x in mb_losses]).mean()) if is_last else None
+
+    return _timed_steps(step, steps, warmup, around_step)
+
+
+def _timed_steps(
+    step: Callable[[], float | None],
+    steps: int,
+    warmup: int,
+    around_step: Callable[[], ContextManager] | None,
+) -> BaselineResult:
+    """Call ``step`` (inside ``around_step()``) ``warmup + steps`` times, each after a barrier;
+    record the last ``steps``: wall time, window, and the loss where ``step`` returns one."""
+    result = BaselineResult()
+    for number in range(warmup + steps):
         dist.barrier()
         start = time.perf_counter()
         with _context(around_step):
-            pipe.step(*args, losses=mb_losses, return_outputs=False, **kwargs)
-        if optimizer is not None:
-            optimizer.step()
+            loss = step()
         elapsed = time.perf_counter() - start
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
+        if number >= warmup:
             result.step_times.append(elapsed)
             result.windows.append((start, start + elapsed))
-            if is_last:
-                result.losses.append(float(torch.stack([x.detach() for x in mb_losses]).mean()))
+            if loss is not None:
+                result.losses.append(loss)
     dist.barrier()
     return result
 
@@ -386,17 +400,11 @@ def run_deepspeed_pipeline(
 
     stream = data_iter()
     is_last = engine.is_last_stage()
-    result = BaselineResult()
-    for step in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        with _context(around_step):
-            loss = engine.train_batch(data_iter=stream)
-        elapsed = time.perf_counter() - start
-        if step >= warmup:
-            result.step_times.append(elapsed)
-            result.windows.append((start, start + elapsed))
-            if is_last:
-                result.losses.append(float(loss.detach()) if loss is not None else math.nan)
-    dist.barrier()
-    return result
+
+    def step() -> float | None:
+        loss = engine.train_batch(data_iter=stream)
+        if not is_last:
+            return None
+        return float(loss.detach()) if loss is not None else math.nan
+
+    return _timed_steps(step, steps, warmup, around_step)
