@@ -11,21 +11,22 @@ import signal
 import sys
 
 from mpc_dist.config import load_config
-from mpc_dist.train import train
+from mpc_dist.train import Callback, train
 
 
-def fail_at(rank: int, step: int, kind: str):
-    def callback(number: int) -> None:
-        if number == step and int(os.environ["RANK"]) == rank:
-            if kind == "kill":
+class FailAt(Callback):
+    def __init__(self, rank: int, step: int, kind: str) -> None:
+        self.rank, self.step, self.kind = rank, step, kind
+
+    def before_step(self, step: int) -> None:
+        if step == self.step and int(os.environ["RANK"]) == self.rank:
+            if self.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at step {number}")
-
-    return callback
+            raise RuntimeError(f"injected fault at step {step}")
 
 
 if __name__ == "__main__":
     spec, *args = sys.argv[1:]
     rank, step, kind = spec.split(":")
     overrides = args[1::2]  # --set section.key=value pairs
-    train(load_config(None, overrides), callbacks=[fail_at(int(rank), int(step), kind)])
+    train(load_config(None, overrides), callbacks=[FailAt(int(rank), int(step), kind)])

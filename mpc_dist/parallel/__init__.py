@@ -10,6 +10,7 @@ from .groups import (
     device_and_backend,
     init_process_group,
     launched_world_size,
+    place_ranks,
 )
 from .mailbox import Mailbox
 from .partition import balanced_partition, block_costs, partition, stage_ranges, uniform_partition
@@ -31,7 +32,7 @@ from .schedule import (
     steady_state,
     unit_costs,
 )
-from .topology import Topology
+from .topology import Topology, pack_pipelines, spanning_pipelines
 from .watchdog import Watchdog
 
 __all__ = [
@@ -62,10 +63,13 @@ __all__ = [
     "generate",
     "init_process_group",
     "launched_world_size",
+    "pack_pipelines",
+    "place_ranks",
     "partition",
     "peer",
     "send_order",
     "simulate",
+    "spanning_pipelines",
     "stage_ranges",
     "steady_state",
     "uniform_partition",

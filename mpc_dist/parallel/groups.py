@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .topology import Topology
+from .topology import Topology, pack_pipelines, spanning_pipelines
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -41,6 +43,29 @@ def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
         )
     return rank, world, local_rank
+
+
+def place_ranks(stages: int, replicas: int) -> Topology:
+    """This rank's place, derived from where the launcher actually put every rank (node, local
+    rank): each pipeline on as few nodes as possible. Every rank says once where it is; a
+    pipeline that spans nodes is reported (collective)."""
+    here = (socket.gethostname(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    placements: list = [None] * dist.get_world_size()
+    dist.all_gather_object(placements, here)
+    nodes = [node for node, _ in placements]
+    order = pack_pipelines(nodes, [local for _, local in placements], stages)
+    topology = Topology(stages, replicas, dist.get_rank(), order)
+    print(f"mpc-dist: {topology.describe(topology.rank)} on node {here[0]}", file=sys.stderr)
+    spans = spanning_pipelines(topology, nodes)
+    if spans and topology.rank == 0:
+        listed = "; ".join(f"replica {d}: {' -> '.join(n)}" for d, n in spans.items())
+        print(
+            f"mpc-dist: warning: {len(spans)} pipeline(s) span nodes ({listed}); their "
+            f"stage-to-stage messages cross the network. Give every node a multiple of "
+            f"pipeline.stages={stages} workers",
+            file=sys.stderr,
+        )
+    return topology
 
 
 def check_same_config(config_yaml: str, topology: Topology) -> None:

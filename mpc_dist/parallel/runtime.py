@@ -47,7 +47,7 @@ class StageTimes:
 class _Chunk:
     """The minibatches one ``run`` trains on and what their actions hand each other."""
 
-    microbatches: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    microbatches: list[tuple[tuple, tuple]]  # inputs and targets per microbatch, where used
     learning_rates: list[float]
     mailbox: Mailbox
     losses: list[torch.Tensor]  # final loss per minibatch (last stage)
@@ -76,6 +76,7 @@ class PipelineRuntime:
         self.is_last = self.topology.is_last_stage
         self.engine = HorizonEngine(model, plan, track_memory=True)
         self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
+        self.evaluates_loss = bool(plan.part(self.first, self.last).born)
         self.times = StageTimes()
         self.trace: list[tuple[Action, float, float]] = []
         self._schedules: dict[int, Schedule] = {}
@@ -103,23 +104,22 @@ class PipelineRuntime:
     # ------------------------------------------------------------------ one chunk
 
     def run(
-        self, batches: list[tuple[torch.Tensor, torch.Tensor]], learning_rates: list[float]
+        self, batches: list[tuple[torch.Tensor | None, torch.Tensor]], learning_rates: list[float]
     ) -> list[tuple[float, int]]:
         """Train on ``batches`` (this replica's share of each minibatch), one step each.
 
-        Returns (final loss, correct predictions) per minibatch on the last stage, [] elsewhere.
+        Inputs are needed on the first stage only; targets are moved to the device only where
+        a loss is evaluated. Returns (final loss, correct predictions) per minibatch on the last
+        stage, [] elsewhere.
         """
         m, device = self.options.num_microbatches, self.options.device
-        if any(x.shape[0] % m for x, _ in batches):
-            raise ValueError(f"a minibatch of {batches[0][0].shape[0]} does not split into {m}")
+        if any(y.shape[0] % m for _, y in batches):
+            raise ValueError(f"a minibatch of {batches[0][1].shape[0]} does not split into {m}")
         schedule = self.schedule(len(batches))
-        self._microbatch_size = batches[0][0].shape[0] // m
+        self._microbatch_size = batches[0][1].shape[0] // m
         zeros = [torch.zeros((), dtype=torch.float64, device=device) for _ in batches]
         chunk = _Chunk(
-            [
-                (x.to(device, self.options.dtype).chunk(m), y.to(device).chunk(m))
-                for x, y in batches
-            ],
+            [(self._split(x, self.options.dtype), self._split(y)) for x, y in batches],
             learning_rates,
             Mailbox(schedule, self.topology, self._shape_of, self.options.dtype, device),
             losses=zeros,
@@ -143,6 +143,15 @@ class PipelineRuntime:
             (loss * replicas, int(correct))
             for loss, correct in zip(torch.stack(chunk.losses).tolist(), chunk.correct, strict=True)
         ]
+
+    def _split(self, tensor: torch.Tensor | None, dtype: torch.dtype | None = None) -> tuple:
+        """Microbatches of ``tensor`` on the device where this stage uses it, else Nones: inputs
+        (given a ``dtype``) on the first stage, targets where a loss is evaluated."""
+        m = self.options.num_microbatches
+        used = self.stage == 0 if dtype is not None else self.evaluates_loss
+        if tensor is None or not used:
+            return (None,) * m
+        return tensor.to(self.options.device, dtype).chunk(m)
 
     def _shape_of(self, message: tuple) -> tuple[int, ...]:
         boundary = self.first if message[0] == "F" else self.last
@@ -186,15 +195,16 @@ class PipelineRuntime:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Forward-only through replica 0's stages: the logits on its last stage, else None."""
+    def infer(self, x: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """Forward-only through replica 0's stages: the logits on its last stage, else None.
+        ``x`` is read on the first stage only."""
         if self.topology.replica != 0:
             return None
         device, dtype = self.options.device, self.options.dtype
         if self.stage == 0:
             state = x.to(device, dtype)
         else:
-            shape = (x.shape[0], *self.model.state_shapes[self.first])
+            shape = (batch_size, *self.model.state_shapes[self.first])
             state = torch.empty(shape, dtype=dtype, device=device)
             dist.recv(state, src=self.topology.rank_of(self.stage - 1))
         out = self.engine.infer(state)

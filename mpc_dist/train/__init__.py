@@ -1,16 +1,18 @@
 """Training: the loop and its parts (step, optimizer and learning rate, runners, stage wiring,
 checkpoints, metrics, data, config validation)."""
 
+from .callbacks import Callback
 from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
 from .data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
 from .loop import Progress, prepare_run_dir, train
 from .runner import PipelineRunner, Runner, SingleRunner, evaluate
 from .stage import Stage, build_stage
-from .step import OptimizerStep, StepCallback, TrainingError, build_optimizer, learning_rate
+from .step import OptimizerStep, TrainingError, build_optimizer, learning_rate
 from .validate import validate
 
 __all__ = [
     "DATASETS",
+    "Callback",
     "CheckpointError",
     "Checkpointer",
     "DataError",
@@ -21,7 +23,6 @@ __all__ = [
     "Runner",
     "SingleRunner",
     "Stage",
-    "StepCallback",
     "TrainingError",
     "build_optimizer",
     "build_stage",

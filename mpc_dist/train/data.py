@@ -261,6 +261,16 @@ def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = True) -> in
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """What one process reads of every minibatch: the rows of its data-parallel replica (``index``
+    of ``count`` equal parts) and the inputs only if it uses them (a pipeline's first stage)."""
+
+    index: int = 0
+    count: int = 1
+    inputs: bool = True
+
+
 def minibatches(
     dataset: Dataset,
     batch_size: int,
@@ -269,11 +279,13 @@ def minibatches(
     shuffle: bool = True,
     drop_last: bool = True,
     start_batch: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    shard: Shard = Shard(),
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
     """Yield (inputs, targets) batches of one epoch, starting at batch `start_batch`.
 
     The order is a function of (seed, epoch) only, never of global RNG state or of start_batch,
     so every rank computes the same order and a run resumed mid-epoch sees the same later batches.
+    With a ``shard``, only that replica's rows (and inputs only where asked) are read.
     """
     total = num_batches(dataset, batch_size, drop_last)
     if start_batch < 0:
@@ -286,4 +298,6 @@ def minibatches(
         order = torch.arange(n)
     for b in range(start_batch, total):
         idx = order[b * batch_size : (b + 1) * batch_size]
-        yield dataset.inputs[idx], dataset.targets[idx]
+        share = len(idx) // shard.count
+        idx = idx[shard.index * share : (shard.index + 1) * share]
+        yield (dataset.inputs[idx] if shard.inputs else None), dataset.targets[idx]

@@ -7,7 +7,7 @@ a single process and for every rank of a pipeline; the runner hides which one it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +16,12 @@ import torch
 from ..config import Config, ConfigError
 from ..core import Plan
 from ..models import build_model
+from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .data import Dataset, load_dataset, minibatches, num_batches
 from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
 from .runner import Runner, make_runner
-from .step import StepCallback, TrainingError, learning_rate
+from .step import TrainingError, learning_rate
 from .validate import validate
 
 
@@ -33,12 +34,12 @@ class Progress:
     step: int = 0  # optimizer steps taken
 
 
-def train(config: Config, resume: bool = False, callbacks: Iterable[StepCallback] = ()) -> dict:
+def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = ()) -> dict:
     """Train (or resume) the run ``config`` describes; returns the final metrics.
 
     Called in every process, by every launcher. A pipeline config (pipeline.stages x
-    pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` are
-    called with the step number before every optimizer step.
+    pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` hook
+    into the loop (``mpc_dist.train.Callback``).
     """
     validate(config)
     data, seed = config.data, config.train.seed
@@ -47,10 +48,11 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[StepCallback
     torch.manual_seed(seed)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes)
     plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
+    callbacks = list(callbacks)
     runner = make_runner(config, model, plan, lambda write: prepare_run_dir(config, resume, write),
                          callbacks)  # fmt: skip
     try:
-        result = fit(config, runner, train_set, test_set, resume)
+        result = fit(config, runner, train_set, test_set, resume, callbacks)
     except BaseException as error:
         runner.fail(error)
         raise
@@ -74,16 +76,24 @@ def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
     return run_dir
 
 
-def fit(config: Config, runner: Runner, train_set: Dataset, test_set: Dataset, resume: bool):
+def fit(
+    config: Config,
+    runner: Runner,
+    train_set: Dataset,
+    test_set: Dataset,
+    resume: bool,
+    callbacks: Sequence[Callback] = (),
+) -> dict:
     """The loop: chunks of minibatches, evaluation at epoch ends, checkpoints, the summary."""
-    run = TrainingRun(config, runner, train_set, test_set, resume)
+    run = TrainingRun(config, runner, train_set, test_set, resume, callbacks)
     state, data, every = run.state, config.data, config.run.checkpoint_every
     with progress_bar(config.run.progress and runner.is_logger) as bar:
         log = StepLog(bar, run.logger, config.train.log_every, state.step, run.stop_at)
         while state.epoch < config.train.epochs and state.step < run.stop_at:
             batches = minibatches(
-                train_set, data.batch_size, config.train.seed, state.epoch, start_batch=state.batch
-            )
+                train_set, data.batch_size, config.train.seed, state.epoch,
+                start_batch=state.batch, shard=runner.shard,
+            )  # fmt: skip
             while state.batch < run.steps_per_epoch and state.step < run.stop_at:
                 size = run.chunk_size()
                 chunk = [next(batches) for _ in range(size)]
@@ -108,9 +118,16 @@ class TrainingRun:
     """The loop's state and its side effects: progress, checkpoints, metrics, evaluation."""
 
     def __init__(
-        self, config: Config, runner: Runner, train_set: Dataset, test_set: Dataset, resume: bool
+        self,
+        config: Config,
+        runner: Runner,
+        train_set: Dataset,
+        test_set: Dataset,
+        resume: bool,
+        callbacks: Sequence[Callback],
     ) -> None:
         self.config, self.runner, self.test_set = config, runner, test_set
+        self.callbacks = callbacks
         self.checkpointer = Checkpointer(
             config.run_dir / "checkpoints", config.run.keep_checkpoints
         )
@@ -150,14 +167,19 @@ class TrainingRun:
             ) from None
 
     def save(self) -> None:
-        step = self.state.step
-        if self.checkpointer.latest() != self.checkpointer.directory / f"step_{step:08d}":
-            self.checkpointer.save(step, self.runner.model, self.runner.optimizer, vars(self.state))
+        step, runner = self.state.step, self.runner
+        if self.checkpointer.latest() == self.checkpointer.directory / f"step_{step:08d}":
+            return
+        path = self.checkpointer.save(step, runner.model, runner.optimizer, vars(self.state))
+        for callback in self.callbacks:
+            callback.after_checkpoint(step, path)
 
     def evaluate(self, announce: bool = False) -> None:
         self.evaluated_at = self.state.step
         self.final = self.runner.evaluate(self.test_set)
         self.stages.update(self.runner.stage_report())  # collective in a pipeline
+        for callback in self.callbacks:
+            callback.after_evaluate(self.state.step, self.final)
         if self.logger is not None:
             self.logger.log(
                 "eval", self.state.step, epoch=self.state.epoch, **self.final, **self.stages

@@ -26,15 +26,17 @@ from ..parallel import (
     init_process_group,
     launched_world_size,
     partition,
+    place_ranks,
     stage_ranges,
 )
-from .data import Dataset, minibatches
+from .callbacks import Callback
+from .data import Dataset, Shard, minibatches
 from .stage import build_stage
-from .step import OptimizerStep, StepCallback, build_optimizer
+from .step import OptimizerStep, build_optimizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor | None, torch.Tensor]  # inputs (where the runner reads them), targets
 StepResult = tuple[float, int, int]  # final loss, correct predictions, samples
 
 
@@ -43,6 +45,7 @@ class Runner(Protocol):
     optimizer: torch.optim.Optimizer
     plan: Plan
     chunk_size: int  # minibatches per run() call
+    shard: Shard  # what this process reads of each minibatch
     is_logger: bool  # this process sees the final loss and writes the run's metrics
     description: str
 
@@ -69,17 +72,21 @@ def resolve_device(name: str) -> torch.device:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    forward: Callable[[torch.Tensor], torch.Tensor | None],
+    forward: Callable[[torch.Tensor | None, int], torch.Tensor | None],
     dataset: Dataset,
     batch_size: int,
+    inputs: bool = True,
 ) -> tuple[float, int]:
-    """Summed loss and correct predictions over ``dataset``, where ``forward`` returns logits."""
+    """Summed loss and correct predictions over ``dataset``; ``forward(inputs, batch_size)``
+    returns logits (None on a pipeline rank without the head; inputs only where read)."""
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    batches = minibatches(dataset, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False)
+    batches = minibatches(
+        dataset, batch_size, 0, 0, shuffle=False, drop_last=False, shard=Shard(inputs=inputs)
+    )
     for x, y in batches:
-        logits = forward(x)
+        logits = forward(x, len(y))
         if logits is None:  # a pipeline rank that does not hold the head
             continue
         y = y.to(logits.device)
@@ -93,11 +100,12 @@ class SingleRunner:
     """The horizon engine over every block, in this process."""
 
     chunk_size = 1
+    shard = Shard()
     is_logger = True
     description = "single process"
 
     def __init__(
-        self, config: Config, model: BlockModel, plan: Plan, callbacks: Sequence[StepCallback] = ()
+        self, config: Config, model: BlockModel, plan: Plan, callbacks: Sequence[Callback] = ()
     ) -> None:
         self.config, self.plan = config, plan
         self.device, self.dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
@@ -122,7 +130,7 @@ class SingleRunner:
         return results
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, batch_size: int) -> torch.Tensor:
             return self.model(x.to(self.device, self.dtype))
 
         loss, correct = evaluate(self.model, forward, dataset, self.config.data.eval_batch_size)
@@ -176,7 +184,7 @@ class PipelineRunner:
         model: BlockModel,
         plan: Plan,
         on_ready: Callable[[Topology], None] = lambda topology: None,
-        callbacks: Sequence[StepCallback] = (),
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         """Join the job, start the watchdog, wire this rank's stage. ``on_ready`` runs once the
         group is up and every rank agrees on the config (the trainer prepares the run there)."""
@@ -184,7 +192,7 @@ class PipelineRunner:
         rank = int(os.environ["RANK"])
         device, backend = device_and_backend(int(os.environ.get("LOCAL_RANK", rank)), p.backend)
         init_process_group(backend, p.timeout)
-        self.topology = Topology(p.stages, p.replicas, dist.get_rank())
+        self.topology = place_ranks(p.stages, p.replicas)
         self.watchdog = Watchdog(self.topology, p.timeout).start()
         try:
             check_same_config(config.to_yaml(), self.topology)
@@ -203,6 +211,7 @@ class PipelineRunner:
         self.config, self.plan, self.runtime = config, plan, stage.runtime
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
+        self.shard = Shard(self.topology.replica, p.replicas, inputs=self.topology.stage == 0)
         self.is_logger = self.topology.is_last_stage and self.topology.replica == 0
         self.description = (
             f"{self.topology.stages} stages x {self.topology.replicas} replicas, "
@@ -221,16 +230,14 @@ class PipelineRunner:
         return counts[0]
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
-        d, share = self.topology.replica, self.config.data.batch_size // self.topology.replicas
-        mine = [
-            (x[d * share : (d + 1) * share], y[d * share : (d + 1) * share]) for x, y in batches
-        ]
-        results = self.runtime.run(mine, learning_rates)
+        results = self.runtime.run(batches, learning_rates)
+        share = self.config.data.batch_size // self.topology.replicas
         return [(loss, correct, share) for loss, correct in results]
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         batch_size = self.config.data.eval_batch_size
-        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size)
+        first = self.topology.stage == 0
+        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size, inputs=first)
         gathered: list = [None] * self.topology.world_size
         dist.all_gather_object(gathered, mine)
         loss, correct = gathered[self.topology.rank_of(self.topology.stages - 1, 0)]
@@ -242,7 +249,7 @@ class PipelineRunner:
         mine = (times.busy, max(0.0, times.wall - times.busy), memory.peak_bytes / 2**20)
         gathered: list = [None] * self.topology.world_size
         dist.all_gather_object(gathered, mine)
-        rows = gathered[: self.topology.stages]
+        rows = [gathered[self.topology.rank_of(k, 0)] for k in range(self.topology.stages)]
         return {
             "stage_busy_s": [round(r[0], 3) for r in rows],
             "stage_idle_s": [round(r[1], 3) for r in rows],
@@ -269,7 +276,7 @@ def make_runner(
     model: BlockModel,
     plan: Plan,
     prepare: Callable[[bool], None],
-    callbacks: Iterable[StepCallback] = (),
+    callbacks: Iterable[Callback] = (),
 ) -> Runner:
     """The runner the config asks for. ``prepare(write)`` readies the run directory: called once
     the processes agree, writing files on one rank only."""

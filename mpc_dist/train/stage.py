@@ -12,7 +12,8 @@ from ..config import OptimConfig
 from ..core import Plan
 from ..models import BlockModel
 from ..parallel import Groups, PipelineRuntime, RuntimeOptions
-from .step import OptimizerStep, StepCallback, build_optimizer
+from .callbacks import Callback
+from .step import OptimizerStep, build_optimizer
 
 
 @dataclass
@@ -29,7 +30,7 @@ def build_stage(
     groups: Groups,
     optim: OptimConfig,
     options: RuntimeOptions,
-    callbacks: Sequence[StepCallback] = (),
+    callbacks: Sequence[Callback] = (),
 ) -> Stage:
     """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``."""
     first, last = ranges[groups.topology.stage]

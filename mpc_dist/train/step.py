@@ -8,7 +8,7 @@ reaches the weights; gradients are clipped with torch's own utilities against th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,9 +16,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import OptimConfig
 from ..parallel import all_reduce_gradients
-
-# Called with the step's number (1, 2, ... in this process) before every optimizer step.
-StepCallback = Callable[[int], None]
+from .callbacks import Callback
 
 
 class TrainingError(RuntimeError):
@@ -56,7 +54,7 @@ class OptimizerStep:
         grad_clip: float = 0.0,
         data_parallel: dist.ProcessGroup | None = None,
         norm_group: dist.ProcessGroup | None = None,
-        callbacks: Sequence[StepCallback] = (),
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         """``data_parallel``: sum gradients over it first; ``norm_group``: the ranks whose
         gradients make up the global norm and share the non-finite check (sync pipeline)."""
@@ -69,7 +67,7 @@ class OptimizerStep:
     def __call__(self, loss: torch.Tensor | float, lr: float) -> None:
         self.steps += 1
         for callback in self.callbacks:
-            callback(self.steps)
+            callback.before_step(self.steps)
         if self.data_parallel is not None:
             all_reduce_gradients(self.params, self.data_parallel)
         norm = self._checked_norm(torch.as_tensor(loss))
