@@ -1,4 +1,4 @@
-"""``mpc-dist``: plan, schedule, train, compare, bench, simulate, bench-engine.
+"""``mpc-dist``: plan, schedule, train, ray, compare, bench, simulate, bench-engine.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -78,6 +78,12 @@ def _spawn(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _ray(args: argparse.Namespace) -> None:
+    from .launch.ray_train import main as ray_main
+
+    ray_main(args)
+
+
 def _compare(args: argparse.Namespace) -> None:
     differences = compare_runs(args.run_a, args.run_b)
     worst = max(differences, key=differences.get)
@@ -130,17 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     sched.set_defaults(run=_schedule)
 
     train = commands.add_parser("train", help="train a model (see configs/)")
-    train.add_argument("--config", help="YAML run config, e.g. configs/quickstart.yaml")
-    train.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set horizon.horizon=2 (repeatable)",
-    )  # fmt: skip
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _config_arguments(train)
     train.add_argument(
         "--nproc", type=int, default=1,
         help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",
     )  # fmt: skip
     train.set_defaults(run=_train)
+
+    ray = commands.add_parser("ray", help="train as a Ray Train job, one worker per rank")
+    _config_arguments(ray)
+    ray.add_argument("--address", help="Ray cluster: auto, ray://host:port (default: "
+                     "RAY_ADDRESS, else a local Ray instance sized to the config)")  # fmt: skip
+    ray.add_argument("--storage", help="Ray storage path or URI (default: ray.storage, "
+                     "else run.out_dir); a path also holds the run's files")  # fmt: skip
+    ray.add_argument("--max-failures", type=int, help="worker-group restarts (ray.max_failures)")
+    ray.add_argument("--dry-run", action="store_true", help="print the planned rank map only")
+    ray.add_argument("--nodes", type=int, default=1, help="cluster shape for --dry-run")
+    ray.add_argument("--workers-per-node", type=int, default=0,
+                     help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
+    ray.set_defaults(run=_ray)
 
     compare = commands.add_parser("compare", help="compare two runs' final weights")
     compare.add_argument("run_a", help="run directory, e.g. runs/mnist_4stage")
@@ -171,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     bench.set_defaults(run=_bench_engine)
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config, e.g. configs/quickstart.yaml")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set horizon.horizon=2 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

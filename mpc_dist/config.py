@@ -93,6 +93,17 @@ class PipelineConfig:
 
 
 @dataclass
+class RayConfig:
+    """How ``mpc-dist ray`` runs the job on a Ray cluster (one Ray Train worker per rank)."""
+
+    placement: str = "PACK"  # PACK (pipelines on as few nodes as possible) | STRICT_PACK | SPREAD
+    cpus_per_worker: float = 1.0  # also the worker's torch threads
+    use_gpu: bool | None = None  # None: one GPU per worker when the cluster has enough
+    max_failures: int = 0  # restarts of the worker group after a failure (-1: unlimited)
+    storage: str | None = None  # Ray's storage path or URI; a path also holds the run's files
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
@@ -101,6 +112,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def world_size(self) -> int:

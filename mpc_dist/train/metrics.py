@@ -109,7 +109,11 @@ def print_summary(title: str, rows: dict[str, Any]) -> None:
 
 
 class StepLog:
-    """The progress bar and the metrics lines (means over the steps since the last line)."""
+    """The progress bar and the metrics lines (means over the steps since the last line).
+
+    Where stderr is no terminal (a log file, Ray's or Slurm's log forwarding) the bar cannot
+    redraw, so every metrics line is also printed as a plain progress line.
+    """
 
     def __init__(
         self, bar: Progress, logger: MetricsLogger | None, every: int, completed: int, last: int
@@ -136,3 +140,5 @@ class StepLog:
                 lr=lr, samples_per_s=rate,
             )  # fmt: skip
             self.window = [0.0, 0, 0]
+            if not self.bar.disable and not self.bar.console.is_terminal:
+                self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)

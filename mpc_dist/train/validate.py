@@ -42,6 +42,7 @@ def validate(config: Config) -> None:
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
     need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
     _validate_pipeline(config, blocks)
+    _validate_ray(config)
 
 
 def _validate_pipeline(config: Config, blocks: int) -> None:
@@ -89,3 +90,11 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
+
+
+def _validate_ray(config: Config) -> None:
+    r = config.ray
+    placements = ("PACK", "STRICT_PACK", "SPREAD")
+    need(r.placement in placements, f"ray.placement={r.placement!r}: use one of {placements}")
+    need(r.cpus_per_worker > 0, f"ray.cpus_per_worker={r.cpus_per_worker}: must be > 0")
+    need(r.max_failures >= -1, f"ray.max_failures={r.max_failures}: >= 0, or -1 for unlimited")
