@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import ray
-from launching import TINY, assert_same_weights, mpc_dist, sets, single_process_run
+from launching import ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
 
 from mpc_dist.config import load_config
 from mpc_dist.launch.ray_train import ATTEMPTS, ray_train
 from mpc_dist.train import Callback
+
+RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}  # a second driver reads the token Ray wrote
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,9 +33,11 @@ def test_ray_job_matches_torchrun(tmp_path):
               "pipeline.mode=async", f"run.out_dir={tmp_path}"]  # fmt: skip
     result = mpc_dist("train", "--nproc", "4", *sets(*TINY, *layout, "run.name=torchrun"))
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = ray_train(load_config(None, [*TINY, *layout, "run.name=ray"]))
-    assert summary["workers"].startswith("4 (2 stages x 2 replicas, CPU")
-    assert summary["restarts"] == 0 and summary["test accuracy"] > 0
+    address = ray.get_runtime_context().gcs_address  # this module's Ray instance
+    result = mpc_dist("ray", "--address", address, *sets(*TINY, *layout, "run.name=ray"),
+                      timeout=300, env=RAY_ENV)  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "4 (2 stages x 2 replicas, CPU, PACK)" in result.stderr
     assert_same_weights(tmp_path / "torchrun", tmp_path / "ray")
     assert list((tmp_path / "ray").glob("checkpoint_*/pointer.json")), "no checkpoint reported"
 

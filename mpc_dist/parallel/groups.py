@@ -55,17 +55,22 @@ def place_ranks(stages: int, replicas: int) -> Topology:
     nodes = [node for node, _ in placements]
     order = pack_pipelines(nodes, [local for _, local in placements], stages)
     topology = Topology(stages, replicas, dist.get_rank(), order)
-    print(f"mpc-dist: {topology.describe(topology.rank)} on node {here[0]}", file=sys.stderr)
+    _say(f"mpc-dist: {topology.describe(topology.rank)} on node {here[0]}")
     spans = spanning_pipelines(topology, nodes)
     if spans and topology.rank == 0:
         listed = "; ".join(f"replica {d}: {' -> '.join(n)}" for d, n in spans.items())
-        print(
+        _say(
             f"mpc-dist: warning: {len(spans)} pipeline(s) span nodes ({listed}); their "
             f"stage-to-stage messages cross the network. Give every node a multiple of "
-            f"pipeline.stages={stages} workers",
-            file=sys.stderr,
+            f"pipeline.stages={stages} workers"
         )
     return topology
+
+
+def _say(line: str) -> None:
+    """One line to stderr in one write, so that lines of several ranks do not interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def check_same_config(config_yaml: str, topology: Topology) -> None:
