@@ -7,7 +7,7 @@ import hashlib
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -89,29 +89,35 @@ def check_same_config(config_yaml: str, topology: Topology) -> None:
 
 @dataclass
 class Groups:
-    """This rank's place and its process groups (None where a group would hold one rank)."""
+    """This rank's place and its process groups (None where a group would hold one rank).
+
+    Point-to-point messages travel on one group per direction: activations (up the pipeline)
+    and cotangents (down) between the same neighbours then use different communicators, so
+    under NCCL, where a send completes only with its matching receive and each communicator
+    runs a rank's operations in order, the two directions cannot block each other
+    (``schedule.check_rendezvous`` proves every generated schedule completes this way).
+    """
 
     topology: Topology
     pipeline: dist.ProcessGroup | None
     data_parallel: dist.ProcessGroup | None
+    messages: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)  # F: up, B: down
 
     @staticmethod
     def create(topology: Topology) -> Groups:
         # new_group is collective over the world: every rank creates every group, in order.
-        pipeline = data_parallel = None
+        mine: dict[str, dist.ProcessGroup | None] = {}
         for d in range(topology.replicas):
-            group = dist.new_group(topology.pipeline_ranks(d))
-            if d == topology.replica:
-                pipeline = group
+            for name in ("pipeline", "F", "B"):
+                group = dist.new_group(topology.pipeline_ranks(d))
+                if d == topology.replica and topology.stages > 1:
+                    mine[name] = group
         for k in range(topology.stages):
             group = dist.new_group(topology.data_parallel_ranks(k))
-            if k == topology.stage:
-                data_parallel = group
-        return Groups(
-            topology,
-            pipeline if topology.stages > 1 else None,
-            data_parallel if topology.replicas > 1 else None,
-        )
+            if k == topology.stage and topology.replicas > 1:
+                mine["data_parallel"] = group
+        messages = {kind: mine.get(kind) for kind in ("F", "B")}
+        return Groups(topology, mine.get("pipeline"), mine.get("data_parallel"), messages)
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .schedule import Schedule, send_order
-from .topology import Topology
+from .groups import Groups
+from .schedule import MAX_PENDING_SENDS, RECEIVE_AHEAD, Schedule, send_order
 
 
 class Mailbox:
@@ -17,25 +17,30 @@ class Mailbox:
 
     Receives from a peer are posted in the order that peer sends (its action list says which),
     each with the message's sequence number as tag, so they match under gloo (tags) and NCCL
-    (per-pair order) alike. Up to ``window`` receives are posted ahead of need.
+    (per-communicator order) alike. Activations and cotangents travel on their own groups
+    (``Groups.messages``). Per peer, up to ``window`` receives are posted ahead of need; after
+    ``max_pending_sends`` sends in flight the oldest is waited for. ``check_rendezvous`` in
+    ``schedule.py`` simulates exactly this posting.
     """
 
     def __init__(
         self,
         schedule: Schedule,
-        topology: Topology,
+        groups: Groups,
         shape_of: Callable[[tuple], tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device,
-        window: int = 4,
-        max_pending_sends: int = 64,
+        window: int = RECEIVE_AHEAD,
+        max_pending_sends: int = MAX_PENDING_SENDS,
     ) -> None:
-        self.topology, self.shape_of, self.dtype, self.device = topology, shape_of, dtype, device
-        stage = topology.stage
+        self.groups, self.topology = groups, groups.topology
+        self.shape_of, self.dtype, self.device = shape_of, dtype, device
+        stage = self.topology.stage
         neighbours = [k for k in (stage - 1, stage + 1) if 0 <= k < schedule.num_stages]
         self._expected = {k: deque(send_order(schedule, k, stage)) for k in neighbours}
         self._recv_seq = dict.fromkeys(neighbours, 0)
         self._send_seq = dict.fromkeys(neighbours, 0)
+        self._unconsumed = dict.fromkeys(neighbours, 0)
         self._posted: dict[tuple, tuple[dist.Work, torch.Tensor]] = {}
         self._sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
         self.window, self.max_pending_sends = window, max_pending_sends
@@ -43,25 +48,26 @@ class Mailbox:
     def _post_next(self, stage: int) -> None:
         message = self._expected[stage].popleft()
         buffer = torch.empty(self.shape_of(message), dtype=self.dtype, device=self.device)
-        src = self.topology.rank_of(stage)
-        work = dist.irecv(buffer, src=src, tag=self._recv_seq[stage])
+        src, group = self.topology.rank_of(stage), self.groups.messages.get(message[0])
+        work = dist.irecv(buffer, src=src, group=group, tag=self._recv_seq[stage])
         self._recv_seq[stage] += 1
+        self._unconsumed[stage] += 1
         self._posted[message] = (work, buffer)
 
     def receive(self, message: tuple, stage: int) -> torch.Tensor:
         while message not in self._posted:
             self._post_next(stage)
-        ahead = sum(1 for m in self._posted if m != message)
-        while self._expected[stage] and ahead < self.window:
+        while self._expected[stage] and self._unconsumed[stage] <= self.window:
             self._post_next(stage)
-            ahead += 1
+        self._unconsumed[stage] -= 1
         work, buffer = self._posted.pop(message)
         work.wait()
         return buffer
 
-    def send(self, tensor: torch.Tensor, stage: int) -> None:
+    def send(self, tensor: torch.Tensor, stage: int, kind: str) -> None:
         tensor = tensor.detach().contiguous()
-        work = dist.isend(tensor, dst=self.topology.rank_of(stage), tag=self._send_seq[stage])
+        dst, group = self.topology.rank_of(stage), self.groups.messages.get(kind)
+        work = dist.isend(tensor, dst=dst, group=group, tag=self._send_seq[stage])
         self._send_seq[stage] += 1
         self._sends.append((work, tensor))  # keep the buffer alive until the send completes
         while len(self._sends) > self.max_pending_sends:

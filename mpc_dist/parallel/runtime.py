@@ -43,6 +43,31 @@ class StageTimes:
     wall: float = 0.0  # seconds inside run()
 
 
+class _Clock:
+    """Start and end of compute actions, in seconds of the host clock. On GPUs kernels run
+    asynchronously, so actions are timed with CUDA events (resolved once per chunk)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[Action, object, object]] = []
+        self.base_host = time.perf_counter()
+        self.base = self.now()
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def intervals(self) -> list[tuple[Action, float, float]]:
+        if not self.cuda:
+            return self.marks
+        torch.cuda.synchronize()
+        at = lambda e: self.base_host + self.base.elapsed_time(e) / 1000  # noqa: E731
+        return [(action, at(start), at(end)) for action, start, end in self.marks]
+
+
 @dataclass
 class _Chunk:
     """The minibatches one ``run`` trains on and what their actions hand each other."""
@@ -121,20 +146,21 @@ class PipelineRuntime:
         chunk = _Chunk(
             [(self._split(x, self.options.dtype), self._split(y)) for x, y in batches],
             learning_rates,
-            Mailbox(schedule, self.topology, self._shape_of, self.options.dtype, device),
+            Mailbox(schedule, self.groups, self._shape_of, self.options.dtype, device),
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
-        started = time.perf_counter()
+        started, clock = time.perf_counter(), _Clock(device)
         for action in schedule.actions[self.stage]:
-            tick = time.perf_counter()
+            tick = clock.now()
             self.handlers[action.kind](action, chunk)
             if action.kind in COMPUTE:
-                now = time.perf_counter()
-                self.times.busy += now - tick
-                if self.options.trace:
-                    self.trace.append((action, tick, now))
+                clock.marks.append((action, tick, clock.now()))
         chunk.mailbox.flush()
+        intervals = clock.intervals()
+        self.times.busy += sum(end - start for _, start, end in intervals)
+        if self.options.trace:
+            self.trace += intervals
         self.times.wall += time.perf_counter() - started
         if not self.is_last:
             return []
@@ -190,7 +216,7 @@ class PipelineRuntime:
         chunk.inbox[action.message] = chunk.mailbox.receive(action.message, peer(action))
 
     def _send(self, action: Action, chunk: _Chunk) -> None:
-        chunk.mailbox.send(chunk.outbox.pop(action.message), peer(action))
+        chunk.mailbox.send(chunk.outbox.pop(action.message), peer(action), action.message[0])
 
     # ------------------------------------------------------------------ evaluation
 

@@ -14,7 +14,7 @@ prove a schedule deadlock-free, ``str(schedule)`` to draw it, the bubble benchma
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -248,3 +248,104 @@ def busy_time(intervals: list[tuple[float, float]], window: tuple[float, float])
     """Seconds of ``intervals`` inside ``window``."""
     low, high = window
     return sum(max(0.0, min(e, high) - max(s, low)) for s, e in intervals)
+
+
+# ----------------------------------------------------------------------------- messages as posted
+
+RECEIVE_AHEAD = 4  # receives a rank posts ahead of need, per peer
+MAX_PENDING_SENDS = 64  # sends in flight before a rank waits for the oldest
+
+
+def comm_of(stage: int, peer_stage: int, kind: str, split: bool = True) -> tuple:
+    """The communicator a message travels on: one per neighbour pair and direction (``split``),
+    or one per pair for both directions (what plain isend/irecv share under NCCL)."""
+    pair = (min(stage, peer_stage), max(stage, peer_stage))
+    return (*pair, kind) if split else pair
+
+
+def check_rendezvous(
+    schedule: Schedule,
+    split: bool = True,
+    window: int = RECEIVE_AHEAD,
+    max_pending_sends: int = MAX_PENDING_SENDS,
+) -> None:
+    """Run every stage's list as the runtime posts its messages, with NCCL's semantics.
+
+    Each communicator executes each rank's operations in the order that rank posted them, and a
+    send completes only together with the matching receive (a rendezvous): both must have
+    reached the head of their rank's queue. A rank posts a send when it reaches the send action
+    and goes on; it posts receives in the peer's send order, up to ``window`` ahead of need,
+    and waits at a receive action until that message has arrived; it waits for its oldest send
+    when more than ``max_pending_sends`` are in flight; a sync step waits for every stage.
+    Raises ScheduleError naming where each stage is stuck if the schedule cannot finish.
+    """
+    P = schedule.num_stages
+    queues: dict[tuple, dict[int, deque]] = defaultdict(lambda: defaultdict(deque))
+    expected = {(k, p): deque(send_order(schedule, p, k)) for k in range(P) for p in (k - 1, k + 1)
+                if 0 <= p < P}  # fmt: skip
+    unconsumed: dict[tuple, int] = defaultdict(int)  # (stage, peer) -> posted, not yet needed
+    posted: set[tuple] = set()  # (stage, message) receives posted
+    arrived: set[tuple] = set()  # (receiving stage, message)
+    pending: list[deque] = [deque() for _ in range(P)]  # sends in flight per stage
+    done_sends: set[tuple] = set()  # (sending stage, message)
+    at_step: dict[int, set[int]] = defaultdict(set)
+    position = [0] * P
+
+    def post_receive(k: int, peer_stage: int, message: tuple) -> None:
+        queues[comm_of(k, peer_stage, message[0], split)][k].append(("recv", message))
+        posted.add((k, message))
+        unconsumed[(k, peer_stage)] += 1
+
+    def advance(k: int) -> bool:
+        moved = False
+        while position[k] < len(schedule.actions[k]):
+            a = schedule.actions[k][position[k]]
+            if pending[k] and len(pending[k]) > max_pending_sends:
+                if (k, pending[k][0]) not in done_sends:
+                    return moved
+                pending[k].popleft()
+                continue
+            if a.kind in ("SF", "SB"):
+                queues[comm_of(k, peer(a), a.message[0], split)][k].append(("send", a.message))
+                pending[k].append(a.message)
+            elif a.kind in ("RF", "RB"):
+                source, message = peer(a), a.message
+                while (k, message) not in posted:
+                    post_receive(k, source, expected[(k, source)].popleft())
+                while expected[(k, source)] and unconsumed[(k, source)] <= window:
+                    post_receive(k, source, expected[(k, source)].popleft())
+                if (k, message) not in arrived:
+                    return moved
+                unconsumed[(k, source)] -= 1
+            elif a.kind == "S" and schedule.mode == "sync" and P > 1:
+                at_step[a.minibatch].add(k)
+                if len(at_step[a.minibatch]) < P:
+                    return moved
+            position[k] += 1
+            moved = True
+        return moved
+
+    def match() -> bool:
+        moved = False
+        for comm, ends in queues.items():
+            a, b = comm[0], comm[1]
+            while ends[a] and ends[b]:
+                (kind_a, msg_a), (kind_b, msg_b) = ends[a][0], ends[b][0]
+                if msg_a != msg_b or kind_a == kind_b:
+                    break
+                ends[a].popleft(), ends[b].popleft()
+                sender, receiver = (a, b) if kind_a == "send" else (b, a)
+                done_sends.add((sender, msg_a))
+                arrived.add((receiver, msg_a))
+                moved = True
+        return moved
+
+    while any([advance(k) for k in range(P)]) | match():
+        pass
+    if any(position[k] < len(schedule.actions[k]) for k in range(P)):
+        stuck = {k: str(schedule.actions[k][position[k]]) for k in range(P)
+                 if position[k] < len(schedule.actions[k])}  # fmt: skip
+        heads = {c: {k: q[0] for k, q in ends.items() if q} for c, ends in queues.items()}
+        heads = {c: h for c, h in heads.items() if h}
+        raise ScheduleError(f"deadlock under rendezvous sends: stages stuck at {stuck}; "
+                            f"communicator queue heads {heads}")  # fmt: skip
