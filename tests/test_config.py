@@ -48,6 +48,8 @@ def test_unknown_or_mistyped_keys(overrides, field):
         (["pipeline.stages=2", "pipeline.blocks_per_stage=[5, 2]"], "pipeline.blocks_per_stage"),
         (["pipeline.replicas=3"], "data.batch_size=128"),
         (["pipeline.schedule=gpipe"], "pipeline.schedule=gpipe"),
+        (["pipeline.backend=nccl", "train.device=cpu"], "pipeline.backend=nccl"),
+        (["ray.placement=STRICT_SPREAD"], "ray.placement"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

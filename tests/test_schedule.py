@@ -140,10 +140,13 @@ def test_partition_methods_on_a_model():
     model = build_model(ModelConfig(name="resnet18", head="aux"), (1, 16, 16), 10)
     by_params = partition(PipelineConfig(stages=4, partition="params"), model)
     assert sum(by_params) == 8 and by_params[-1] < by_params[0]  # late ResNet blocks are wide
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
     by_time = partition(
         PipelineConfig(stages=2, partition="time"), model, torch.randn(4, 1, 16, 16)
     )
     assert sum(by_time) == 8 and len(by_time) == 2
+    for name, value in model.state_dict().items():  # profiled on copies: batch-norm untouched
+        assert torch.equal(value, buffers[name]), name
     explicit = partition(PipelineConfig(stages=2, blocks_per_stage=[5, 3]), model)
     assert explicit == [5, 3]
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..config import ConfigError
 from .topology import Topology, pack_pipelines, spanning_pipelines
 
 BUCKET_BYTES = 25 * 2**20
@@ -25,13 +26,23 @@ def launched_world_size() -> int | None:
     return int(value) if value is not None else None
 
 
-def device_and_backend(local_rank: int, backend: str = "auto") -> tuple[torch.device, str]:
-    """CUDA with NCCL when a GPU is present, else CPU with gloo."""
-    if torch.cuda.is_available() and backend in ("auto", "nccl"):
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device, "nccl"
-    return torch.device("cpu"), "gloo"
+def device_and_backend(
+    local_rank: int, backend: str = "auto", device: str = "auto"
+) -> tuple[torch.device, str]:
+    """This rank's device and process-group backend: ``device`` auto means CUDA when a GPU is
+    present (the local rank's GPU), else CPU; ``backend`` auto means NCCL on CUDA, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda: no CUDA device is visible; use train.device=auto")
+        chosen = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(chosen)
+    else:
+        chosen = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+    return chosen, backend
 
 
 def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@ explicit. The partition is a list of blocks per stage; ``stage_ranges`` turns it
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -39,38 +40,60 @@ def uniform_partition(num_blocks: int, stages: int) -> list[int]:
     return [num_blocks // stages + (k < num_blocks % stages) for k in range(stages)]
 
 
-def block_costs(model: BlockModel, method: str, sample: torch.Tensor | None = None) -> list[float]:
-    """Per-block cost: parameter count (stem with block 0, head with the last block) or time."""
+def block_costs(
+    model: BlockModel,
+    method: str,
+    sample: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[float]:
+    """Per-block cost: parameter count (stem with block 0, head with the last block) or time.
+
+    Time is forward + backward of a sample microbatch, median of a few runs, measured on a copy
+    of each block moved to ``device`` and ``dtype`` (so the model's own weights and batch-norm
+    statistics are untouched, and a GPU run is profiled on the GPU).
+    """
     T = model.num_blocks
     if method == "params":
         costs = [float(sum(p.numel() for p in model.block_parameters(t))) for t in range(T)]
         costs[-1] += sum(p.numel() for p in model.head.parameters())
         return costs
-    # time: forward + backward of each block on a sample microbatch, median of a few runs
-    costs, x = [], sample
+    costs, x = [], sample.to(device, dtype)
     for t in range(T):
+        part = copy.deepcopy(model.split(t, t + 1)).to(device, dtype)
         runs = []
         for _ in range(5):
             leaf = x.detach().requires_grad_(t > 0)
-            start = time.perf_counter()
-            out = model.block_forward(t, leaf)
+            start = _synchronized(device)
+            out = part.block_forward(t, leaf)
             out.backward(torch.ones_like(out))
-            runs.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+            runs.append(_synchronized(device) - start)
         costs.append(sorted(runs)[len(runs) // 2])
         x = out.detach()
+        del part
     return costs
 
 
+def _synchronized(device: torch.device | str) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def partition(
-    config: PipelineConfig, model: BlockModel, sample: torch.Tensor | None = None
+    config: PipelineConfig,
+    model: BlockModel,
+    sample: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> list[int]:
-    """Blocks per stage for the method the config names."""
+    """Blocks per stage for the method the config names (time: profiled on device, dtype)."""
     if config.blocks_per_stage is not None:
         return list(config.blocks_per_stage)
     if config.partition == "uniform" or config.stages == 1:
         return uniform_partition(model.num_blocks, config.stages)
-    return balanced_partition(block_costs(model, config.partition, sample), config.stages)
+    costs = block_costs(model, config.partition, sample, device, dtype)
+    return balanced_partition(costs, config.stages)
 
 
 def stage_ranges(blocks_per_stage: list[int]) -> list[tuple[int, int]]:

@@ -190,7 +190,8 @@ class PipelineRunner:
         group is up and every rank agrees on the config (the trainer prepares the run there)."""
         p = config.pipeline
         rank = int(os.environ["RANK"])
-        device, backend = device_and_backend(int(os.environ.get("LOCAL_RANK", rank)), p.backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device, backend = device_and_backend(local_rank, p.backend, config.train.device)
         init_process_group(backend, p.timeout)
         self.topology = place_ranks(p.stages, p.replicas)
         self.watchdog = Watchdog(self.topology, p.timeout).start()
@@ -198,11 +199,10 @@ class PipelineRunner:
             check_same_config(config.to_yaml(), self.topology)
             groups = Groups.create(self.topology)
             on_ready(self.topology)
-            ranges = stage_ranges(self._partition(config, model))
+            dtype = DTYPES[config.train.dtype]
+            ranges = stage_ranges(self._partition(config, model, device, dtype))
             policy = "horizon" if p.schedule == "auto" else p.schedule
-            options = RuntimeOptions(
-                config.data.num_microbatches, p.mode, policy, device, DTYPES[config.train.dtype]
-            )
+            options = RuntimeOptions(config.data.num_microbatches, p.mode, policy, device, dtype)
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks)
             dist.barrier()
         except BaseException as error:
@@ -219,13 +219,13 @@ class PipelineRunner:
         )
         self._closed = False
 
-    def _partition(self, config: Config, model: BlockModel) -> list[int]:
+    def _partition(self, config: Config, model: BlockModel, device, dtype) -> list[int]:
         """Blocks per stage; rank 0 decides (a timed partition must be the same everywhere)."""
         counts = [None]
         if self.topology.rank == 0:
             data = config.data
             sample = torch.randn(data.batch_size // data.num_microbatches, *model.input_shape)
-            counts = [partition(config.pipeline, model, sample)]
+            counts = [partition(config.pipeline, model, sample, device, dtype)]
         dist.broadcast_object_list(counts, src=0)
         return counts[0]
 

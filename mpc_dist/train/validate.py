@@ -90,6 +90,10 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
+    need(
+        not (p.backend == "nccl" and config.train.device == "cpu"),
+        "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
+    )
 
 
 def _validate_ray(config: Config) -> None:
