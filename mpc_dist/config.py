@@ -62,7 +62,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 3
     seed: int = 0
-    dtype: str = "float32"  # float32 | float64 | bfloat16
+    dtype: str = "float32"  # of the parameters: float32 | float64 | bfloat16
+    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (autocast; fp32 master weights)
+    activation_checkpointing: str = "none"  # none | blocks (recompute each block in backward)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl

@@ -1,7 +1,7 @@
 """The horizon semantics (spec sections 1, 2 and 6): plans, the engine, the reference definition
 and activation accounting. Nothing here knows about processes or torch.distributed."""
 
-from .engine import Criterion, ForwardResult, HorizonEngine
+from .engine import ComputeOptions, Criterion, ForwardResult, HorizonEngine
 from .memory import ActivationMemory
 from .plan import RULES, Plan, PlanPart, Stream, check_horizon
 from .reference import reference_gradients
@@ -9,6 +9,7 @@ from .reference import reference_gradients
 __all__ = [
     "RULES",
     "ActivationMemory",
+    "ComputeOptions",
     "Criterion",
     "ForwardResult",
     "HorizonEngine",

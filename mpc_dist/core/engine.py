@@ -4,6 +4,10 @@ The single-process trainer runs one engine over all blocks; the pipeline runtime
 stage over that stage's blocks. Each block's forward is run once per microbatch and kept as its
 own graph (its input is a detached leaf), so a stream is a chain of vector-Jacobian products
 through the graphs it passes. A block's graph is freed when the last stream through it has passed.
+
+``ComputeOptions`` adds mixed precision (autocast; the states between blocks, and so the
+pipeline's messages, in the compute dtype; an optional loss scale for fp16) and activation
+checkpointing (a block keeps only its input and recomputes its forward in its backward).
 """
 
 from __future__ import annotations
@@ -14,12 +18,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..models import BlockModel
 from .memory import ActivationMemory
 from .plan import Plan, Stream
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    autocast_dtype: torch.dtype | None = None  # mixed precision: compute in this dtype
+    device_type: str = "cpu"  # autocast's device type
+    checkpoint_blocks: bool = False  # recompute each block's forward in its backward
+
+    @property
+    def state_dtype(self) -> torch.dtype | None:
+        """The dtype of the states between blocks (None: whatever the block returns)."""
+        return self.autocast_dtype
 
 
 @dataclass
@@ -48,10 +65,14 @@ class HorizonEngine:
         plan: Plan,
         criterion: Criterion = F.cross_entropy,
         track_memory: bool = True,
+        compute: ComputeOptions = ComputeOptions(),
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """``scale_loss`` multiplies each loss before its backward (fp16 loss scaling)."""
         if plan.num_blocks != model.num_blocks:
             raise ValueError(f"plan has {plan.num_blocks} blocks, model {model.num_blocks}")
         self.model, self.plan, self.criterion = model, plan, criterion
+        self.compute, self.scale_loss = compute, scale_loss
         blocks = model.block_indices
         self.first, self.last = blocks[0], blocks[-1] + 1
         if blocks != list(range(self.first, self.last)):
@@ -83,12 +104,12 @@ class HorizonEngine:
         losses, cotangents, logits = {}, {}, None
         x = inputs
         for t in range(self.first, self.last):
-            with self._hooks():
+            with self._hooks(), self._autocast():
                 leaf = x.detach().requires_grad_(self._input_grad[t])
-                out = self.model.block_forward(t, leaf)
+                out = self._block(t, leaf)
             state.inputs[t], state.outputs[t] = leaf, out
             state.pending[t] = len(self._through[t])
-            x = out.detach()
+            x = self._state(out)
             s = t + 1
             if s not in self.plan.loss_points:
                 continue
@@ -110,11 +131,12 @@ class HorizonEngine:
         """l_s, its cotangent at x(s), and the head's output; trains the head if l_s owns it."""
         head, trainable = self.model.loss_head(s)
         leaf = state.detach().requires_grad_()
-        with self._hooks():
+        with self._hooks(), self._autocast():
             head_out = head(leaf)
             loss = self.criterion(head_out, targets) * scale
         params = [p for p in head.parameters() if p.requires_grad] if trainable else []
-        torch.autograd.backward(loss, inputs=[leaf, *params])
+        scaled = self.scale_loss(loss) if self.scale_loss is not None else loss
+        torch.autograd.backward(scaled, inputs=[leaf, *params])
         return loss.detach(), leaf.grad, head_out.detach()
 
     # ------------------------------------------------------------------ backward
@@ -151,7 +173,10 @@ class HorizonEngine:
         inputs = ([leaf] if wants_input else []) + [p for p in params if p.requires_grad]
         # backward(inputs=...) accumulates into .grad in place and computes only what `inputs`
         # need: a pass-through block costs one input-gradient product, no weight gradient.
-        torch.autograd.backward(out, cotangent, inputs=inputs, retain_graph=not done)
+        # Nothing to compute (the stream ends on a block with no trainable parameter): skip.
+        if inputs:
+            cotangent = cotangent.to(out.dtype)  # a mixed-precision state may be narrower
+            torch.autograd.backward(out, cotangent, inputs=inputs, retain_graph=not done)
         if done:
             del state.inputs[t], state.outputs[t], state.pending[t]
         if not wants_input:
@@ -178,9 +203,10 @@ class HorizonEngine:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without graphs: x(last), or the logits if the run ends the network."""
-        for t in range(self.first, self.last):
-            x = self.model.block_forward(t, x)
-        return self.model.head(x) if self.last == self.plan.num_blocks else x
+        with self._autocast():
+            for t in range(self.first, self.last):
+                x = self._state(self.model.block_forward(t, x))
+            return self.model.head(x) if self.last == self.plan.num_blocks else x
 
     @property
     def outstanding(self) -> int:
@@ -189,3 +215,23 @@ class HorizonEngine:
 
     def _hooks(self):
         return self.memory.hooks() if self.memory is not None else nullcontext()
+
+    def _autocast(self):
+        dtype = self.compute.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.compute.device_type, dtype=dtype)
+
+    def _block(self, t: int, leaf: torch.Tensor) -> torch.Tensor:
+        if not self.compute.checkpoint_blocks:
+            return self.model.block_forward(t, leaf)
+        # torch's non-reentrant checkpoint: only the block's input is kept; each backward
+        # through the block recomputes its forward (same RNG state, same autocast).
+        return torch.utils.checkpoint.checkpoint(
+            self.model.block_forward, t, leaf, use_reentrant=False
+        )
+
+    def _state(self, out: torch.Tensor) -> torch.Tensor:
+        """The detached state handed to the next block (or stage), in the compute dtype."""
+        dtype = self.compute.state_dtype
+        return out.detach() if dtype is None else out.detach().to(dtype)

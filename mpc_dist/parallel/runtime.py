@@ -11,20 +11,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from ..core import HorizonEngine, Plan
+from ..core import ComputeOptions, HorizonEngine, Plan
 from ..models import BlockModel
 from .generate import generate, validate
 from .groups import Groups, broadcast_parameters
 from .mailbox import Mailbox
 from .schedule import COMPUTE, Action, Schedule, peer
 
-# The one optimizer step (see mpc_dist.train.step): called with the minibatch's loss on this
-# stage (0 where no loss is evaluated) and its learning rate; it may raise to stop training.
-StepFunction = Callable[[torch.Tensor, float], None]
+
+class StepFunction(Protocol):
+    """The one optimizer step (``mpc_dist.train.step``): called with the minibatch's loss on
+    this stage (0 where no loss is evaluated) and its learning rate; it may raise to stop."""
+
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None  # applied before backward (fp16)
+
+    def __call__(self, loss: torch.Tensor, lr: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,14 @@ class RuntimeOptions:
     mode: str = "sync"  # sync (flush per minibatch) | async (spec section 4)
     policy: str = "horizon"  # horizon | 1f1b | gpipe
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # of the parameters and the inputs
+    compute: ComputeOptions = ComputeOptions()  # mixed precision, activation checkpointing
     trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
+
+    @property
+    def message_dtype(self) -> torch.dtype:
+        """Activations and cotangents travel in the compute dtype."""
+        return self.compute.state_dtype or self.dtype
 
 
 @dataclass
@@ -99,7 +111,9 @@ class PipelineRuntime:
         self.stage = self.topology.stage
         self.first, self.last = ranges[self.stage]
         self.is_last = self.topology.is_last_stage
-        self.engine = HorizonEngine(model, plan, track_memory=True)
+        self.engine = HorizonEngine(
+            model, plan, compute=options.compute, scale_loss=step.scale_loss, track_memory=True
+        )
         self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
         self.evaluates_loss = bool(plan.part(self.first, self.last).born)
         self.times = StageTimes()
@@ -146,7 +160,7 @@ class PipelineRuntime:
         chunk = _Chunk(
             [(self._split(x, self.options.dtype), self._split(y)) for x, y in batches],
             learning_rates,
-            Mailbox(schedule, self.groups, self._shape_of, self.options.dtype, device),
+            Mailbox(schedule, self.groups, self._shape_of, self.options.message_dtype, device),
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
@@ -231,7 +245,7 @@ class PipelineRuntime:
             state = x.to(device, dtype)
         else:
             shape = (batch_size, *self.model.state_shapes[self.first])
-            state = torch.empty(shape, dtype=dtype, device=device)
+            state = torch.empty(shape, dtype=self.options.message_dtype, device=device)
             dist.recv(state, src=self.topology.rank_of(self.stage - 1))
         out = self.engine.infer(state)
         if self.is_last:

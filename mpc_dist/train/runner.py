@@ -31,6 +31,7 @@ from ..parallel import (
 )
 from .callbacks import Callback
 from .data import Dataset, Shard, minibatches
+from .precision import compute_options, grad_scaler
 from .stage import build_stage
 from .step import OptimizerStep, build_optimizer
 
@@ -110,9 +111,15 @@ class SingleRunner:
         self.config, self.plan = config, plan
         self.device, self.dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
         self.model = model.to(self.device, self.dtype)
-        self.engine = HorizonEngine(self.model, plan, track_memory=False)
+        compute = compute_options(config.train, self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
-        self.step = OptimizerStep(self.optimizer, config.optim.grad_clip, callbacks=callbacks)
+        self.step = OptimizerStep(
+            self.optimizer, config.optim.grad_clip, callbacks=callbacks,
+            scaler=grad_scaler(compute, self.device),
+        )  # fmt: skip
+        self.engine = HorizonEngine(
+            self.model, plan, track_memory=False, compute=compute, scale_loss=self.step.scale_loss
+        )
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         m, T = self.config.data.num_microbatches, self.plan.num_blocks
@@ -131,7 +138,7 @@ class SingleRunner:
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         def forward(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-            return self.model(x.to(self.device, self.dtype))
+            return self.engine.infer(x.to(self.device, self.dtype))
 
         loss, correct = evaluate(self.model, forward, dataset, self.config.data.eval_batch_size)
         return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
@@ -202,7 +209,10 @@ class PipelineRunner:
             dtype = DTYPES[config.train.dtype]
             ranges = stage_ranges(self._partition(config, model, device, dtype))
             policy = "horizon" if p.schedule == "auto" else p.schedule
-            options = RuntimeOptions(config.data.num_microbatches, p.mode, policy, device, dtype)
+            options = RuntimeOptions(
+                config.data.num_microbatches, p.mode, policy, device, dtype,
+                compute_options(config.train, device),
+            )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks)
             dist.barrier()
         except BaseException as error:

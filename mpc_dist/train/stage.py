@@ -13,6 +13,7 @@ from ..core import Plan
 from ..models import BlockModel
 from ..parallel import Groups, PipelineRuntime, RuntimeOptions
 from .callbacks import Callback
+from .precision import grad_scaler
 from .step import OptimizerStep, build_optimizer
 
 
@@ -37,11 +38,13 @@ def build_stage(
     head_copy = plan.reads_shared_head_below_top(model.head_mode)
     part = model.split(first, last, head_copy).to(options.device, options.dtype)
     optimizer = build_optimizer(optim, part.owned_parameters())
+    norm_group = groups.pipeline if options.mode == "sync" else None
     step = OptimizerStep(
         optimizer,
         optim.grad_clip,
         data_parallel=groups.data_parallel,
-        norm_group=groups.pipeline if options.mode == "sync" else None,
+        norm_group=norm_group,
         callbacks=callbacks,
+        scaler=grad_scaler(options.compute, options.device, norm_group),
     )
     return Stage(part, optimizer, PipelineRuntime(part, plan, ranges, groups, step, options))

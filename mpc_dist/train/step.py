@@ -1,8 +1,10 @@
 """The optimizer step, written once: the single-process runner and every pipeline stage call it.
 
-Before the step, gradients are summed over the stage's data-parallel replicas; the loss and the
-gradient norm are checked (over the whole pipeline in sync mode), so a non-finite value never
-reaches the weights; gradients are clipped with torch's own utilities against the global norm.
+Before the step, gradients are summed over the stage's data-parallel replicas (and unscaled,
+with an fp16 loss scale); the loss and the gradient norm are checked (over the whole pipeline in
+sync mode), so a non-finite value never reaches the weights; gradients are clipped with torch's
+own utilities against the global norm. Under fp16 a non-finite norm is an overflow of the loss
+scale: the step is skipped and the scale lowered, as torch's GradScaler does.
 """
 
 from __future__ import annotations
@@ -55,13 +57,18 @@ class OptimizerStep:
         data_parallel: dist.ProcessGroup | None = None,
         norm_group: dist.ProcessGroup | None = None,
         callbacks: Sequence[Callback] = (),
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         """``data_parallel``: sum gradients over it first; ``norm_group``: the ranks whose
-        gradients make up the global norm and share the non-finite check (sync pipeline)."""
+        gradients make up the global norm and share the non-finite check (sync pipeline);
+        ``scaler``: the fp16 loss scale (``precision.grad_scaler``)."""
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.data_parallel, self.norm_group = data_parallel, norm_group
-        self.callbacks = list(callbacks)
+        self.callbacks, self.scaler = list(callbacks), scaler
+        self.scale_loss = scaler.scale if scaler is not None else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        if scaler is not None and self.params:  # a stage without a loss never scales one
+            scaler.scale(torch.zeros((), device=self.params[0].device))
         self.steps = 0
 
     def __call__(self, loss: torch.Tensor | float, lr: float) -> None:
@@ -70,17 +77,27 @@ class OptimizerStep:
             callback.before_step(self.steps)
         if self.data_parallel is not None:
             all_reduce_gradients(self.params, self.data_parallel)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = self._checked_norm(torch.as_tensor(loss))
+        if norm is None:  # fp16 overflow: skip this step with a lower loss scale
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.grad_clip > 0:
             clip_grads_with_norm_(self.params, self.grad_clip, norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _checked_norm(self, loss: torch.Tensor) -> torch.Tensor:
+    def _checked_norm(self, loss: torch.Tensor) -> torch.Tensor | None:
         """The global gradient norm; raises TrainingError (gradients dropped) if the loss or the
-        norm is not finite anywhere in ``norm_group``."""
+        norm is not finite anywhere in ``norm_group`` (None for a non-finite norm under fp16)."""
         norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
         bad_loss = ~torch.isfinite(loss)
         if self.norm_group is not None:
@@ -88,6 +105,8 @@ class OptimizerStep:
             dist.all_reduce(stats, group=self.norm_group)
             norm, bad_loss = stats[0].sqrt(), stats[1] > 0
         bad_loss, bad_norm = bool(bad_loss), not bool(torch.isfinite(norm))
+        if bad_norm and not bad_loss and self.scaler is not None:
+            return None
         if bad_loss or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if bad_loss else "gradient norm"

@@ -37,6 +37,17 @@ def validate(config: Config) -> None:
     need(t.epochs >= 1, f"train.epochs={t.epochs}: must be >= 1")
     need(t.dtype in ("float32", "float64", "bfloat16"), f"train.dtype={t.dtype!r}: unknown")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: auto|cpu|cuda")
+    precisions = ("fp32", "bf16-mixed", "fp16-mixed")
+    need(t.precision in precisions, f"train.precision={t.precision!r}: use one of {precisions}")
+    need(
+        t.precision == "fp32" or t.dtype == "float32",
+        f"train.precision={t.precision}: mixed precision keeps float32 master weights; "
+        f"set train.dtype=float32",
+    )
+    need(
+        t.activation_checkpointing in ("none", "blocks"),
+        f"train.activation_checkpointing={t.activation_checkpointing!r}: use none or blocks",
+    )
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
     need(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
@@ -88,6 +99,11 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         "set model.head=aux or pipeline.mode=sync",
     )  # fmt: skip
     need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
+    need(
+        not (p.mode == "async" and p.stages > 1 and config.train.precision == "fp16-mixed"),
+        "train.precision=fp16-mixed: every stage must share one loss scale, which async mode "
+        "cannot; use train.precision=bf16-mixed (no scaling) or pipeline.mode=sync",
+    )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
     need(
