@@ -19,8 +19,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters in the blocks (through peft); the base weights are frozen."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # module names in a block
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
-    # deep_linear | residual_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet18 | resnet50
+    # deep_linear | residual_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet18 | resnet50, or
+    # timm/<name> (a timm ViT, e.g. timm/vit_base_patch16_224), or package.module:function
+    # (your own builder, see mpc_dist.models.pipeline_model)
     name: str = "residual_mlp"
     num_blocks: int = 8  # T for deep_linear, residual_mlp, vit_tiny (fixed by the others)
     width: int = 256  # state width (hidden_dim for vit_tiny)
@@ -29,6 +41,10 @@ class ModelConfig:
     patch_size: int = 7  # vit_tiny
     num_heads: int = 4  # vit_tiny
     scaled: bool = True  # deep_linear: W(t) = I + W~(t)/T (else I + W~(t))
+    image_size: int | None = None  # ViTs: build for this size (inputs are resized); None: data's
+    weights: str | None = None  # pretrained weights: a .safetensors or torch file (local)
+    lora: LoraConfig | None = None  # e.g. {rank: 8, alpha: 16, targets: [qkv, proj]}
+    kwargs: dict[str, Any] | None = None  # more arguments: timm.create_model's for timm/ models
 
 
 @dataclass
@@ -139,6 +155,14 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if value is None:
             return None
         kind = next(a for a in get_args(kind) if a is not type(None))
+    if dataclasses.is_dataclass(kind):  # a nested section, e.g. model.lora
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping of {kind.__name__} fields")
+        return _fill(where, kind(), value)
+    if get_origin(kind) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return value
     if get_origin(kind) is list:
         (item,) = get_args(kind)
         if not isinstance(value, list):
@@ -162,13 +186,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for section, values in raw.items():
         if section not in sections:
             raise ConfigError(f"{section}: unknown section; use one of {sorted(sections)}")
-        target = getattr(config, section)
-        hints = get_type_hints(type(target))
-        for key, value in (values or {}).items():
-            if key not in hints:
-                raise ConfigError(f"{section}.{key}: unknown key; {section} takes {sorted(hints)}")
-            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        _fill(section, getattr(config, section), values or {})
     return config
+
+
+def _fill(where: str, target: Any, values: dict[str, Any]) -> Any:
+    """Set ``target``'s fields from ``values``; unknown keys are errors."""
+    hints = get_type_hints(type(target))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key; {where} takes {sorted(hints)}")
+        setattr(target, key, _coerce(f"{where}.{key}", value, hints[key]))
+    return target
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -21,6 +21,12 @@ class ModelError(ConfigError):
     """A model configuration that cannot be built; the message names the field and the fix."""
 
 
+# Initialises one module (its own tensors; children come first) and says whether it did.
+InitModule = Callable[[str, nn.Module], bool]
+# Translates a tensor name of a pretrained file (timm, torchvision) to this model's, or None.
+WeightNames = Callable[[str], str | None]
+
+
 class BlockModel(nn.Module):
     def __init__(
         self,
@@ -30,8 +36,12 @@ class BlockModel(nn.Module):
         aux_heads: dict[int, nn.Module],
         num_blocks: int,
         head_mode: str,
+        init_module: InitModule | None = None,
+        weight_names: WeightNames | None = None,
+        family: str = "",
     ) -> None:
         super().__init__()
+        self.init_module, self.weight_names, self.family = init_module, weight_names, family
         self.stem = stem
         self.blocks = nn.ModuleDict({str(t): b for t, b in blocks.items()})
         self.head = head
@@ -91,12 +101,56 @@ class BlockModel(nn.Module):
             {s: h for s, h in self._aux_items() if first < s <= last},
             self.num_blocks,
             self.head_mode,
+            self.init_module,
+            self.weight_names,
+            self.family,
         )
         part.input_shape, part.state_shapes = self.input_shape, self.state_shapes
         return part
 
     def _aux_items(self) -> Iterator[tuple[int, nn.Module]]:
         return ((int(s), h) for s, h in self.aux_heads.items())
+
+
+def pipeline_model(
+    stem: nn.Module,
+    blocks: list[nn.Module],
+    head: nn.Module,
+    input_shape: tuple[int, ...],
+    aux_head: Callable[[tuple[int, ...]], nn.Module] | None = None,
+    head_mode: str = "shared",
+    init_module: InitModule | None = None,
+    weight_names: WeightNames | None = None,
+    name: str = "model",
+) -> BlockModel:
+    """Your modules as a pipeline model: x(0) = stem(input), x(t+1) = blocks[t](x(t)),
+    prediction = head(x(T)).
+
+    ``input_shape``: one sample's shape, e.g. (3, 224, 224). ``head_mode``: ``shared`` evaluates
+    ``head`` at intermediate states too (they must have x(T)'s shape), ``aux`` gives loss point s
+    its own ``aux_head(shape of x(s))``. ``init_module(name, module)`` initialises a module's own
+    tensors the family's way and returns True (else ``reset_parameters`` is used).
+    ``weight_names`` maps names in a pretrained file to this model's. Called from a builder,
+    the modules are built on the meta device and only a rank's part is ever allocated.
+    """
+    if head_mode not in HEAD_MODES:
+        raise ModelError(f"model.head={head_mode!r}: unknown; use one of {HEAD_MODES}")
+    T = len(blocks)
+    shapes = state_shapes(stem, blocks, input_shape)
+    if head_mode == "shared":
+        for s in range(1, T):
+            if shapes[s] != shapes[T]:
+                raise ModelError(
+                    f"model.head=shared: {name}'s state x({s}) has shape {shapes[s]} but the "
+                    f"head takes {shapes[T]}; set model.head=aux"
+                )
+    if head_mode == "aux" and aux_head is None:
+        raise ModelError(f"model.head=aux: {name} has no aux head factory; pass aux_head=")
+    aux = {s: aux_head(shapes[s]) for s in range(1, T)} if head_mode == "aux" else {}
+    model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, head_mode, init_module,
+                       weight_names, name)  # fmt: skip
+    model.input_shape, model.state_shapes = tuple(input_shape), shapes
+    return model
 
 
 def assemble(
@@ -106,31 +160,24 @@ def assemble(
     head: nn.Module,
     input_shape: tuple[int, ...],
     make_aux_head: Callable[[tuple[int, ...]], nn.Module],
+    init_module: InitModule | None = None,
+    weight_names: WeightNames | None = None,
 ) -> BlockModel:
-    """A BlockModel from its parts; aux heads (``model.head: aux``) are made for x(1) .. x(T-1)."""
-    T = len(blocks)
-    shapes = state_shapes(stem, blocks, input_shape)
-    if spec.head == "shared":
-        for s in range(1, T):
-            if shapes[s] != shapes[T]:
-                raise ModelError(
-                    f"model.head=shared: {spec.name}'s state x({s}) has shape {shapes[s]} but the "
-                    f"head takes {shapes[T]}; set model.head=aux"
-                )
-    aux = {s: make_aux_head(shapes[s]) for s in range(1, T)} if spec.head == "aux" else {}
-    model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, spec.head)
-    model.input_shape, model.state_shapes = tuple(input_shape), shapes
-    return model
+    """``pipeline_model`` with the head mode and name a config gives."""
+    return pipeline_model(stem, blocks, head, input_shape, make_aux_head, spec.head, init_module,
+                          weight_names, spec.name)  # fmt: skip
 
 
 @torch.no_grad()
 def state_shapes(stem: nn.Module, blocks: list[nn.Module], input_shape) -> list[tuple[int, ...]]:
-    """Shapes of x(0) .. x(T) (without the batch dimension), from one tiny forward pass."""
+    """Shapes of x(0) .. x(T) (without the batch dimension), from one tiny forward pass (on the
+    meta device when the model is built there: no memory, no compute)."""
     modules = [stem, *blocks]
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()  # keep batch-norm running statistics untouched
-    x = stem(torch.zeros(1, *input_shape))
+    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
+    x = stem(torch.zeros(1, *input_shape, device=device))
     shapes = [tuple(x.shape[1:])]
     for block in blocks:
         x = block(x)

@@ -1,5 +1,10 @@
-"""Model names -> builders. Config validation asks the registry; builders (and torchvision) are
-imported only when a model is built."""
+"""Model names -> builders. Config validation asks the registry; builders (and torchvision,
+timm or your package) are imported only when a model is built, on the meta device.
+
+A name is one of the built-in families below, ``timm/<model>`` (a timm Vision Transformer),
+or ``package.module:function`` (your builder: ``function(spec, input_shape, num_classes)``
+returning ``pipeline_model(...)``).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ..config import ConfigError, ModelConfig
-from .base import HEAD_MODES, BlockModel
+from .base import HEAD_MODES, BlockModel, ModelError
+from .materialize import materialize
 
 Builder = Callable[[ModelConfig, tuple[int, ...], int], BlockModel]
 
@@ -17,12 +25,19 @@ Builder = Callable[[ModelConfig, tuple[int, ...], int], BlockModel]
 class ModelEntry:
     builder: str | Builder  # a callable, or "package.module:function", imported when built
     num_blocks: int | None = None  # fixed depth T; None: the config's model.num_blocks
+    depth_from_build: bool = False  # T known only once built (timm, your builders)
 
-    def resolve(self) -> Builder:
+    def resolve(self, name: str) -> Builder:
         if callable(self.builder):
             return self.builder
-        module, _, name = self.builder.partition(":")
-        return getattr(importlib.import_module(module), name)
+        module, _, function = self.builder.partition(":")
+        try:
+            return getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(
+                f"model.name={name}: cannot import {self.builder} ({type(error).__name__}: "
+                f"{error}); give package.module:function of a builder on the Python path"
+            ) from None
 
 
 _HERE = __package__
@@ -39,23 +54,58 @@ MODELS: dict[str, ModelEntry] = {
 
 def register(name: str, builder: str | Builder, num_blocks: int | None = None) -> None:
     """Make ``model.name: name`` build with ``builder(spec, input_shape, num_classes)``."""
-    MODELS[name] = ModelEntry(builder, num_blocks)
+    MODELS[name] = ModelEntry(builder, num_blocks, depth_from_build=num_blocks is None)
 
 
-def check_model(spec: ModelConfig) -> int:
-    """The one check of the model section; returns T, the number of blocks the model has."""
-    if spec.name not in MODELS:
-        raise ConfigError(f"model.name={spec.name!r}: unknown model; use one of {tuple(MODELS)}")
+def entry(name: str) -> ModelEntry:
+    if name in MODELS:
+        return MODELS[name]
+    if name.startswith("timm/"):
+        return ModelEntry(f"{_HERE}.timm_vit:build_timm_vit", depth_from_build=True)
+    if ":" in name:
+        return ModelEntry(name, depth_from_build=True)
+    raise ConfigError(
+        f"model.name={name!r}: unknown model; use one of {tuple(MODELS)}, timm/<vit name> or "
+        f"package.module:function"
+    )
+
+
+def check_model(
+    spec: ModelConfig, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
+) -> int:
+    """The one check of the model section; returns T, the number of blocks the model has
+    (building it on the meta device where only the build knows)."""
+    found = entry(spec.name)
     if spec.head not in HEAD_MODES:
         raise ConfigError(f"model.head={spec.head!r}: unknown; use one of {HEAD_MODES}")
     if spec.num_blocks < 1:
         raise ConfigError(f"model.num_blocks={spec.num_blocks}: must be >= 1")
     if spec.width < 1 or spec.hidden < 1:
         raise ConfigError("model.width/model.hidden: must be >= 1")
-    return MODELS[spec.name].num_blocks or spec.num_blocks
+    if spec.lora is not None and (spec.lora.rank < 1 or not spec.lora.targets):
+        raise ConfigError("model.lora: needs rank >= 1 and a list of targets, e.g. [qkv]")
+    if found.depth_from_build:
+        return build_model(spec, input_shape, num_classes, device="meta").num_blocks
+    return found.num_blocks or spec.num_blocks
 
 
-def build_model(spec: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:
-    """Build the model a config names, for inputs of ``input_shape`` (C, H, W)."""
-    check_model(spec)
-    return MODELS[spec.name].resolve()(spec, tuple(input_shape), num_classes)
+def build_model(
+    spec: ModelConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+) -> BlockModel:
+    """Build the model a config names for inputs of ``input_shape`` (C, H, W), on the meta
+    device; unless ``device`` is ``meta``, allocate and initialise all of it there (seed:
+    ``seed``, else torch's initial seed). Pipelines keep it on meta and allocate their part."""
+    with torch.device("meta"):
+        model = entry(spec.name).resolve(spec.name)(spec, tuple(input_shape), num_classes)
+    if not isinstance(model, BlockModel):
+        raise ModelError(
+            f"model.name={spec.name}: the builder returned {type(model).__name__}, not a "
+            f"BlockModel; build it with mpc_dist.models.pipeline_model"
+        )
+    if torch.device(device).type == "meta":
+        return model
+    return materialize(model, device, torch.initial_seed() if seed is None else seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from ..config import ModelConfig
@@ -29,8 +31,31 @@ def build_torchvision_resnet(spec: ModelConfig, input_shape, num_classes: int) -
     elif channels != 3:
         net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    layers = (net.layer1, net.layer2, net.layer3, net.layer4)
+    blocks = [b for layer in layers for b in layer]
     head = nn.Sequential(net.avgpool, nn.Flatten(), net.fc)
+    offsets = [sum(len(layer) for layer in layers[:i]) for i in range(4)]
+
+    def weight_name(key: str) -> str | None:
+        """torchvision's names (``layer2.1.conv1.weight``) to ours (``blocks.3.conv1.weight``)."""
+        if match := re.fullmatch(r"layer(\d)\.(\d+)\.(.*)", key):
+            layer, index, rest = int(match[1]) - 1, int(match[2]), match[3]
+            return f"blocks.{offsets[layer] + index}.{rest}"
+        for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1."), ("fc.", "head.2.")):
+            if key.startswith(old):
+                return new + key.removeprefix(old)
+        return key
+
     return assemble(
-        spec, stem, blocks, head, input_shape, lambda shape: PoolHead(shape[0], num_classes)
-    )
+        spec, stem, blocks, head, input_shape, lambda shape: PoolHead(shape[0], num_classes),
+        _init_module, weight_name,
+    )  # fmt: skip
+
+
+def _init_module(name: str, module: nn.Module) -> bool:
+    """torchvision's ResNet initialisation: convolutions He-normal (fan out); norms and linear
+    layers reset themselves."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        return True
+    return False

@@ -3,6 +3,9 @@ the blocks, the class token's norm + linear as the head."""
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +50,7 @@ def build_vit_tiny(spec: ModelConfig, input_shape, num_classes: int) -> BlockMod
     """A small ViT sized by the config (``num_blocks``, ``width``, ``hidden``, ``num_heads``)."""
     from torchvision.models import vision_transformer as tv
 
-    height = input_shape[1]
+    height = spec.image_size or input_shape[1]
     if height % spec.patch_size:
         raise ModelError(f"model.patch_size={spec.patch_size}: must divide the image size {height}")
     vit = tv.VisionTransformer(
@@ -62,7 +65,7 @@ def build_torchvision_vit(spec: ModelConfig, input_shape, num_classes: int) -> B
     """``vit_b_16`` / ``vit_l_16`` at the input's size rounded to whole 16-pixel patches."""
     from torchvision.models import vision_transformer as tv
 
-    image_size = max(16, round(input_shape[1] / 16) * 16)
+    image_size = spec.image_size or max(16, round(input_shape[1] / 16) * 16)
     vit = getattr(tv, spec.name)(weights=None, image_size=image_size, num_classes=num_classes)
     return _from_torchvision(spec, vit, input_shape, num_classes)
 
@@ -75,4 +78,50 @@ def _from_torchvision(spec: ModelConfig, vit: nn.Module, input_shape, num_classe
     def make_aux(shape: tuple[int, ...]) -> nn.Module:
         return ClassTokenHead(nn.LayerNorm(hidden), nn.Linear(hidden, num_classes))
 
-    return assemble(spec, stem, list(vit.encoder.layers), head, input_shape, make_aux)
+    blocks = list(vit.encoder.layers)
+    return assemble(spec, stem, blocks, head, input_shape, make_aux, _init_module, _weight_name)
+
+
+def _init_module(name: str, module: nn.Module) -> bool:
+    """torchvision's VisionTransformer initialisation, one module at a time."""
+    from torchvision.models.vision_transformer import MLPBlock
+
+    if isinstance(module, ViTStem):
+        conv = module.conv_proj
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(conv.bias)
+        nn.init.zeros_(module.class_token)
+        nn.init.normal_(module.pos_embedding, std=0.02)
+        return True
+    if isinstance(module, MLPBlock):
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.normal_(layer.bias, std=1e-6)
+        return True
+    if name == "head":  # the classifier starts at zero
+        for layer in module.linear.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        return True  # its norm, a child, was reset before
+    return False
+
+
+_TV_VIT = [
+    (r"conv_proj\.(.*)", r"stem.conv_proj.\1"),
+    (r"class_token", r"stem.class_token"),
+    (r"encoder\.pos_embedding", r"stem.pos_embedding"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.(.*)", r"blocks.\1.\2"),
+    (r"encoder\.ln\.(.*)", r"head.norm.\1"),
+    (r"heads\.(.*)", r"head.linear.\1"),
+]
+
+
+def _weight_name(key: str) -> str | None:
+    """torchvision's names (``encoder.layers.encoder_layer_3.mlp.0.weight``) to ours."""
+    for pattern, replacement in _TV_VIT:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key

@@ -9,7 +9,7 @@ import time
 import torch
 
 from ..config import PipelineConfig
-from ..models import BlockModel
+from ..models import BlockModel, is_meta, materialize
 
 
 def balanced_partition(costs: list[float], stages: int) -> list[int]:
@@ -60,7 +60,10 @@ def block_costs(
         return costs
     costs, x = [], sample.to(device, dtype)
     for t in range(T):
-        part = copy.deepcopy(model.split(t, t + 1)).to(device, dtype)
+        part = copy.deepcopy(model.split(t, t + 1))
+        if is_meta(part):  # built on the meta device: time a freshly initialised copy
+            materialize(part, device, seed=t)
+        part = part.to(device, dtype)
         runs = []
         for _ in range(5):
             leaf = x.detach().requires_grad_(t > 0)

@@ -21,6 +21,11 @@ import numpy as np
 import torch
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+# One sample's shape and the number of classes, known without reading the data.
+SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "synthetic": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+}  # fmt: skip
 SPLITS: tuple[str, ...] = ("train", "test")
 
 # (mean, std) per channel, applied after scaling pixels to [0, 1].

@@ -46,7 +46,8 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     train_set = load_dataset(data.dataset, "train", data.root, data.synthetic_size, seed)
     test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, seed)
     torch.manual_seed(seed)
-    model = build_model(config.model, train_set.input_shape, train_set.num_classes)
+    # on the meta device: each process allocates only what it holds (all of it, or its stage)
+    model = build_model(config.model, train_set.input_shape, train_set.num_classes, device="meta")
     plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
     callbacks = list(callbacks)
     runner = make_runner(config, model, plan, lambda write: prepare_run_dir(config, resume, write),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..core import HorizonEngine, Plan
-from ..models import BlockModel
+from ..models import BlockModel, instantiate
 from ..parallel import (
     Groups,
     RuntimeOptions,
@@ -110,7 +110,10 @@ class SingleRunner:
     ) -> None:
         self.config, self.plan = config, plan
         self.device, self.dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
-        self.model = model.to(self.device, self.dtype)
+        m = config.model
+        self.model = instantiate(
+            model, self.device, self.dtype, config.train.seed, m.weights, m.lora
+        )
         compute = compute_options(config.train, self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.step = OptimizerStep(
@@ -213,7 +216,8 @@ class PipelineRunner:
                 config.data.num_microbatches, p.mode, policy, device, dtype,
                 compute_options(config.train, device),
             )  # fmt: skip
-            stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks)
+            stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
+                                config.model, config.train.seed)  # fmt: skip
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)

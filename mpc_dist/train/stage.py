@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import OptimConfig
+from ..config import ModelConfig, OptimConfig
 from ..core import Plan
-from ..models import BlockModel
+from ..models import BlockModel, instantiate
 from ..parallel import Groups, PipelineRuntime, RuntimeOptions
 from .callbacks import Callback
 from .precision import grad_scaler
@@ -32,11 +32,16 @@ def build_stage(
     optim: OptimConfig,
     options: RuntimeOptions,
     callbacks: Sequence[Callback] = (),
+    spec: ModelConfig | None = None,
+    seed: int = 0,
 ) -> Stage:
-    """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``."""
+    """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``. A model built on the
+    meta device is allocated here, this part only (``spec``: its weights file and LoRA)."""
     first, last = ranges[groups.topology.stage]
     head_copy = plan.reads_shared_head_below_top(model.head_mode)
-    part = model.split(first, last, head_copy).to(options.device, options.dtype)
+    weights, lora = (spec.weights, spec.lora) if spec is not None else (None, None)
+    part = model.split(first, last, head_copy)
+    part = instantiate(part, options.device, options.dtype, seed, weights, lora)
     optimizer = build_optimizer(optim, part.owned_parameters())
     norm_group = groups.pipeline if options.mode == "sync" else None
     step = OptimizerStep(

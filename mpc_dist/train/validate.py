@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..config import Config, ConfigError
 from ..core import check_horizon
 from ..models import check_model
-from .data import DATASETS
+from .data import DATASETS, SHAPES
 
 
 def need(ok: bool, message: str) -> None:
@@ -18,7 +18,8 @@ def need(ok: bool, message: str) -> None:
 def validate(config: Config) -> None:
     """Check every field that can be checked before data is read or processes start."""
     d, o, t = config.data, config.optim, config.train
-    blocks = check_model(config.model)  # the registry knows the models
+    input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
+    blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     check_horizon(config.horizon.rule, config.horizon.horizon, blocks)
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
