@@ -47,6 +47,11 @@ def _schedule(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
+    if args.dry_run:
+        from .train.dry_run import dry_run
+
+        dry_run(config)
+        return
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         validate(config)  # fail here, once, rather than in every process
         if config.world_size != args.nproc:
@@ -137,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (see configs/)")
     _config_arguments(train)
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the stage map and memory per device; allocates nothing",
+    )
     train.add_argument(
         "--nproc", type=int, default=1,
         help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",

@@ -141,3 +141,30 @@ def test_unknown_builder_is_a_one_line_config_error():
         meta(ModelConfig(name="nowhere:build"))
     with pytest.raises(ConfigError, match="model.name=timm/vit_nonexistent"):
         meta(ModelConfig(name="timm/vit_nonexistent"))
+
+
+def test_dry_run_of_vit_l16_on_8_stages_prints_the_stage_map(capsys):
+    from mpc_dist.cli import main
+
+    assert main(["train", "--config", "configs/vit_l16_cifar100.yaml", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "vit_l_16: 24 blocks" in err and "8 stages" in err
+    rows = [line.split("│")[1:-1] for line in err.splitlines() if line.startswith("│")]
+    assert len(rows) == 8
+    params = sum(float(r[2]) for r in rows)
+    assert 300 < params < 310, params  # ViT-L/16: 304M parameters
+    assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_dry_run_memory_falls_with_checkpointing_and_sharding():
+    from mpc_dist.train.dry_run import dry_run
+
+    base = ["pipeline.replicas=2", "data.batch_size=512"]
+    config = load_config("configs/vit_l16_cifar100.yaml", base)
+    plain = dry_run(config)
+    lean = dry_run(load_config("configs/vit_l16_cifar100.yaml", [
+        *base, "pipeline.sharding=zero1", "train.activation_checkpointing=blocks"]))  # fmt: skip
+    for a, b in zip(plain, lean, strict=True):
+        assert b["activations_held_bytes"] < a["activations_held_bytes"]
+        assert b["optimizer_bytes"] * 2 == a["optimizer_bytes"]
+        assert b["memory_bytes"] < a["memory_bytes"]

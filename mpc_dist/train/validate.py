@@ -107,6 +107,8 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
+    shardings = ("none", "zero1", "fsdp")
+    need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
         not (p.backend == "nccl" and config.train.device == "cpu"),
         "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
