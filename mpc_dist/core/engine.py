@@ -82,7 +82,7 @@ class HorizonEngine:
         self._input_grad = {t: t > 0 and any(s.low < t for s in self._through[t]) for t in blocks}
         part = plan.part(self.first, self.last)
         self.incoming, self.outgoing = part.incoming, part.outgoing
-        self.memory = ActivationMemory(model.parameters()) if track_memory else None
+        self.memory = ActivationMemory(model.parameters) if track_memory else None
         self._microbatches: dict[int, _Microbatch] = {}
 
     # ------------------------------------------------------------------ forward

@@ -7,7 +7,8 @@ when autograd frees a graph, so ``peak_bytes`` is the most activation memory hel
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -23,14 +24,23 @@ class _Saved:
 
 
 class ActivationMemory:
-    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
-        self._excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    def __init__(
+        self, parameters: Callable[[], Iterable[torch.Tensor]] | Iterable[torch.Tensor] = ()
+    ) -> None:
+        """``parameters`` (or a function giving them, re-read on every ``hooks()``: sharded
+        parameters are gathered into new tensors for each forward) are not activations."""
+        self._parameters = parameters if callable(parameters) else list(parameters).copy
+        self._excluded: set[int] = set()
         self._live: dict[tuple[int, int], list[int]] = {}  # (address, bytes) -> [references, bytes]
         self.current_bytes = 0
         self.peak_bytes = 0
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         """Context manager: tensors saved for backward inside it are counted."""
+        self._excluded = set()
+        for p in self._parameters():
+            with contextlib.suppress(RuntimeError):  # a sharded parameter has no local storage
+                self._excluded.add(p.untyped_storage().data_ptr())
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def reset_peak(self) -> None:

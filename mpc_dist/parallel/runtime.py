@@ -236,10 +236,8 @@ class PipelineRuntime:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-        """Forward-only through replica 0's stages: the logits on its last stage, else None.
+        """Forward-only through this replica's stages: the logits on the last stage, else None.
         ``x`` is read on the first stage only."""
-        if self.topology.replica != 0:
-            return None
         device, dtype = self.options.device, self.options.dtype
         if self.stage == 0:
             state = x.to(device, dtype)

@@ -89,18 +89,31 @@ class Checkpointer:
         """Restore model, optimizer and RNG in place; returns the trainer state."""
         self.verify(path)
         model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
-        state = {"model": model_state, "optim": optim_state}
         try:
+            saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+            missing = [k for k in model_state if f"model.{k}" not in saved]
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {path} lacks {len(missing)} of this model's tensors, e.g. "
+                    f"{missing[:3]}; it was written by another model"
+                )
+            # A parameter no loss ever reached (an aux head outside the plan) has no optimizer
+            # state in the checkpoint: it keeps the fresh state torch gives it here.
+            optim_saved = {k: v for k, v in optim_state.items() if f"optim.{k}" in saved}
+            state = {"model": model_state, "optim": optim_saved}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dcp.load(state, checkpoint_id=path)
+            optim_state.update(state["optim"])
+        except CheckpointError:
+            raise
         except Exception as error:  # DCP's own errors name zip internals, not the fix
             raise CheckpointError(
                 f"checkpoint {path} could not be read ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:120]}); delete it to resume from an earlier one"
             ) from error
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state
         )
         rng = path / f"rng_rank{_rank()}.pt"
         if rng.exists():

@@ -276,6 +276,9 @@ class Shard:
     inputs: bool = True
 
 
+WHOLE = Shard()  # every row of every batch, inputs included
+
+
 def minibatches(
     dataset: Dataset,
     batch_size: int,
@@ -284,7 +287,7 @@ def minibatches(
     shuffle: bool = True,
     drop_last: bool = True,
     start_batch: int = 0,
-    shard: Shard = Shard(),
+    shard: Shard = WHOLE,
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
     """Yield (inputs, targets) batches of one epoch, starting at batch `start_batch`.
 
@@ -303,6 +306,5 @@ def minibatches(
         order = torch.arange(n)
     for b in range(start_batch, total):
         idx = order[b * batch_size : (b + 1) * batch_size]
-        share = len(idx) // shard.count
-        idx = idx[shard.index * share : (shard.index + 1) * share]
+        idx = idx.tensor_split(shard.count)[shard.index]  # equal parts (of a last batch: nearly)
         yield (dataset.inputs[idx] if shard.inputs else None), dataset.targets[idx]

@@ -30,7 +30,7 @@ from ..parallel import (
     stage_ranges,
 )
 from .callbacks import Callback
-from .data import Dataset, Shard, minibatches
+from .data import WHOLE, Dataset, Shard, minibatches
 from .precision import compute_options, grad_scaler
 from .stage import build_stage
 from .step import OptimizerStep, build_optimizer
@@ -76,16 +76,15 @@ def evaluate(
     forward: Callable[[torch.Tensor | None, int], torch.Tensor | None],
     dataset: Dataset,
     batch_size: int,
-    inputs: bool = True,
+    shard: Shard = WHOLE,
 ) -> tuple[float, int]:
-    """Summed loss and correct predictions over ``dataset``; ``forward(inputs, batch_size)``
-    returns logits (None on a pipeline rank without the head; inputs only where read)."""
+    """Summed loss and correct predictions over ``dataset`` (this replica's ``shard`` of every
+    batch); ``forward(inputs, batch_size)`` returns logits (None on a pipeline rank without the
+    head; inputs only where the shard reads them)."""
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    batches = minibatches(
-        dataset, batch_size, 0, 0, shuffle=False, drop_last=False, shard=Shard(inputs=inputs)
-    )
+    batches = minibatches(dataset, batch_size, 0, 0, shuffle=False, drop_last=False, shard=shard)
     for x, y in batches:
         logits = forward(x, len(y))
         if logits is None:  # a pipeline rank that does not hold the head
@@ -101,7 +100,7 @@ class SingleRunner:
     """The horizon engine over every block, in this process."""
 
     chunk_size = 1
-    shard = Shard()
+    shard = WHOLE
     is_logger = True
     description = "single process"
 
@@ -217,7 +216,7 @@ class PipelineRunner:
                 compute_options(config.train, device),
             )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
-                                config.model, config.train.seed)  # fmt: skip
+                                config.model, config.train.seed, p.sharding)  # fmt: skip
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)
@@ -249,12 +248,15 @@ class PipelineRunner:
         return [(loss, correct, share) for loss, correct in results]
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        """Every replica evaluates its share of each test batch (as it trains on its share);
+        the last stages' sums are added up."""
         batch_size = self.config.data.eval_batch_size
-        first = self.topology.stage == 0
-        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size, inputs=first)
+        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size, self.shard)
         gathered: list = [None] * self.topology.world_size
         dist.all_gather_object(gathered, mine)
-        loss, correct = gathered[self.topology.rank_of(self.topology.stages - 1, 0)]
+        t = self.topology
+        last = [gathered[t.rank_of(t.stages - 1, d)] for d in range(t.replicas)]
+        loss, correct = sum(r[0] for r in last), sum(r[1] for r in last)
         return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
 
     def stage_report(self) -> dict[str, list[float]]:

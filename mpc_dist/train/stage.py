@@ -3,6 +3,7 @@ the runtime. The trainer, the benchmark and the tests all build stages here."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,8 @@ import torch
 from ..config import ModelConfig, OptimConfig
 from ..core import Plan
 from ..models import BlockModel, instantiate
-from ..parallel import Groups, PipelineRuntime, RuntimeOptions
+from ..parallel import Groups, PipelineRuntime, RuntimeOptions, all_reduce_gradients
+from ..parallel.fsdp import reduce_gradients, shard_stage
 from .callbacks import Callback
 from .precision import grad_scaler
 from .step import OptimizerStep, build_optimizer
@@ -34,20 +36,30 @@ def build_stage(
     callbacks: Sequence[Callback] = (),
     spec: ModelConfig | None = None,
     seed: int = 0,
+    sharding: str = "none",
 ) -> Stage:
     """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``. A model built on the
-    meta device is allocated here, this part only (``spec``: its weights file and LoRA)."""
+    meta device is allocated here, this part only (``spec``: its weights file and LoRA).
+    ``sharding``: ``fsdp`` shards the part over its data-parallel replicas (FSDP2); otherwise
+    replicas hold whole copies and sum their gradients before the step."""
     first, last = ranges[groups.topology.stage]
     head_copy = plan.reads_shared_head_below_top(model.head_mode)
     weights, lora = (spec.weights, spec.lora) if spec is not None else (None, None)
     part = model.split(first, last, head_copy)
     part = instantiate(part, options.device, options.dtype, seed, weights, lora)
+    reduce = None
+    if groups.data_parallel is not None and sharding == "fsdp":
+        shard_stage(part, groups.data_parallel, options.device)
+        reduce = functools.partial(reduce_gradients, part)
     optimizer = build_optimizer(optim, part.owned_parameters())
+    if groups.data_parallel is not None and sharding != "fsdp":
+        trained = [p for p in part.owned_parameters() if p.requires_grad]
+        reduce = functools.partial(all_reduce_gradients, trained, groups.data_parallel)
     norm_group = groups.pipeline if options.mode == "sync" else None
     step = OptimizerStep(
         optimizer,
         optim.grad_clip,
-        data_parallel=groups.data_parallel,
+        reduce_gradients=reduce,
         norm_group=norm_group,
         callbacks=callbacks,
         scaler=grad_scaler(options.compute, options.device, norm_group),

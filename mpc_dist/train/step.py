@@ -10,14 +10,14 @@ scale: the step is skipped and the scale lowered, as torch's GradScaler does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import OptimConfig
-from ..parallel import all_reduce_gradients
 from .callbacks import Callback
 
 
@@ -54,16 +54,16 @@ class OptimizerStep:
         self,
         optimizer: torch.optim.Optimizer,
         grad_clip: float = 0.0,
-        data_parallel: dist.ProcessGroup | None = None,
+        reduce_gradients: Callable[[], None] | None = None,
         norm_group: dist.ProcessGroup | None = None,
         callbacks: Sequence[Callback] = (),
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        """``data_parallel``: sum gradients over it first; ``norm_group``: the ranks whose
-        gradients make up the global norm and share the non-finite check (sync pipeline);
-        ``scaler``: the fp16 loss scale (``precision.grad_scaler``)."""
+        """``reduce_gradients``: sums (or reduce-scatters) the gradients over the data-parallel
+        replicas first; ``norm_group``: the ranks whose gradients make up the global norm and
+        share the non-finite check (sync pipeline); ``scaler``: the fp16 loss scale."""
         self.optimizer, self.grad_clip = optimizer, grad_clip
-        self.data_parallel, self.norm_group = data_parallel, norm_group
+        self.reduce_gradients, self.norm_group = reduce_gradients, norm_group
         self.callbacks, self.scaler = list(callbacks), scaler
         self.scale_loss = scaler.scale if scaler is not None else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -75,8 +75,8 @@ class OptimizerStep:
         self.steps += 1
         for callback in self.callbacks:
             callback.before_step(self.steps)
-        if self.data_parallel is not None:
-            all_reduce_gradients(self.params, self.data_parallel)
+        if self.reduce_gradients is not None:
+            self.reduce_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = self._checked_norm(torch.as_tensor(loss))
@@ -99,6 +99,8 @@ class OptimizerStep:
         """The global gradient norm; raises TrainingError (gradients dropped) if the loss or the
         norm is not finite anywhere in ``norm_group`` (None for a non-finite norm under fp16)."""
         norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if isinstance(norm, DTensor):  # sharded gradients (FSDP): the norm over all shards
+            norm = norm.full_tensor()
         bad_loss = ~torch.isfinite(loss)
         if self.norm_group is not None:
             stats = torch.stack([norm.double().square(), bad_loss.double().to(norm.device)])

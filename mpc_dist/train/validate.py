@@ -110,6 +110,12 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     shardings = ("none", "zero1", "fsdp")
     need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
+        not (p.sharding == "fsdp" and p.stages > 1 and config.model.head == "shared"
+             and h.horizon < blocks),
+        "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
+        "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
+    )  # fmt: skip
+    need(
         not (p.backend == "nccl" and config.train.device == "cpu"),
         "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
     )
