@@ -108,7 +108,7 @@ class PipelineConfig:
     async_window: int = 32  # minibatches per async schedule; the pipeline drains between them
     timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-    sharding: str = "none"  # none | zero1 (optimizer state) | fsdp (FSDP2) over the D replicas
+    sharding: str = "none"  # none | fsdp (FSDP2: parameters, gradients, optimizer state) over D
 
 
 @dataclass

@@ -50,6 +50,18 @@ def test_unknown_or_mistyped_keys(overrides, field):
         (["pipeline.schedule=gpipe"], "pipeline.schedule=gpipe"),
         (["pipeline.backend=nccl", "train.device=cpu"], "pipeline.backend=nccl"),
         (["ray.placement=STRICT_SPREAD"], "ray.placement"),
+        (["pipeline.sharding=zero1"], "pipeline.sharding=zero1"),
+        (["pipeline.stages=2", "pipeline.sharding=fsdp", "horizon.horizon=2"], "model.head=aux"),
+        (["train.precision=bf16-mixed", "train.dtype=float64"], "train.dtype=float32"),
+        (
+            [
+                "pipeline.stages=2",
+                "pipeline.mode=async",
+                "model.head=aux",
+                "train.precision=fp16-mixed",
+            ],
+            "train.precision=fp16-mixed",
+        ),
     ],
 )
 def test_validation_names_the_field(overrides, field):

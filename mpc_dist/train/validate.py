@@ -107,7 +107,13 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(p.backend in ("auto", "gloo", "nccl"), f"pipeline.backend={p.backend!r}: auto|gloo|nccl")
-    shardings = ("none", "zero1", "fsdp")
+    need(
+        p.sharding != "zero1",
+        "pipeline.sharding=zero1: not offered (torch's ZeroRedundancyOptimizer cannot be "
+        "checkpointed with DCP, DeepSpeed's ZeRO-1 takes over the step); use pipeline.sharding="
+        "fsdp, which also shards parameters and gradients",
+    )
+    shardings = ("none", "fsdp")
     need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
         not (p.sharding == "fsdp" and p.stages > 1 and config.model.head == "shared"
