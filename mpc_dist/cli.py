@@ -13,6 +13,7 @@ import sys
 
 from .config import ConfigError, load_config
 from .core import RULES, Plan
+from .launch.conventions import apply_launcher_settings
 from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
 from .parallel import validate as validate_schedule
 from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate
@@ -46,7 +47,12 @@ def _schedule(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    config = load_config(args.config, args.set)
+    config, notes = apply_launcher_settings(
+        load_config(args.config, args.set), args.deepspeed_config
+    )
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"mpc-dist: {note}", file=sys.stderr)
     if args.dry_run:
         from .train.dry_run import dry_run
 
@@ -77,6 +83,8 @@ def _spawn(args: argparse.Namespace) -> None:
         command += ["--set", item]
     if args.resume:
         command.append("--resume")
+    if args.deepspeed_config:
+        command += ["--deepspeed_config", args.deepspeed_config]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     code = subprocess.call(command, env=env)
     if code:
@@ -142,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (see configs/)")
     _config_arguments(train)
+    train.add_argument("--deepspeed_config", help="a DeepSpeed JSON config (the deepspeed "
+                       "launcher's convention): ZeRO stage, bf16/fp16, clipping")  # fmt: skip
+    train.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # convention
     train.add_argument(
         "--dry-run",
         action="store_true",
