@@ -31,6 +31,7 @@ def shard_stage(part: BlockModel, group: dist.ProcessGroup, device: torch.device
     for module in part.modules():  # sum, not average: the loss is already scaled by 1/(m D)
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     part.set_requires_gradient_sync(False)
     part.set_reshard_after_backward(False)
     # Private: FSDP2 finds its root in the first root forward, and the engine calls blocks,

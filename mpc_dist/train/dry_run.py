@@ -80,9 +80,10 @@ def dry_run(config: Config) -> list[dict]:
         part = model.split(first, last, plan.reads_shared_head_below_top(model.head_mode))
         params = sum(q.numel() for q in part.parameters())
         trainable = sum(q.numel() for q in part.owned_parameters())
-        if config.model.lora is not None:  # adapters and heads only (an estimate)
+        if config.model.lora is not None:  # the adapters and the heads
             trainable = sum(q.numel() for n, q in part.named_parameters()
                             if n.startswith(("head.", "aux_heads.")))  # fmt: skip
+            trainable += _adapter_params(part, config.model.lora)
         optimizer = ADAM_STATES[config.optim.name] * trainable * 4 // shard
         if t.activation_checkpointing == "blocks":  # only each block's input is kept
             per_sample = sum(4 * _numel(model.state_shapes[b]) for b in range(first, last))
@@ -103,6 +104,15 @@ def dry_run(config: Config) -> list[dict]:
         })  # fmt: skip
     _print(config, model, rows, microbatch)
     return rows
+
+
+def _adapter_params(part: BlockModel, lora) -> int:
+    """LoRA's A (rank x in) and B (out x rank) for every targeted linear layer of the blocks."""
+    return sum(
+        lora.rank * (module.in_features + module.out_features)
+        for name, module in part.blocks.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora.targets
+    )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
