@@ -103,6 +103,7 @@ class PipelineConfig:
     replicas: int = 1  # D data-parallel copies of the pipeline; world size = P * D
     mode: str = "sync"  # sync (flush + step together per minibatch) | async (spec section 4)
     schedule: str = "auto"  # auto (horizon schedule) | 1f1b | gpipe (back-propagation only)
+    defer_weights: bool = False  # zero-bubble: weight gradients deferred to fill idle time
     partition: str = "uniform"  # uniform | params | time (profiled) | explicit (blocks_per_stage)
     blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
     async_window: int = 32  # minibatches per async schedule; the pipeline drains between them

@@ -154,3 +154,51 @@ def test_peak_activation_memory_grows_with_the_horizon():
         peaks[h] = engine.memory.peak_bytes
         assert engine.memory.current_bytes == 0, "all saved activations released after backward"
     assert 0 < peaks[1] < peaks[4] < peaks[8]
+
+
+@pytest.mark.parametrize("name", ["residual_mlp", "vit_tiny", "resnet18_aux"])
+def test_weight_pass_split_from_the_input_pass_computes_nothing_twice(name):
+    """B then W equals one backward (float64), and costs the same floating-point operations."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mpc_dist.core.deferral import input_backward
+
+    model = make_model(name)
+    x, _ = make_batch()
+    with torch.no_grad():
+        state = model.block_forward(0, x)
+    leaf = state.detach().requires_grad_()
+    out = model.block_forward(1, leaf)
+    cotangent = torch.randn_like(out)
+    params = model.block_parameters(1)
+    with FlopCounterMode(display=False) as whole:
+        expected = torch.autograd.grad(out, [leaf, *params], cotangent, retain_graph=True)
+    with FlopCounterMode(display=False) as split:
+        grad, deferred = input_backward(out, cotangent, leaf, params)
+        for p in params:
+            p.grad = None
+        deferred.run()
+    torch.testing.assert_close(grad, expected[0], rtol=0, atol=0)
+    for p, g in zip(params, expected[1:], strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert split.get_total_flops() == whole.get_total_flops()
+
+
+@pytest.mark.parametrize("rule", ["receding", "shrinking"])
+def test_deferred_weight_gradients_equal_the_fused_ones(rule):
+    model = make_model("residual_mlp_aux")
+    x, y = make_batch()
+    T = model.num_blocks
+    for h in range(1, T + 1):
+        plan = Plan(rule, h, T)
+        expected = engine_grads(model, plan, x, y)
+        model.zero_grad(set_to_none=True)
+        engine = HorizonEngine(model, plan)
+        losses = engine.forward(0, x, y, eager=False).losses
+        for s in sorted(losses, reverse=True):
+            engine.backward(0, s, defer_weights=True)
+        assert engine.outstanding == 1, "graphs are kept until the weight pass"
+        for s in losses:
+            engine.weight_backward(0, s)
+        assert engine.outstanding == 0
+        assert_same(grads(model), expected)

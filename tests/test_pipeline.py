@@ -46,10 +46,10 @@ def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tenso
     return dict(model.named_parameters())
 
 
-def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon"):
+def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon", defer=False):
     topology = groups.topology
     ranges = stage_ranges(uniform_partition(T, topology.stages))
-    options = RuntimeOptions(m, mode, policy, dtype=torch.float64)
+    options = RuntimeOptions(m, mode, policy, dtype=torch.float64, defer_weights=defer)
     stage = build_stage(make(head), plan, ranges, groups, OptimConfig("adam", lr=0.01), options)
     part, runtime = stage.model, stage.runtime
     share = data[0][0].shape[0] // topology.replicas
@@ -67,19 +67,21 @@ def exactness_cases():
     for stages in (4, 2):
         for h, rule, mode in itertools.product((1, 2, 4), ("receding", "shrinking"), MODES):
             for head in ("aux", "shared") if mode == "sync" else ("aux",):
-                yield stages, h, rule, mode, head
+                for defer in (False, True) if head == "aux" else (False,):
+                    yield stages, h, rule, mode, head, defer
 
 
 def check_exactness(rank: int, world: int) -> None:
-    """P = 4 and P = 2 x D = 2; h in {1, 2, 4}; both rules and modes: 3 steps, 1e-6."""
+    """P = 4 and P = 2 x D = 2; h in {1, 2, 4}; both rules and modes; weight gradients fused or
+    deferred: 3 steps, 1e-6."""
     data = batches()
     layouts = {4: Topology(4, 1, rank), 2: Topology(2, 2, rank)}
     groups = {stages: Groups.create(t) for stages, t in layouts.items()}
-    for stages, h, rule, mode, head in exactness_cases():
+    for stages, h, rule, mode, head, defer in exactness_cases():
         topology, plan, m = layouts[stages], Plan(rule, h, T), 2
         expected = single_process(head, plan, m * topology.replicas, data)
-        part, _ = pipeline(groups[stages], head, plan, m, mode, data)
-        case = f"P={stages} D={topology.replicas} {rule} h={h} {mode} {head}"
+        part, _ = pipeline(groups[stages], head, plan, m, mode, data, defer=defer)
+        case = f"P={stages} D={topology.replicas} {rule} h={h} {mode} {head} defer={defer}"
         for name, p in part.named_parameters():
             torch.testing.assert_close(
                 p, expected[name], rtol=0, atol=1e-6, msg=lambda e, n=f"{case} {name}": f"{n}: {e}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..models import BlockModel
+from .deferral import DeferredWeights, input_backward
 from .memory import ActivationMemory
 from .plan import Plan, Stream
 
@@ -45,6 +46,7 @@ class _Microbatch:
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # output of block t
     pending: dict[int, int] = field(default_factory=dict)  # streams yet to pass block t
     born: dict[int, torch.Tensor] = field(default_factory=dict)  # cotangent at x(s), not yet run
+    deferred: dict[int, list[tuple[int, DeferredWeights]]] = field(default_factory=dict)  # by s
     forwarded: bool = False
 
 
@@ -142,13 +144,18 @@ class HorizonEngine:
     # ------------------------------------------------------------------ backward
 
     def backward(
-        self, microbatch: int, loss_point: int, cotangent: torch.Tensor | None = None
+        self,
+        microbatch: int,
+        loss_point: int,
+        cotangent: torch.Tensor | None = None,
+        defer_weights: bool = False,
     ) -> torch.Tensor | None:
         """Run stream ``loss_point`` through this run's blocks.
 
         ``cotangent`` is dl_s/dx(last) for a stream arriving from above; a stream born in the run
         uses the cotangent its loss produced. Returns dl_s/dx(first) if the stream continues
-        below the run, else None.
+        below the run, else None. With ``defer_weights`` only input gradients are computed now;
+        ``weight_backward(microbatch, loss_point)`` takes the stream's weight gradients later.
         """
         stream = self.plan.stream(loss_point)
         state = self._microbatches[microbatch]
@@ -158,19 +165,41 @@ class HorizonEngine:
         else:
             top = self.last - 1
         for t in range(top, max(stream.low, self.first) - 1, -1):
-            cotangent = self._block_backward(state, stream, t, cotangent)
+            cotangent = self._block_backward(state, stream, t, cotangent, defer_weights)
         self._release(microbatch, state)
         return cotangent if stream.low < self.first else None
 
+    def weight_backward(self, microbatch: int, loss_point: int) -> None:
+        """The weight gradients a deferred ``backward`` of stream ``loss_point`` left."""
+        state = self._microbatches[microbatch]
+        for t, deferred in state.deferred.pop(loss_point, []):
+            deferred.run()
+            self._passed(state, t)
+        self._release(microbatch, state)
+
     def _block_backward(
-        self, state: _Microbatch, stream: Stream, t: int, cotangent: torch.Tensor
+        self,
+        state: _Microbatch,
+        stream: Stream,
+        t: int,
+        cotangent: torch.Tensor,
+        defer_weights: bool = False,
     ) -> torch.Tensor | None:
         leaf, out = state.inputs[t], state.outputs[t]
-        state.pending[t] -= 1
-        done = state.pending[t] == 0
         wants_input = t > stream.low and leaf.requires_grad
         params = self.model.block_parameters(t) if stream.trains(t) else []
-        inputs = ([leaf] if wants_input else []) + [p for p in params if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
+        if defer_weights and params:  # the block's graph stays until the weight pass
+            cotangent = cotangent.to(out.dtype)
+            if wants_input:
+                grad, deferred = input_backward(out, cotangent, leaf, params)
+            else:
+                grad, deferred = None, DeferredWeights(whole=(out, cotangent, params))
+            state.deferred.setdefault(stream.loss_point, []).append((t, deferred))
+            return grad
+        state.pending[t] -= 1
+        done = state.pending[t] == 0
+        inputs = ([leaf] if wants_input else []) + params
         # backward(inputs=...) accumulates into .grad in place and computes only what `inputs`
         # need: a pass-through block costs one input-gradient product, no weight gradient.
         # Nothing to compute (the stream ends on a block with no trainable parameter): skip.
@@ -183,6 +212,12 @@ class HorizonEngine:
             return None
         grad, leaf.grad = leaf.grad, None
         return grad
+
+    def _passed(self, state: _Microbatch, t: int) -> None:
+        """One more stream is done with block t; the last one frees its graph."""
+        state.pending[t] -= 1
+        if state.pending[t] == 0:
+            del state.inputs[t], state.outputs[t], state.pending[t]
 
     def _release(self, microbatch: int, state: _Microbatch) -> None:
         if state.forwarded and not state.outputs:

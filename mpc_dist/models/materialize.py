@@ -32,7 +32,7 @@ def seeded(seed: int, name: str, device: torch.device) -> Iterator[None]:
     """The global RNG, seeded by (seed, name) for the block's duration, then restored."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         yield
 
 

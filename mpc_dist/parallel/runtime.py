@@ -41,6 +41,7 @@ class RuntimeOptions:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # of the parameters and the inputs
     compute: ComputeOptions = ComputeOptions()  # mixed precision, activation checkpointing
+    defer_weights: bool = False  # zero-bubble split: weight gradients as deferred W actions
     trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
 
     @property
@@ -123,6 +124,7 @@ class PipelineRuntime:
         self.handlers: dict[str, Callable[[Action, _Chunk], None]] = {
             "F": self._forward,
             "B": self._backward,
+            "W": self._weights,
             "S": self._step,
             "RF": self._receive,
             "RB": self._receive,
@@ -134,8 +136,9 @@ class PipelineRuntime:
         if num_minibatches not in self._schedules:
             o = self.options
             schedule = generate(
-                self.plan, self.ranges, o.num_microbatches, num_minibatches, o.mode, o.policy
-            )
+                self.plan, self.ranges, o.num_microbatches, num_minibatches, o.mode, o.policy,
+                o.defer_weights,
+            )  # fmt: skip
             validate(schedule)
             self._schedules[num_minibatches] = schedule
         return self._schedules[num_minibatches]
@@ -214,9 +217,14 @@ class PipelineRuntime:
     def _backward(self, action: Action, chunk: _Chunk) -> None:
         n, i, s = action.minibatch, action.microbatch, action.stream
         cotangent = chunk.inbox.pop(action.message, None)  # None: the stream is born here
-        below = self.engine.backward(n * self.options.num_microbatches + i, s, cotangent)
+        microbatch = n * self.options.num_microbatches + i
+        below = self.engine.backward(microbatch, s, cotangent, self.options.defer_weights)
         if below is not None:
             chunk.outbox[action.message] = below
+
+    def _weights(self, action: Action, chunk: _Chunk) -> None:
+        m = self.options.num_microbatches
+        self.engine.weight_backward(action.minibatch * m + action.microbatch, action.stream)
 
     def _step(self, action: Action, chunk: _Chunk) -> None:
         n = action.minibatch

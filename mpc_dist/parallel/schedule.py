@@ -2,7 +2,9 @@
 
 Compute actions are ``F`` (forward a microbatch through the stage, evaluating its loss points),
 ``B`` (run one stream of one microbatch through the stage; it deposits the weight gradients the
-plan assigns to the stage's blocks on its way, so W is fused into B) and ``S`` (optimizer step).
+plan assigns to the stage's blocks on its way), ``W`` (with ``defer_weights``: B computes input
+gradients only, and W the stream's weight gradients, later, wherever the stage would idle: the
+zero-bubble split) and ``S`` (optimizer step).
 A lowering pass adds the messages: ``RF``/``SF`` receive/send an activation, ``RB``/``SB`` a
 stream's cotangent. Each stream is its own unit of work (spec section 3).
 
@@ -22,7 +24,7 @@ from itertools import pairwise
 
 from ..core import Plan, PlanPart, Stream
 
-COMPUTE = ("F", "B", "S")
+COMPUTE = ("F", "B", "W", "S")
 
 
 class ScheduleError(RuntimeError):
@@ -32,16 +34,16 @@ class ScheduleError(RuntimeError):
 @dataclass(frozen=True, order=True)
 class Action:
     stage: int
-    kind: str  # F B S | RF SF RB SB
+    kind: str  # F B W S | RF SF RB SB
     minibatch: int = 0
     microbatch: int = 0
-    stream: int = 0  # loss point, for B / RB / SB
+    stream: int = 0  # loss point, for B / W / RB / SB
 
     def __str__(self) -> str:
         if self.kind == "S":
             return f"{self.stage}S{self.minibatch}"
         where = f"{self.minibatch}.{self.microbatch}"
-        if self.kind in ("B", "RB", "SB"):
+        if self.kind in ("B", "W", "RB", "SB"):
             where += f"s{self.stream}"
         return f"{self.stage}{self.kind}{where}"
 
@@ -61,6 +63,7 @@ class Schedule:
     num_microbatches: int
     num_minibatches: int
     actions: list[list[Action]] = field(default_factory=list)  # per stage, lowered
+    defer_weights: bool = False  # B takes input gradients only; W actions take the weights
 
     @property
     def num_stages(self) -> int:
@@ -84,7 +87,8 @@ class Schedule:
             f"{self.num_stages} stages x {self.plan.num_blocks} blocks, "
             f"{self.num_microbatches} microbatches x {self.num_minibatches} minibatches"
         )
-        legend = "F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, S step"
+        legend = ("F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, W its "
+                  "deferred weight gradients, S step")  # fmt: skip
         rows = [header, legend]
         for stage in range(self.num_stages):
             cells = ["." * (width - 1)] * int(round(end))
@@ -128,8 +132,11 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
         info = infos[action.stage]
         if action.kind == "F":
             return costs.forward * (info.last - info.first) + costs.forward_overhead
-        if action.kind == "B":
-            return backward_cost(plan.stream(action.stream), info, costs) + costs.backward_overhead
+        if action.kind in ("B", "W"):
+            inputs, weights = backward_costs(plan.stream(action.stream), info, costs)
+            if not schedule.defer_weights:
+                return inputs + weights + costs.backward_overhead
+            return inputs + costs.backward_overhead if action.kind == "B" else weights
         if action.kind == "S":
             return costs.step
         return 0.0
@@ -137,14 +144,17 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
     return cost
 
 
+def backward_costs(stream: Stream, info: PlanPart, costs: Costs) -> tuple[float, float]:
+    """One stream through one stage: (input gradients where it passes on, weight gradients
+    where it trains)."""
+    blocks = range(max(stream.low, info.first), min(stream.loss_point, info.last))
+    inputs = sum(costs.input_grad for t in blocks if t > stream.low and t > 0)
+    return inputs, sum(costs.weight_grad for t in blocks if stream.trains(t))
+
+
 def backward_cost(stream: Stream, info: PlanPart, costs: Costs) -> float:
-    """One stream through one stage: input gradients where it passes, weights where it trains."""
-    top = min(stream.loss_point, info.last)
-    total = 0.0
-    for t in range(max(stream.low, info.first), top):
-        total += costs.input_grad * (t > stream.low and t > 0)
-        total += costs.weight_grad * stream.trains(t)
-    return total
+    """One stream through one stage, input and weight gradients together."""
+    return sum(backward_costs(stream, info, costs))
 
 
 def peer(action: Action) -> int:

@@ -213,7 +213,7 @@ class PipelineRunner:
             policy = "horizon" if p.schedule == "auto" else p.schedule
             options = RuntimeOptions(
                 config.data.num_microbatches, p.mode, policy, device, dtype,
-                compute_options(config.train, device),
+                compute_options(config.train, device), p.defer_weights,
             )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
                                 config.model, config.train.seed, p.sharding)  # fmt: skip
