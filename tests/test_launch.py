@@ -96,12 +96,9 @@ def wait_all(processes, timeout: float) -> list[tuple[int, str]]:
 def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
     args = sets(*TINY, "pipeline.stages=4", "horizon.horizon=2", "train.max_steps=50",
                 "data.synthetic_size=2048", f"run.out_dir={tmp_path}")  # fmt: skip
-    started = time.monotonic()
     drill = str(Path(__file__).with_name("fault_drill.py"))
     processes = start_ranks(4, lambda rank: [f"2:2:{kind}", *args], script=drill)
-    results = wait_all(processes, timeout=90)
-    elapsed = time.monotonic() - started
-    assert elapsed < 60 + 15, elapsed  # 60 s after the failure, plus start-up
+    results = wait_all(processes, timeout=90)  # a hang fails here; no wall-clock assertion
     for rank, (code, err) in enumerate(results):
         assert code != 0, f"rank {rank} exited 0"
         if rank != 2:

@@ -4,8 +4,10 @@ Each function runs ONE pipeline-parallel training configuration of another syste
 already-initialized ``torch.distributed`` default process group whose world size is the number of
 pipeline stages ``P`` (rank ``r`` holds stage ``r``); all ranks call the same function:
 
-* :func:`run_torch_pipelining`: ``torch.distributed.pipelining`` with ``Schedule1F1B``,
-  ``ScheduleGPipe`` or ``ScheduleZBVZeroBubble`` (two stages per rank, in a V).
+* :func:`run_torch_pipelining`: ``torch.distributed.pipelining`` with ``Schedule1F1B`` or
+  ``ScheduleGPipe`` (a stage per rank), ``ScheduleInterleaved1F1B`` or
+  ``ScheduleInterleavedZeroBubble`` (two stages per rank, looped: r and r + P), or
+  ``ScheduleZBVZeroBubble`` or ``ScheduleDualPipeV`` (two stages per rank, in a V: r and 2P-1-r).
 * :func:`run_deepspeed_pipeline`: ``deepspeed.pipe.PipelineModule`` + ``engine.train_batch``
   (DeepSpeed's ``TrainSchedule``, a 1F1B schedule).
 
@@ -42,9 +44,26 @@ __all__ = [
     "run_deepspeed_pipeline",
     "run_torch_pipelining",
     "stage_block_ranges",
+    "stages_per_rank",
 ]
 
-TORCH_SCHEDULES = ("Schedule1F1B", "ScheduleGPipe", "ScheduleZBVZeroBubble")
+LOOPED = ("ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble")
+V_SHAPED = ("ScheduleZBVZeroBubble", "ScheduleDualPipeV")
+TORCH_SCHEDULES = ("Schedule1F1B", "ScheduleGPipe", *LOOPED, *V_SHAPED)
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule in LOOPED or schedule in V_SHAPED else 1
+
+
+def stage_ids(schedule: str, world: int, rank: int) -> list[int]:
+    """The global stage indices rank ``rank`` holds, in its own order."""
+    if schedule in V_SHAPED:
+        return [rank, 2 * world - 1 - rank]
+    if schedule in LOOPED:
+        return [rank, rank + world]
+    return [rank]
+
 
 # Tiny, so that benchmark runs of many steps stay finite whatever the blocks are.
 DEFAULT_LR = 1e-4
@@ -85,17 +104,12 @@ def make_batch(
 
 
 def stage_block_ranges(schedule: str, num_blocks: int, world: int, rank: int) -> list[range]:
-    """Global block indices of the stage(s) rank ``rank`` holds, in stage order.
+    """Global block indices of the stage(s) rank ``rank`` holds (see ``stage_ids``).
 
-    1F1B/GPipe/DeepSpeed: one contiguous range (stage ``rank`` of ``world``). ZBV: two ranges,
-    stage ``rank`` and stage ``2 * world - 1 - rank`` of ``2 * world`` stages.
+    1F1B/GPipe/DeepSpeed: one contiguous range (stage ``rank`` of ``world``); the others: two
+    ranges of ``2 * world`` stages.
     """
-    if schedule == "ScheduleZBVZeroBubble":
-        num_stages = 2 * world
-        stage_ids = [rank, num_stages - 1 - rank]
-    else:
-        num_stages = world
-        stage_ids = [rank]
+    num_stages = world * stages_per_rank(schedule)
     if num_blocks % num_stages:
         raise ValueError(
             f"{schedule}: num_blocks={num_blocks} must be divisible by the number of pipeline "
@@ -103,7 +117,7 @@ def stage_block_ranges(schedule: str, num_blocks: int, world: int, rank: int) ->
             + (", two stages per rank)" if num_stages != world else ")")
         )
     per_stage = num_blocks // num_stages
-    return [range(s * per_stage, (s + 1) * per_stage) for s in stage_ids]
+    return [range(s * per_stage, (s + 1) * per_stage) for s in stage_ids(schedule, world, rank)]
 
 
 def _device() -> torch.device:
@@ -151,8 +165,9 @@ def run_torch_pipelining(
 ) -> BaselineResult:
     """Train with a ``torch.distributed.pipelining`` schedule for ``warmup + steps`` steps.
 
-    Rank ``r`` of ``P`` holds stage ``r`` of ``P`` (1F1B, GPipe) or stages ``r`` and
-    ``2P - 1 - r`` of ``2P`` (ZBV, whose first AND last stage are on rank 0). Each step:
+    Rank ``r`` of ``P`` holds stage ``r`` of ``P`` (1F1B, GPipe), stages ``r`` and ``r + P``
+    of ``2P`` (interleaved) or ``r`` and ``2P - 1 - r`` (V-shaped: rank 0 holds the first AND
+    the last stage). Each step:
     ``barrier``; then, timed and inside ``around_step()``: ``schedule.step``, SGD step,
     ``zero_grad``. Gradients are averaged over
     microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
@@ -164,14 +179,13 @@ def run_torch_pipelining(
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {TORCH_SCHEDULES}")
     _check_common(microbatch_shape, num_microbatches, steps, warmup)
     world, rank = dist.get_world_size(), dist.get_rank()
-    zbv = schedule == "ScheduleZBVZeroBubble"
-    num_stages = 2 * world if zbv else world
+    num_stages = world * stages_per_rank(schedule)
     if schedule == "Schedule1F1B" and num_microbatches < num_stages:
         raise ValueError(
             f"Schedule1F1B needs num_microbatches >= stages ({num_stages}); got {num_microbatches}"
         )
     ranges = stage_block_ranges(schedule, num_blocks, world, rank)
-    stage_ids = [rank, num_stages - 1 - rank] if zbv else [rank]
+    ids = stage_ids(schedule, world, rank)
 
     device = _device()
     modules = [nn.Sequential(*[make_block(i) for i in blocks]).to(device) for blocks in ranges]
@@ -193,13 +207,11 @@ def run_torch_pipelining(
             input_args=example(stage_id > 0),
             output_args=example(True),
         )
-        for module, stage_id in zip(modules, stage_ids, strict=True)
+        for module, stage_id in zip(modules, ids, strict=True)
     ]
     schedule_cls = getattr(schedules, schedule)
-    if zbv:
-        pipe = schedule_cls(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
-    else:
-        pipe = schedule_cls(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)
+    pipe = schedule_cls(stages if len(stages) > 1 else stages[0], n_microbatches=num_microbatches,
+                        loss_fn=loss_fn)  # fmt: skip
     is_first = any(s.is_first for s in stages)
     is_last = any(s.is_last for s in stages)
 

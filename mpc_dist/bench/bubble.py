@@ -1,10 +1,14 @@
-"""`mpc-dist bench`: pipeline bubbles and throughput of our schedules against BP baselines.
+"""`mpc-dist bench`: pipeline bubbles, throughput and activation memory of our schedules against
+the field, at several microbatch counts.
 
-All systems run the same emulated blocks (``emulate.py``) in one set of P processes: our
-BP-1F1B and BP-GPipe, our horizon schedules (rules x horizons x modes), torch.distributed.pipelining
-(Schedule1F1B, ScheduleGPipe, ScheduleZBVZeroBubble) and DeepSpeed's PipelineEngine. Every
-number is measured from the blocks' own timestamps, identically for every system, and compared
-with the simulator's prediction for the same schedule and costs.
+All systems run the same emulated blocks (``emulate.py``) in one set of P processes, at every
+m of ``--microbatches`` (default P and 4P): our BP-1F1B, BP-1F1B with deferred weight gradients
+(zero-bubble's split), BP-GPipe and horizon schedules (rules x horizons x modes);
+torch.distributed.pipelining's 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble,
+ZBVZeroBubble and DualPipeV; and DeepSpeed's PipelineEngine. Every number is measured from the
+blocks' own timestamps, identically for every system, and ours are compared with the
+simulator's prediction for the same schedule and costs. Peak activation memory is counted with
+saved-tensor hooks on every rank.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..parallel import (
     Groups,
     RuntimeOptions,
     Topology,
-    backward_cost,
+    action_costs,
     busy_time,
     generate,
     simulate,
@@ -43,15 +47,25 @@ from ..train import build_stage
 from ..train.metrics import console
 from . import emulate
 
+# --systems names -> torch.distributed.pipelining schedule classes (the rest: two stages per rank)
+TORCH = {
+    "1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B",
+    "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}  # fmt: skip
+SYSTEMS = (*TORCH, "deepspeed")
+
 
 @dataclass
 class Case:
     system: str  # ours | torch | deepspeed
     name: str
+    microbatches: int
     rule: str = "receding"
     horizon: int = 0  # 0: back-propagation (h = P)
     mode: str = "sync"
     policy: str = "horizon"  # ours: 1f1b | gpipe | horizon; torch: the schedule class
+    defer: bool = False  # ours: weight gradients deferred (W actions)
 
 
 @dataclass
@@ -65,28 +79,33 @@ class Result:
     simulated_time: float | None = None
     fill: float | None = None  # async: seconds until the last stage starts
     overhead_ms: tuple[float, float] = (0.0, 0.0)  # measured framework time per F, per B action
-    peak_mib: list[float] = field(default_factory=list)
+    peak_mib: list[float] = field(default_factory=list)  # activations per rank
     vs_torch_1f1b: float = 0.0  # speed-up in time per minibatch over torch Schedule1F1B
+    vs_best_torch: float = 0.0  # ... over the fastest torch schedule at the same m
     trace: list[tuple[int, str, float, float]] = field(default_factory=list)  # stage, kind, s, e
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
-    P = args.stages
-    out = [
-        Case("torch", "torch Schedule1F1B", policy="Schedule1F1B"),
-        Case("torch", "torch ScheduleGPipe", policy="ScheduleGPipe"),
-        Case("ours", "ours BP-1F1B", policy="1f1b"),
-        Case("ours", "ours BP-GPipe", policy="gpipe"),
-    ]
-    for mode in args.modes:
-        for rule in args.rules:
-            for h in args.horizons:
-                if h < P and not (rule == "shrinking" and h == 1):  # shrinking 1 == receding 1
-                    out.append(Case("ours", f"ours {rule} h={h} {mode}", rule, h, mode))
-    if "zbv" in args.systems:
-        out.append(Case("torch", "torch ScheduleZBVZeroBubble", policy="ScheduleZBVZeroBubble"))
-    if "deepspeed" in args.systems:
-        out.append(Case("deepspeed", "DeepSpeed PipelineEngine (1F1B)", policy="1f1b"))
+    P, out = args.stages, []
+    for m in args.microbatches:
+        out += [Case("torch", f"torch {TORCH[s]}", m, policy=TORCH[s]) for s in args.systems
+                if s in TORCH]  # fmt: skip
+        out += [
+            Case("ours", "ours BP-1F1B", m, policy="1f1b"),
+            Case("ours", "ours BP-1F1B +W", m, policy="1f1b", defer=True),
+            Case("ours", "ours BP-GPipe", m, policy="gpipe"),
+        ]
+        for mode in args.modes:
+            for rule in args.rules:
+                for h in args.horizons:
+                    if h >= P or (rule == "shrinking" and h == 1):  # shrinking 1 == receding 1
+                        continue
+                    out.append(Case("ours", f"ours {rule} h={h} {mode}", m, rule, h, mode))
+                    if h in args.defer_horizons and rule == "receding":
+                        out.append(Case("ours", f"ours {rule} h={h} {mode} +W", m, rule, h, mode,
+                                        defer=True))  # fmt: skip
+        if "deepspeed" in args.systems:
+            out.append(Case("deepspeed", "DeepSpeed PipelineEngine (1F1B)", m, policy="1f1b"))
     return out
 
 
@@ -94,16 +113,16 @@ def cases(args: argparse.Namespace) -> list[Case]:
 
 
 def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> dict:
-    P, m = args.stages, args.microbatches
+    P, m = args.stages, case.microbatches
     cost = args.cost_ms / 1000
     model = emulate.emulated_model(
         P, args.width, cost, cost, cost, aux_heads=case.mode == "async", recorder=recorder
     )
     plan = Plan(case.rule, case.horizon or P, P)
     frozen = OptimConfig(name="sgd", lr=0.0, momentum=0.0)  # timing only: weights stay put
-    options = RuntimeOptions(m, case.mode, case.policy, trace=True)
+    options = RuntimeOptions(m, case.mode, case.policy, trace=True, defer_weights=case.defer)
     runtime = build_stage(model, plan, stage_ranges([1] * P), groups, frozen, options).runtime
-    batch = _batch(args)
+    batch = _batch(args, m)
     total = args.warmup + args.steps
     step_times, windows = [], []
     if case.mode == "sync":
@@ -123,15 +142,15 @@ def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> d
     steps = [end for action, _, end in runtime.trace if action.kind == "S"]
     first_forward = min(s for action, s, _ in runtime.trace if action.kind == "F")
     # Framework time per action besides the emulated blocks, to calibrate the simulator.
-    info, costs = runtime.schedule(1).stages[runtime.stage], Costs(cost, cost, cost)
-    stream_cost = {s.loss_point: backward_cost(s, info, costs) for s in info.streams}
-    f_over = [e - s - cost for a, s, e in runtime.trace if a.kind == "F"]
-    b_over = [e - s - stream_cost[a.stream] for a, s, e in runtime.trace if a.kind == "B"]
+    schedule = runtime.schedule(1)
+    predicted = action_costs(schedule, Costs(cost, cost, cost))
+    over = {kind: [e - s - predicted(a) for a, s, e in runtime.trace if a.kind == kind]
+            for kind in ("F", "B", "W")}  # fmt: skip
     return {
         "step_times": step_times, "windows": windows, "step_ends": steps,
         "first_forward": first_forward, "peak": runtime.engine.memory.peak_bytes,
-        "actions": [(s, e) for a, s, e in runtime.trace if a.kind in ("F", "B")],
-        "overhead": (statistics.median(f_over), statistics.median(b_over) if b_over else 0.0),
+        "actions": [(s, e) for a, s, e in runtime.trace if a.kind in ("F", "B", "W")],
+        "overhead": tuple(statistics.median(o) if o else 0.0 for o in over.values()),
         # the stage that reaches a step last waits least: its duration is the step's own cost
         "step_durations": [e - s for a, s, e in runtime.trace if a.kind == "S"],
     }  # fmt: skip
@@ -141,7 +160,7 @@ def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
     from . import baselines
 
     P, cost = args.stages, args.cost_ms / 1000
-    blocks = 2 * P if case.policy == "ScheduleZBVZeroBubble" else P
+    blocks = P * baselines.stages_per_rank(case.policy)
     # Same per-stage compute for every system: a stage holding two blocks runs them at half cost.
     per_block = cost * P / blocks
 
@@ -151,7 +170,7 @@ def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
     meter = ActivationMemory()
     shape = (args.microbatch_size, args.width)
     common = dict(make_block=make_block, num_blocks=blocks, microbatch_shape=shape,
-                  num_microbatches=args.microbatches, steps=args.steps, warmup=args.warmup,
+                  num_microbatches=case.microbatches, steps=args.steps, warmup=args.warmup,
                   around_step=meter.hooks)  # fmt: skip
     if case.system == "torch":
         result = baselines.run_torch_pipelining(case.policy, **common)
@@ -161,9 +180,9 @@ def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
             "first_forward": None, "peak": meter.peak_bytes}  # fmt: skip
 
 
-def _batch(args) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(args, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    n = args.microbatch_size * args.microbatches
+    n = args.microbatch_size * m
     return torch.randn(n, args.width, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
@@ -258,15 +277,14 @@ def _summarize(case: Case, gathered: list, args) -> Result:
             [statistics.mean(1 - busy_time(iv, w) / (w[1] - w[0]) for w in windows) for iv in kind]
             for kind in (actions, compute)
         )
-    result.samples_per_s = args.microbatch_size * args.microbatches / result.time_per_minibatch
+    result.samples_per_s = args.microbatch_size * case.microbatches / result.time_per_minibatch
     result.peak_mib = [r["peak"] / 2**20 for r in per_rank]
-    calibration = (0.0, 0.0, 0.0)
-    if case.system == "ours":  # framework time per F, per B action and per step, as measured
+    calibration = (0.0, 0.0, 0.0, 0.0)
+    if case.system == "ours":  # framework time per F, B, W action and per step, as measured
         overheads = [r["overhead"] for r in per_rank]
         steps = zip(*(r["step_durations"] for r in per_rank), strict=True)
         calibration = (
-            statistics.median(o[0] for o in overheads),
-            statistics.median(o[1] for o in overheads),
+            *(statistics.median(o[k] for o in overheads) for k in range(3)),
             statistics.median(min(durations) for durations in steps),
         )
     _simulate_case(result, args, P, calibration)
@@ -286,18 +304,19 @@ def _simulated_schedule(case: Case, args):
         return None, None
     minibatches = args.warmup + args.steps if case.mode == "async" else 1
     return generate(
-        plan, stage_ranges([1] * P), args.microbatches, minibatches, case.mode, policy
+        plan, stage_ranges([1] * P), case.microbatches, minibatches, case.mode, policy, case.defer
     ), minibatches
 
 
-def _simulate_case(result: Result, args, P: int, overhead: tuple[float, float, float]) -> None:
+def _simulate_case(result: Result, args, P: int, overhead: tuple[float, ...]) -> None:
     schedule, minibatches = _simulated_schedule(result.case, args)
     if schedule is None:
         return
     cost = args.cost_ms / 1000
-    costs = Costs(cost, cost, cost, step=overhead[2], latency=args.latency_ms / 1000,
-                  forward_overhead=overhead[0], backward_overhead=overhead[1])  # fmt: skip
-    result.overhead_ms = (1000 * overhead[0], 1000 * overhead[1])
+    costs = Costs(cost, cost, cost, step=overhead[3], latency=args.latency_ms / 1000,
+                  forward_overhead=overhead[0], backward_overhead=overhead[1],
+                  weight_overhead=overhead[2])  # fmt: skip
+    result.overhead_ms = tuple(1000 * o for o in overhead[:3])
     events = simulate(schedule, costs)
     compute = [e for e in events if e.action.kind in COMPUTE]
     if result.case.mode == "async":
@@ -320,10 +339,11 @@ def _print_row(r: Result) -> None:
     def pct(values) -> str:
         return f"{100 * statistics.mean(values):5.1f}%" if values else "  n/a "
 
+    peak = f"{max(r.peak_mib):6.1f} MiB" if r.peak_mib else "   n/a    "
     console.print(
-        f"{r.case.name:<34} {1000 * r.time_per_minibatch:8.1f} ms {r.samples_per_s:7.0f}/s  "
-        f"bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} "
-        f"compute-only {pct(r.compute_bubble)}",
+        f"m={r.case.microbatches:<3} {r.case.name:<38} {1000 * r.time_per_minibatch:8.1f} ms "
+        f"{r.samples_per_s:7.0f}/s  bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} "
+        f"compute-only {pct(r.compute_bubble)}  peak {peak}",
         soft_wrap=True,
     )
 
@@ -331,12 +351,16 @@ def _print_row(r: Result) -> None:
 def _finish(results: list[Result], args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = next(
-        (r for r in results if r.case.policy == "Schedule1F1B" and r.time_per_minibatch), None
-    )
-    for r in results:
-        if base and r.time_per_minibatch:
-            r.vs_torch_1f1b = base.time_per_minibatch / r.time_per_minibatch
+    for m in args.microbatches:
+        here = [r for r in results if r.case.microbatches == m and r.time_per_minibatch]
+        torch_runs = [r for r in here if r.case.system == "torch"]
+        one_f_one_b = next((r for r in torch_runs if r.case.policy == "Schedule1F1B"), None)
+        best = min(torch_runs, key=lambda r: r.time_per_minibatch, default=None)
+        for r in here:
+            if one_f_one_b:
+                r.vs_torch_1f1b = one_f_one_b.time_per_minibatch / r.time_per_minibatch
+            if best:
+                r.vs_best_torch = best.time_per_minibatch / r.time_per_minibatch
     rows = [_row(r) for r in results]
     with (out / "bench.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -349,17 +373,25 @@ def _finish(results: list[Result], args) -> None:
             indent=1,
         )
     )
-    from .plots import gantt, horizon_sweep
+    from .plots import gantt, horizon_sweep, throughput_vs_memory
 
     for r in results:
         if r.trace:
-            slug = r.case.name.split(" (failed")[0].replace(" ", "_").replace("=", "")
+            slug = f"m{r.case.microbatches}_" + (
+                r.case.name.split(" (failed")[0].replace(" ", "_").replace("=", "")
+                .replace("+", "plus")
+            )  # fmt: skip
             _chrome_trace(r, out / "traces" / f"{slug}.json")
-            gantt(r.trace, args.stages, out / "gantt" / f"{slug}.png", r.case.name)
-    horizon_sweep(rows, out / "horizon_sweep.png")
+            gantt(r.trace, args.stages, out / "gantt" / f"{slug}.png",
+                  f"{r.case.name}, m = {r.case.microbatches}")  # fmt: skip
+    for m in args.microbatches:
+        mine = [row for row in rows if row["microbatches"] == m]
+        horizon_sweep(mine, out / f"horizon_sweep_m{m}.png", f"P = {args.stages}, m = {m}")
+        throughput_vs_memory(mine, out / f"throughput_vs_memory_m{m}.png",
+                             f"P = {args.stages}, m = {m}")  # fmt: skip
     console.print(
         f"\nwrote {out}/: bench.md, bench.csv, traces/*.json (Perfetto), gantt/*.png, "
-        "horizon_sweep.png"
+        "horizon_sweep_m*.png, throughput_vs_memory_m*.png"
     )
 
 
@@ -368,14 +400,17 @@ def _row(r: Result) -> dict:
         return round(100 * statistics.mean(values), 2) if values else ""
 
     return {
-        "configuration": r.case.name, "system": r.case.system, "rule": r.case.rule,
-        "horizon": r.case.horizon or "", "mode": r.case.mode,
+        "configuration": r.case.name, "system": r.case.system, "microbatches": r.case.microbatches,
+        "rule": r.case.rule, "horizon": r.case.horizon or "", "mode": r.case.mode,
+        "deferred_weights": r.case.defer,
         "ms_per_minibatch": round(1000 * r.time_per_minibatch, 2),
         "samples_per_s": round(r.samples_per_s, 1),
+        "speedup_vs_best_torch": round(r.vs_best_torch, 3),
         "speedup_vs_torch_1f1b": round(r.vs_torch_1f1b, 3),
+        "peak_activation_mib_max": round(max(r.peak_mib), 2) if r.peak_mib else "",
         "bubble_pct": pct(r.bubble), "simulated_bubble_pct": pct(r.simulated_bubble),
         "compute_bubble_pct": pct(r.compute_bubble),
-        "overhead_ms_per_F_B": " ".join(f"{o:.2f}" for o in r.overhead_ms),
+        "overhead_ms_per_F_B_W": " ".join(f"{o:.2f}" for o in r.overhead_ms),
         "simulated_ms_per_minibatch": round(1000 * r.simulated_time, 2) if r.simulated_time else "",
         "fill_ms": round(1000 * r.fill, 1) if r.fill is not None else "",
         "bubble_per_stage_pct": " ".join(f"{100 * b:.1f}" for b in r.bubble),
@@ -384,18 +419,18 @@ def _row(r: Result) -> dict:
 
 
 def _markdown(rows: list[dict], args) -> str:
-    cols = ["configuration", "ms_per_minibatch", "samples_per_s", "speedup_vs_torch_1f1b",
-            "bubble_pct", "simulated_bubble_pct", "compute_bubble_pct",
-            "simulated_ms_per_minibatch", "fill_ms", "peak_activation_mib_per_stage"]  # fmt: skip
+    cols = ["configuration", "ms_per_minibatch", "samples_per_s", "speedup_vs_best_torch",
+            "speedup_vs_torch_1f1b", "peak_activation_mib_max", "bubble_pct",
+            "simulated_bubble_pct", "compute_bubble_pct", "fill_ms"]  # fmt: skip
     lines = [
-        f"P = {args.stages} stages, m = {args.microbatches} microbatches of "
-        f"{args.microbatch_size} x {args.width}, emulated F = B = W = {args.cost_ms} ms per "
-        f"block, {args.steps} measured steps after {args.warmup} warm-up.",
-        "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        f"P = {args.stages} stages, microbatches of {args.microbatch_size} x {args.width}, "
+        f"emulated F = B = W = {args.cost_ms} ms per block, {args.steps} measured steps after "
+        f"{args.warmup} warm-up.",
     ]
-    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+    for m in args.microbatches:
+        lines += ["", f"### m = {m}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |"
+                  for row in rows if row["microbatches"] == m]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -417,30 +452,31 @@ def _chrome_trace(r: Result, path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     parser.add_argument("--stages", type=int, default=8)
-    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatches", type=ints, help="m values (default: P,4P)")
     parser.add_argument("--microbatch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=1024, help="activation width (real tensors)")
     parser.add_argument("--cost-ms", type=float, default=30.0, help="F = B = W per block")
     parser.add_argument("--latency-ms", type=float, default=0.5, help="simulator message latency")
+    parser.add_argument("--horizons", type=ints, default=[1, 2, 3, 4])
     parser.add_argument(
-        "--horizons", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4]
+        "--defer-horizons", type=ints, default=[2], help="also run these h with deferred W"
     )
     parser.add_argument("--rules", type=lambda s: s.split(","), default=["receding", "shrinking"])
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["sync", "async"])
     parser.add_argument(
-        "--systems",
-        type=lambda s: s.split(","),
-        default=["zbv", "deepspeed"],
-        help="extra baselines besides torch 1F1B/GPipe: zbv, deepspeed",
-    )
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+        "--systems", type=lambda text: text.split(","), default=list(SYSTEMS),
+        help=f"baselines (default all): {', '.join(SYSTEMS)}; none for ours only",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="runs/bench")
 
 
 def main(args: argparse.Namespace) -> None:
     """Start one process per stage with torchrun; each runs ``worker``."""
+    args.microbatches = args.microbatches or [args.stages, 4 * args.stages]
     forwarded = []
     for key, value in vars(args).items():
         if key in ("command", "run"):

@@ -38,13 +38,14 @@ def gantt(
     return path
 
 
-def horizon_sweep(rows: list[dict], path: Path) -> Path:
+def horizon_sweep(rows: list[dict], path: Path, title: str = "") -> Path:
     """Samples/s and bubble against h, one line per rule and mode, BP baselines as lines."""
     fig, (ax_rate, ax_bubble) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.suptitle(title)
     series: dict[str, list[tuple[int, float, float]]] = {}
     for row in rows:
         if row["system"] == "ours" and row["horizon"] and row["samples_per_s"]:
-            key = f"{row['rule']} {row['mode']}"
+            key = f"{row['rule']} {row['mode']}" + (" +W" if row.get("deferred_weights") else "")
             series.setdefault(key, []).append(
                 (int(row["horizon"]), row["samples_per_s"], row["bubble_pct"])
             )
@@ -67,5 +68,30 @@ def horizon_sweep(rows: list[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def throughput_vs_memory(rows: list[dict], path: Path, title: str = "") -> Path:
+    """One point per configuration: samples/s against the peak activation memory of its most
+    loaded rank. Up and to the left wins at any memory budget."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = {"ours": ("o", "#DD8452"), "torch": ("s", "#4C72B0"), "deepspeed": ("^", "#55A868")}
+    for row in rows:
+        if not row["samples_per_s"] or row["peak_activation_mib_max"] == "":
+            continue
+        marker, colour = styles[row["system"]]
+        x, y = row["peak_activation_mib_max"], row["samples_per_s"]
+        ax.scatter(x, y, marker=marker, color=colour)
+        label = row["configuration"].removeprefix("ours ").removeprefix("torch Schedule")
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    for system, (marker, colour) in styles.items():
+        ax.scatter([], [], marker=marker, color=colour, label=system)
+    ax.set(xlabel="peak activation memory of the busiest rank (MiB)", ylabel="samples / s",
+           title=title or "throughput against memory")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

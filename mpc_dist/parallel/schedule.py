@@ -118,6 +118,7 @@ class Costs:
     latency: float = 0.0  # per message
     forward_overhead: float = 0.0  # per F action (framework time besides the blocks)
     backward_overhead: float = 0.0  # per B action
+    weight_overhead: float = 0.0  # per W action
 
 
 def unit_costs(schedule: Schedule) -> Callable[[Action], float]:
@@ -136,7 +137,9 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
             inputs, weights = backward_costs(plan.stream(action.stream), info, costs)
             if not schedule.defer_weights:
                 return inputs + weights + costs.backward_overhead
-            return inputs + costs.backward_overhead if action.kind == "B" else weights
+            if action.kind == "B":
+                return inputs + costs.backward_overhead
+            return weights + costs.weight_overhead
         if action.kind == "S":
             return costs.step
         return 0.0
