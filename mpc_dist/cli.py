@@ -1,4 +1,5 @@
-"""``mpc-dist``: plan, schedule, train, ray, compare, bench, simulate, bench-engine.
+"""``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
+bench-engine.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -10,6 +11,8 @@ import argparse
 import os
 import subprocess
 import sys
+
+import torch
 
 from .config import ConfigError, load_config
 from .core import RULES, Plan
@@ -89,6 +92,48 @@ def _spawn(args: argparse.Namespace) -> None:
     code = subprocess.call(command, env=env)
     if code:
         raise SystemExit(code)
+
+
+def _measured_setup(args: argparse.Namespace):
+    """Config, meta-device model and training data, as `train` would have them."""
+    from .models import build_model
+    from .train import load_dataset
+
+    config = load_config(args.config, args.set)
+    validate(config)
+    d = config.data
+    dataset = load_dataset(d.dataset, "train", d.root, d.synthetic_size, config.train.seed)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, dataset.input_shape, dataset.num_classes, device="meta")
+    return config, model, dataset
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .horizon import candidate_horizons
+    from .train.checkpoint import Checkpointer
+    from .train.horizon import probe_checkpoints, write_probe
+
+    config, model, dataset = _measured_setup(args)
+    checkpoints = [Path(c) for c in args.checkpoint]
+    if args.run_dir:
+        checkpoints += Checkpointer(Path(args.run_dir) / "checkpoints").all()
+    horizons = args.horizons or candidate_horizons(model.num_blocks)
+    rows = probe_checkpoints(config, model, dataset, checkpoints, horizons, args.batches)
+    for row in rows:
+        print(f"step {row['step']:>6}  {row['rule']:<9} h={row['horizon']:<3} "
+              f"cos {row['cos']:.4f}  1 - cos^2 {row['one_minus_cos2']:.3e}")  # fmt: skip
+    written = write_probe(rows, Path(args.out))
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _select_horizon(args: argparse.Namespace) -> None:
+    from .train.horizon import choose_plan, report
+
+    config, model, dataset = _measured_setup(args)
+    _, selection = choose_plan(config, model, dataset)
+    report(selection)
 
 
 def _ray(args: argparse.Namespace) -> None:
@@ -176,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--workers-per-node", type=int, default=0,
                      help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
     ray.set_defaults(run=_ray)
+
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    probe = commands.add_parser(
+        "probe", help="gradient alignment cos(theta_h) with back-propagation, per h and rule"
+    )
+    _config_arguments(probe)
+    probe.add_argument("--run", dest="run_dir", help="a run directory: probe each checkpoint")
+    probe.add_argument("--checkpoint", action="append", default=[], help="a checkpoint folder")
+    probe.add_argument("--horizons", type=ints, help="default: 1, 2, 4, ..., T")
+    probe.add_argument("--batches", type=int, default=4, help="microbatches to measure on")
+    probe.add_argument("--out", default="runs/probe", help="folder for probe.csv/json/png")
+    probe.set_defaults(run=_probe)
+
+    select = commands.add_parser(
+        "select-horizon", help="measure every rule and h; choose for horizon.objective"
+    )
+    _config_arguments(select)
+    select.set_defaults(run=_select_horizon)
 
     compare = commands.add_parser("compare", help="compare two runs' final weights")
     compare.add_argument("run_a", help="run directory, e.g. runs/mnist_4stage")

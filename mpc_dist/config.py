@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -50,7 +51,15 @@ class ModelConfig:
 @dataclass
 class HorizonConfig:
     rule: str = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
-    horizon: int = 4  # h, 1 <= h <= T; h = T is back-propagation
+    horizon: int | Literal["auto"] = 4  # h, 1 <= h <= T (T: back-propagation), or auto (h, rule)
+    # horizon: auto chooses by measuring every rule and h on the model, data and device:
+    objective: str = "tradeoff"  # memory (budget) | speed (min_alignment) | tradeoff (penalty)
+    memory_budget_mib: float = 0.0  # memory: the most per device
+    min_alignment: float = 0.9  # speed: cos^2(theta_h) with back-propagation at least
+    penalty: float = 0.5  # tradeoff: score - penalty x (step time / back-propagation's)
+    probe_batches: int = 4  # microbatches the candidates are measured on
+    progress_steps: int = 20  # steps of the short-run loss-progress measurement (0: alignment)
+    reselect_every: int = 0  # epochs between re-selections (single process); 0: at start only
 
 
 @dataclass
@@ -157,6 +166,18 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if value is None:
             return None
         kind = next(a for a in get_args(kind) if a is not type(None))
+    if get_origin(kind) in (Union, UnionType):  # e.g. int | str: the first type that takes it
+        for option in get_args(kind):
+            try:
+                return _coerce(where, value, option)
+            except ConfigError:
+                continue
+        names = " or ".join(_name(k) for k in get_args(kind))
+        raise ConfigError(f"{where}={value!r}: expected {names}")
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            raise ConfigError(f"{where}={value!r}: expected {_name(kind)}")
+        return value
     if dataclasses.is_dataclass(kind):  # a nested section, e.g. model.lora
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={value!r}: expected a mapping of {kind.__name__} fields")
@@ -178,6 +199,12 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}={value!r}: expected {kind.__name__}")
     return value
+
+
+def _name(kind: Any) -> str:
+    if get_origin(kind) is Literal:
+        return " or ".join(repr(v) for v in get_args(kind))
+    return getattr(kind, "__name__", str(kind))
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

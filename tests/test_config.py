@@ -51,6 +51,12 @@ def test_unknown_or_mistyped_keys(overrides, field):
         (["pipeline.backend=nccl", "train.device=cpu"], "pipeline.backend=nccl"),
         (["ray.placement=STRICT_SPREAD"], "ray.placement"),
         (["pipeline.sharding=zero1"], "pipeline.sharding=zero1"),
+        (["horizon.horizon=auto", "horizon.objective=cheap"], "horizon.objective"),
+        (["horizon.horizon=auto", "horizon.objective=memory"], "horizon.memory_budget_mib"),
+        (
+            ["horizon.horizon=auto", "horizon.reselect_every=1", "pipeline.stages=2"],
+            "horizon.reselect_every",
+        ),
         (["pipeline.stages=2", "pipeline.sharding=fsdp", "horizon.horizon=2"], "model.head=aux"),
         (["train.precision=bf16-mixed", "train.dtype=float64"], "train.dtype=float32"),
         (

@@ -186,15 +186,18 @@ def test_deferred_weight_schedules_are_valid_and_complete_under_rendezvous(mode,
                 assert kinds.count("W") >= m * schedule.num_minibatches
 
 
-def test_deferred_weights_fill_the_drain_at_equal_memory():
-    """F = B = W: back-propagation with deferred weight gradients takes less time than 1F1B,
-    and never holds more microbatches per stage (the in-flight limit counts W)."""
+def test_deferred_weights_reach_zero_bubble_h1_at_equal_peak_memory():
+    """F = B = W: back-propagation with deferred weight gradients takes 3m + P - 1 units (1F1B:
+    about 3(m + P - 1); block 0 needs no input gradient), the zero-bubble paper's ZB-H1, holding
+    at most as many microbatches on any stage as 1F1B does on its busiest."""
+    from mpc_dist.parallel import held_microbatches
+
     costs = Costs(forward=1, input_grad=1, weight_grad=1)
     for P, m in ((4, 8), (8, 8), (8, 32)):
-        plain = simulate(make(P, m, policy="1f1b", n=1), costs)
-        deferred = simulate(make(P, m, policy="1f1b", n=1, defer=True), costs)
-        assert max(e.end for e in deferred) < max(e.end for e in plain)
-        assert bubble_fraction(deferred) < bubble_fraction(plain)
+        plain, deferred = make(P, m, policy="1f1b", n=1), make(P, m, policy="1f1b", n=1, defer=True)
+        assert max(e.end for e in simulate(plain, costs)) >= 3 * (m + P - 1) - 1
+        assert max(e.end for e in simulate(deferred, costs)) == 3 * m + P - 1
+        assert max(held_microbatches(deferred)) == max(held_microbatches(plain)) == P
 
 
 def test_async_drain_between_windows_costs_under_one_percent():

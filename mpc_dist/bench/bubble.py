@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import statistics
@@ -27,9 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import OptimConfig
 from ..core import ActivationMemory, Plan
+from ..horizon import costs as block_costs
+from ..models import pipeline_model
+from ..models.mlp import MLPBlock, NormLinearHead
 from ..parallel import (
     COMPUTE,
     Costs,
@@ -112,16 +117,52 @@ def cases(args: argparse.Namespace) -> list[Case]:
 # ----------------------------------------------------------------------------- one rank
 
 
+def _blocks(args) -> int:
+    """T: the blocks of our pipeline (``--blocks-per-stage`` on each of P stages)."""
+    return args.stages * args.blocks_per_stage
+
+
+def _real_block(args, index: int) -> nn.Module:
+    """A real block for ``--real``: the residual MLP block, seeded by its index."""
+    torch.manual_seed(index)
+    return MLPBlock(args.width, args.hidden)
+
+
+def _our_model(case: Case, args, recorder: emulate.Recorder):
+    T, cost, aux = _blocks(args), args.cost_ms / 1000, case.mode == "async"
+    if not args.real:
+        return emulate.emulated_model(T, args.width, cost, cost, cost, aux_heads=aux,
+                                      recorder=recorder)  # fmt: skip
+    torch.manual_seed(0)
+    head = NormLinearHead(args.width, 10)
+    return pipeline_model(
+        nn.Identity(), [_real_block(args, t) for t in range(T)], head, (args.width,),
+        aux_head=lambda shape: NormLinearHead(shape[0], 10), head_mode="aux" if aux else "shared",
+    )  # fmt: skip
+
+
+def _costs(args) -> Costs:
+    """Per-block seconds: the emulated ones, or (``--real``) measured on rank 0 for everyone."""
+    if not args.real:
+        cost = args.cost_ms / 1000
+        return Costs(cost, cost, cost)
+    measured: list = [None]
+    if dist.get_rank() == 0:
+        block = _real_block(args, 0)
+        sample = torch.randn(args.microbatch_size, args.width)
+        measured = [block_costs.measure_block(block, list(block.parameters()), sample, repeats=10)]
+    dist.broadcast_object_list(measured, src=0)
+    return measured[0]
+
+
 def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> dict:
-    P, m = args.stages, case.microbatches
-    cost = args.cost_ms / 1000
-    model = emulate.emulated_model(
-        P, args.width, cost, cost, cost, aux_heads=case.mode == "async", recorder=recorder
-    )
-    plan = Plan(case.rule, case.horizon or P, P)
+    P, m, T = args.stages, case.microbatches, _blocks(args)
+    model = _our_model(case, args, recorder)
+    plan = Plan(case.rule, case.horizon or T, T)
     frozen = OptimConfig(name="sgd", lr=0.0, momentum=0.0)  # timing only: weights stay put
     options = RuntimeOptions(m, case.mode, case.policy, trace=True, defer_weights=case.defer)
-    runtime = build_stage(model, plan, stage_ranges([1] * P), groups, frozen, options).runtime
+    ranges = stage_ranges([args.blocks_per_stage] * P)
+    runtime = build_stage(model, plan, ranges, groups, frozen, options).runtime
     batch = _batch(args, m)
     total = args.warmup + args.steps
     step_times, windows = [], []
@@ -141,9 +182,9 @@ def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> d
         windows.append((start, time.perf_counter()))
     steps = [end for action, _, end in runtime.trace if action.kind == "S"]
     first_forward = min(s for action, s, _ in runtime.trace if action.kind == "F")
-    # Framework time per action besides the emulated blocks, to calibrate the simulator.
+    # Framework time per action besides the blocks, to calibrate the simulator.
     schedule = runtime.schedule(1)
-    predicted = action_costs(schedule, Costs(cost, cost, cost))
+    predicted = action_costs(schedule, args.block_costs)
     over = {kind: [e - s - predicted(a) for a, s, e in runtime.trace if a.kind == kind]
             for kind in ("F", "B", "W")}  # fmt: skip
     return {
@@ -159,12 +200,15 @@ def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> d
 def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
     from . import baselines
 
-    P, cost = args.stages, args.cost_ms / 1000
-    blocks = P * baselines.stages_per_rank(case.policy)
-    # Same per-stage compute for every system: a stage holding two blocks runs them at half cost.
-    per_block = cost * P / blocks
+    T, cost = _blocks(args), args.cost_ms / 1000
+    blocks = max(T, args.stages * baselines.stages_per_rank(case.policy))
+    # Same per-rank compute for every system: emulated, a rank holding two stages of one block
+    # runs them at half cost; real blocks are the same blocks, two stages of T / 2P each.
+    per_block = cost * T / blocks
 
     def make_block(i: int):
+        if args.real:
+            return _real_block(args, i)
         return emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block, recorder)
 
     meter = ActivationMemory()
@@ -215,8 +259,12 @@ def worker(args: argparse.Namespace) -> None:
     topology = Topology(args.stages, 1, rank)
     groups = Groups.create(topology)
     args.latency_ms = _measure_latency(args, rank)
+    args.block_costs = _costs(args)
     if rank == 0:
         console.print(f"measured message latency {args.latency_ms:.2f} ms (used by the simulator)")
+        c, how = args.block_costs, "measured" if args.real else "emulated"
+        console.print(f"per block ({how}): F {1000 * c.forward:.2f} ms, B "
+                      f"{1000 * c.input_grad:.2f} ms, W {1000 * c.weight_grad:.2f} ms")  # fmt: skip
     results, recorder = [], emulate.Recorder()
     for case in cases(args):
         recorder.take()
@@ -292,19 +340,20 @@ def _summarize(case: Case, gathered: list, args) -> Result:
 
 
 def _simulated_schedule(case: Case, args):
-    P = args.stages
+    T = _blocks(args)
     if case.system == "ours":
-        plan = Plan(case.rule, case.horizon or P, P)
+        plan = Plan(case.rule, case.horizon or T, T)
         policy = case.policy
     elif case.policy in ("Schedule1F1B", "1f1b"):
-        plan, policy = Plan("receding", P, P), "1f1b"
+        plan, policy = Plan("receding", T, T), "1f1b"
     elif case.policy == "ScheduleGPipe":
-        plan, policy = Plan("receding", P, P), "gpipe"
+        plan, policy = Plan("receding", T, T), "gpipe"
     else:
         return None, None
     minibatches = args.warmup + args.steps if case.mode == "async" else 1
+    ranges = stage_ranges([args.blocks_per_stage] * args.stages)
     return generate(
-        plan, stage_ranges([1] * P), case.microbatches, minibatches, case.mode, policy, case.defer
+        plan, ranges, case.microbatches, minibatches, case.mode, policy, case.defer
     ), minibatches
 
 
@@ -312,10 +361,10 @@ def _simulate_case(result: Result, args, P: int, overhead: tuple[float, ...]) ->
     schedule, minibatches = _simulated_schedule(result.case, args)
     if schedule is None:
         return
-    cost = args.cost_ms / 1000
-    costs = Costs(cost, cost, cost, step=overhead[3], latency=args.latency_ms / 1000,
-                  forward_overhead=overhead[0], backward_overhead=overhead[1],
-                  weight_overhead=overhead[2])  # fmt: skip
+    costs = dataclasses.replace(
+        args.block_costs, step=overhead[3], latency=args.latency_ms / 1000,
+        forward_overhead=overhead[0], backward_overhead=overhead[1], weight_overhead=overhead[2],
+    )  # fmt: skip
     result.overhead_ms = tuple(1000 * o for o in overhead[:3])
     events = simulate(schedule, costs)
     compute = [e for e in events if e.action.kind in COMPUTE]
@@ -369,7 +418,10 @@ def _finish(results: list[Result], args) -> None:
     (out / "bench.md").write_text(_markdown(rows, args))
     (out / "bench.json").write_text(
         json.dumps(
-            {"args": vars(args), "results": [{**asdict(r), "trace": None} for r in results]},
+            {
+                "args": {**vars(args), "block_costs": asdict(args.block_costs)},
+                "results": [{**asdict(r), "trace": None} for r in results],
+            },  # fmt: skip
             indent=1,
         )
     )
@@ -422,9 +474,16 @@ def _markdown(rows: list[dict], args) -> str:
     cols = ["configuration", "ms_per_minibatch", "samples_per_s", "speedup_vs_best_torch",
             "speedup_vs_torch_1f1b", "peak_activation_mib_max", "bubble_pct",
             "simulated_bubble_pct", "compute_bubble_pct", "fill_ms"]  # fmt: skip
+    c = args.block_costs
+    blocks = (
+        f"real residual MLP blocks ({args.width} -> {args.hidden}, one thread per process; "
+        f"measured F {1000 * c.forward:.2f}, B {1000 * c.input_grad:.2f}, W "
+        f"{1000 * c.weight_grad:.2f} ms per block)"
+        if args.real else f"emulated F = B = W = {args.cost_ms} ms per block"
+    )  # fmt: skip
     lines = [
-        f"P = {args.stages} stages, microbatches of {args.microbatch_size} x {args.width}, "
-        f"emulated F = B = W = {args.cost_ms} ms per block, {args.steps} measured steps after "
+        f"P = {args.stages} stages of {args.blocks_per_stage} block(s), microbatches of "
+        f"{args.microbatch_size} x {args.width}, {blocks}, {args.steps} measured steps after "
         f"{args.warmup} warm-up.",
     ]
     for m in args.microbatches:
@@ -457,6 +516,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--microbatches", type=ints, help="m values (default: P,4P)")
     parser.add_argument("--microbatch-size", type=int, default=16)
     parser.add_argument("--width", type=int, default=1024, help="activation width (real tensors)")
+    parser.add_argument(
+        "--real", action="store_true", help="real residual MLP blocks instead of emulated ones"
+    )
+    parser.add_argument("--hidden", type=int, default=2048, help="--real: MLP hidden width")
+    parser.add_argument("--blocks-per-stage", type=int, default=1)
     parser.add_argument("--cost-ms", type=float, default=30.0, help="F = B = W per block")
     parser.add_argument("--latency-ms", type=float, default=0.5, help="simulator message latency")
     parser.add_argument("--horizons", type=ints, default=[1, 2, 3, 4])
@@ -482,7 +546,13 @@ def main(args: argparse.Namespace) -> None:
         if key in ("command", "run"):
             continue
         flag = "--" + key.replace("_", "-")
-        forwarded += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        if isinstance(value, bool):
+            forwarded += [flag] if value else []
+        else:
+            forwarded += [
+                flag,
+                ",".join(map(str, value)) if isinstance(value, list) else str(value),
+            ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.stages}", "-m", __name__, *forwarded]  # fmt: skip

@@ -1,7 +1,9 @@
 """`mpc-dist simulate`: project our schedules and the BP baselines to large pipelines.
 
 Uses the discrete-event simulator of ``mpc_dist.parallel`` on the very schedules the runtime
-executes, with per-block costs given on the command line or read from a bench run (``bench.json``).
+executes, with per-block costs given on the command line, read from a bench run (``bench.json``)
+or measured here on a real model's block (``--model vit_b_16``: forward, input-gradient and
+weight-gradient times of one block at ``--batch-size`` samples).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from ..core import Plan
 from ..parallel import Costs, bubble_fraction, generate, simulate, stage_ranges, steady_state
@@ -25,10 +29,12 @@ def project(
     policy: str,
     costs: Costs,
     minibatches: int = 4,
+    defer: bool = False,
 ) -> tuple[float, float]:
     """(time per minibatch, bubble) of one configuration over a few minibatches."""
     plan = Plan(rule, horizon, stages)
-    schedule = generate(plan, stage_ranges([1] * stages), microbatches, minibatches, mode, policy)
+    ranges = stage_ranges([1] * stages)
+    schedule = generate(plan, ranges, microbatches, minibatches, mode, policy, defer)
     events = simulate(schedule, costs)
     if mode == "sync":
         return max(e.end for e in events) / minibatches, bubble_fraction(events)
@@ -47,33 +53,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-grad-ms", type=float, default=1.0)
     parser.add_argument("--latency-ms", type=float, default=0.02, help="per message")
     parser.add_argument("--from-bench", help="take costs from a bench.json of `mpc-dist bench`")
+    parser.add_argument("--model", help="measure F, B, W of one block of this model here "
+                        "(vit_b_16, vit_l_16, timm/vit_base_patch16_224, ...)")  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=224, help="with --model")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --model: per microbatch")
 
 
-def main(args: argparse.Namespace) -> None:
+def costs_from(args: argparse.Namespace) -> Costs:
+    """Per-block costs in ms: given, read from a bench run, or measured on --model."""
     f, b, w, latency = args.forward_ms, args.input_grad_ms, args.weight_grad_ms, args.latency_ms
     if args.from_bench:
         recorded = json.loads(Path(args.from_bench).read_text())["args"]
         f = b = w = recorded["cost_ms"]
         latency = recorded["latency_ms"]
-    costs = Costs(f, b, w, latency=latency)
-    console.print(f"per block: F {f} ms, B {b} ms, W {w} ms; message latency {latency} ms")
-    header = f"{'configuration':<24}{'ms/minibatch':>13}{'vs BP-1F1B':>11}{'bubble':>8}"
-    console.print(f"{'P':>3} {'m':>3}  {header}")
+    if args.model:
+        from ..config import ModelConfig
+        from ..horizon.costs import model_block_costs
+
+        spec = ModelConfig(name=args.model, image_size=args.image_size)
+        size = (3, args.image_size, args.image_size)
+        measured = model_block_costs(spec, size, args.batch_size)
+        f, b, w = (1000 * c for c in (measured.forward, measured.input_grad, measured.weight_grad))
+        console.print(
+            f"measured one block of {args.model} at {args.batch_size} x {args.image_size} px, "
+            f"float32, on this machine ({torch.get_num_threads()} threads)"
+        )
+    return Costs(f, b, w, latency=latency)
+
+
+def main(args: argparse.Namespace) -> None:
+    costs = costs_from(args)
+    console.print(
+        f"per block: F {costs.forward:.2f} ms, B {costs.input_grad:.2f} ms, W "
+        f"{costs.weight_grad:.2f} ms; message latency {costs.latency} ms"
+    )
+    header = f"{'configuration':<28}{'ms/minibatch':>13}{'vs BP-1F1B':>11}{'bubble':>8}"
+    console.print(f"{'P':>3} {'m':>4}  {header}")
     for P in args.stages:
         m = args.microbatches or P
         started = time.perf_counter()
-        bp_time, bp_bubble = project(P, m, P, "receding", "sync", "1f1b", costs)
-        console.print(
-            f"{P:>3} {m:>3}  {'BP-1F1B':<24}{bp_time:>13.1f}{1.0:>11.2f}{bp_bubble:>8.1%}"
-        )
+        bp_time, _ = project(P, m, P, "receding", "sync", "1f1b", costs)
+        rows = [("BP-1F1B", P, "receding", "sync", "1f1b", False),
+                ("BP-1F1B +W", P, "receding", "sync", "1f1b", True)]  # fmt: skip
         for rule in args.rules:
             for h in args.horizons:
-                if h >= P or (rule == "shrinking" and h == 1):
-                    continue
-                for mode in ("sync", "async"):
-                    t, bubble = project(P, m, h, rule, mode, "horizon", costs)
-                    name = f"{rule} h={h} {mode}"
-                    console.print(
-                        f"{P:>3} {m:>3}  {name:<24}{t:>13.1f}{bp_time / t:>11.2f}{bubble:>8.1%}"
-                    )
+                if h < P and not (rule == "shrinking" and h == 1):
+                    rows += [(f"{rule} h={h} {mode}", h, rule, mode, "horizon", False)
+                             for mode in ("sync", "async")]  # fmt: skip
+        for name, h, rule, mode, policy, defer in rows:
+            t, bubble = project(P, m, h, rule, mode, policy, costs, defer=defer)
+            console.print(f"{P:>3} {m:>4}  {name:<28}{t:>13.1f}{bp_time / t:>11.2f}{bubble:>8.1%}")
         console.print(f"    ({time.perf_counter() - started:.1f} s to simulate P = {P})")

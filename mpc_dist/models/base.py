@@ -176,8 +176,8 @@ def state_shapes(stem: nn.Module, blocks: list[nn.Module], input_shape) -> list[
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()  # keep batch-norm running statistics untouched
-    device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
-    x = stem(torch.zeros(1, *input_shape, device=device))
+    first = next((p for m in modules for p in m.parameters()), torch.zeros(()))
+    x = stem(torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype))
     shapes = [tuple(x.shape[1:])]
     for block in blocks:
         x = block(x)

@@ -242,6 +242,29 @@ def bubble_fraction(events: list[Event], stage: int | None = None) -> float:
     return 1.0 - busy / (end * len(stages))
 
 
+def held_microbatches(schedule: Schedule) -> list[int]:
+    """Per stage, the most microbatches held at once in the schedule's order: forwarded, with a
+    stream still to pass (or deferred weight gradients still to take). Activation memory is
+    that many microbatches' worth."""
+    peaks = []
+    for k in range(schedule.num_stages):
+        work: dict[tuple, int] = defaultdict(int)  # B and W actions per microbatch
+        for action in schedule.compute(k):
+            if action.kind in ("B", "W"):
+                work[(action.minibatch, action.microbatch)] += 1
+        left: dict[tuple, int] = {}
+        peak = 0
+        for action in schedule.compute(k):
+            key = (action.minibatch, action.microbatch)
+            if action.kind == "F":
+                left[key] = work[key]
+            elif action.kind in ("B", "W"):
+                left[key] -= 1
+            peak = max(peak, sum(1 for n in left.values() if n > 0))
+        peaks.append(peak)
+    return peaks
+
+
 def steady_state(
     step_ends: list[list[float]], warmup: int, start: float = 0.0
 ) -> tuple[float, tuple[float, float]]:

@@ -79,8 +79,12 @@ class Checkpointer:
         _barrier()
         return final
 
+    def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
+
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
+        done = self.all()
         return done[-1] if done else None
 
     def load(
@@ -137,8 +141,7 @@ class Checkpointer:
                 )
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.directory.glob("step_*") if not p.name.endswith(".partial"))
-        for old in done[: -self.keep]:
+        for old in self.all()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
 

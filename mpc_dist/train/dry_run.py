@@ -9,7 +9,7 @@ import torch
 from ..config import Config
 from ..core import Plan
 from ..models import BlockModel, build_model
-from ..parallel import generate, partition, stage_ranges, uniform_partition
+from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
 from .data import SHAPES
 from .metrics import console
 from .precision import AUTOCAST
@@ -38,34 +38,16 @@ def saved_bytes_per_sample(model: BlockModel, t: int) -> int:
     return total[0] // 2
 
 
-def held_microbatches(config: Config, plan: Plan, ranges) -> list[int]:
-    """Most microbatches whose activations a stage holds at once under the generated schedule
-    (forwarded, with streams still to pass)."""
-    p = config.pipeline
-    policy = "horizon" if p.schedule == "auto" else p.schedule
-    schedule = generate(plan, ranges, config.data.num_microbatches, 2, p.mode, policy)
-    peaks = []
-    for k, part in enumerate(schedule.stages):
-        left: dict[tuple, int] = {}
-        peak = 0
-        for action in schedule.compute(k):
-            key = (action.minibatch, action.microbatch)
-            if action.kind == "F":
-                left[key] = len(part.streams)
-            elif action.kind == "B":
-                left[key] -= 1
-            peak = max(peak, sum(1 for n in left.values() if n > 0))
-        peaks.append(peak)
-    return peaks
-
-
 def dry_run(config: Config) -> list[dict]:
     """Print the stage map; returns its rows (for tests)."""
     validate(config)
     input_shape, num_classes = SHAPES[config.data.dataset]
     model = build_model(config.model, input_shape, num_classes, device="meta")
     p, t, d = config.pipeline, config.train, config.data
-    plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
+    h = config.horizon.horizon
+    plan = Plan(
+        config.horizon.rule, h if isinstance(h, int) else model.num_blocks, model.num_blocks
+    )
     # a time partition is profiled at start-up; here it is shown uniform
     counts = uniform_partition(model.num_blocks, p.stages) if p.partition == "time" else None
     ranges = stage_ranges(counts or partition(p, model))
@@ -74,7 +56,9 @@ def dry_run(config: Config) -> list[dict]:
     compute = AUTOCAST[t.precision]
     act_bytes = torch.tensor([], dtype=compute).element_size() if compute else param_bytes
     shard = p.replicas if p.sharding != "none" else 1
-    held = held_microbatches(config, plan, ranges)
+    policy = "horizon" if p.schedule == "auto" else p.schedule
+    schedule = generate(plan, ranges, d.num_microbatches, 2, p.mode, policy, p.defer_weights)
+    held = held_microbatches(schedule)
     rows = []
     for k, (first, last) in enumerate(ranges):
         part = model.split(first, last, plan.reads_shared_head_below_top(model.head_mode))

@@ -113,15 +113,19 @@ class SingleRunner:
         self.model = instantiate(
             model, self.device, self.dtype, config.train.seed, m.weights, m.lora
         )
-        compute = compute_options(config.train, self.device)
+        self.compute = compute_options(config.train, self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.step = OptimizerStep(
             self.optimizer, config.optim.grad_clip, callbacks=callbacks,
-            scaler=grad_scaler(compute, self.device),
+            scaler=grad_scaler(self.compute, self.device),
         )  # fmt: skip
-        self.engine = HorizonEngine(
-            self.model, plan, track_memory=False, compute=compute, scale_loss=self.step.scale_loss
-        )
+        self.set_plan(plan)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Train on under another plan (horizon re-selection)."""
+        self.plan = plan
+        self.engine = HorizonEngine(self.model, plan, track_memory=False, compute=self.compute,
+                                    scale_loss=self.step.scale_loss)  # fmt: skip
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         m, T = self.config.data.num_microbatches, self.plan.num_blocks
@@ -206,6 +210,10 @@ class PipelineRunner:
         self.watchdog = Watchdog(self.topology, p.timeout).start()
         try:
             check_same_config(config.to_yaml(), self.topology)
+            if config.horizon.horizon == "auto":  # rank 0 chose; everyone takes its choice
+                chosen = [plan]
+                dist.broadcast_object_list(chosen, src=0)
+                plan = chosen[0]
             groups = Groups.create(self.topology)
             on_ready(self.topology)
             dtype = DTYPES[config.train.dtype]

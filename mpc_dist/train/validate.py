@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from ..core import check_horizon
+from ..horizon import OBJECTIVES
 from ..models import check_model
 from .data import DATASETS, SHAPES
 
@@ -20,7 +21,7 @@ def validate(config: Config) -> None:
     d, o, t = config.data, config.optim, config.train
     input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
-    check_horizon(config.horizon.rule, config.horizon.horizon, blocks)
+    _validate_horizon(config, blocks)
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
@@ -57,6 +58,30 @@ def validate(config: Config) -> None:
     _validate_ray(config)
 
 
+def _validate_horizon(config: Config, blocks: int) -> None:
+    h = config.horizon
+    if not isinstance(h.horizon, str):
+        check_horizon(h.rule, h.horizon, blocks)
+        return
+    need(
+        h.horizon == "auto",
+        f"horizon.horizon={h.horizon!r}: use a number of blocks in [1, {blocks}] or auto",
+    )
+    need(h.objective in OBJECTIVES, f"horizon.objective={h.objective!r}: use one of {OBJECTIVES}")
+    need(
+        h.objective != "memory" or h.memory_budget_mib > 0,
+        "horizon.memory_budget_mib: set the budget per device (MiB) for horizon.objective=memory",
+    )
+    need(0 <= h.min_alignment <= 1, f"horizon.min_alignment={h.min_alignment}: within [0, 1]")
+    need(h.probe_batches >= 1, f"horizon.probe_batches={h.probe_batches}: must be >= 1")
+    need(h.progress_steps >= 0, f"horizon.progress_steps={h.progress_steps}: must be >= 0")
+    need(
+        h.reselect_every == 0 or config.world_size == 1,
+        f"horizon.reselect_every={h.reselect_every}: a pipeline keeps the horizon chosen at "
+        f"start; set it to 0 (re-selection is for single-process runs)",
+    )
+
+
 def _validate_pipeline(config: Config, blocks: int) -> None:
     p, h, d = config.pipeline, config.horizon, config.data
     need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
@@ -72,7 +97,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         f"pipeline.schedule={p.schedule!r}: use auto, 1f1b or gpipe",
     )
     need(
-        p.schedule == "auto" or h.horizon == blocks,
+        p.schedule == "auto" or h.horizon == blocks,  # auto: not an int, refused here too
         f"pipeline.schedule={p.schedule}: a back-propagation schedule needs horizon.horizon="
         f"{blocks}; use pipeline.schedule=auto for horizon {h.horizon}",
     )
@@ -95,7 +120,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(
         not (p.mode == "async" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon < blocks),
+             and h.horizon != blocks),
         "pipeline.mode=async: a shared head couples every stage to the last one; "
         "set model.head=aux or pipeline.mode=sync",
     )  # fmt: skip
@@ -117,7 +142,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
         not (p.sharding == "fsdp" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon < blocks),
+             and h.horizon != blocks),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
     )  # fmt: skip

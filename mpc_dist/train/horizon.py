@@ -1,0 +1,197 @@
+"""The horizon package on a run's own model, data and device: ``horizon.horizon: auto`` (the
+choice before training, and re-selection), ``mpc-dist select-horizon`` and ``mpc-dist probe``
+over a run's checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..core import Plan
+from ..horizon import Alignment, Selection, Setting, choose, measure_block, measure_candidates
+from ..horizon import probe as probe_alignment
+from ..models import BlockModel, instantiate
+from .callbacks import Callback
+from .data import Dataset, minibatches
+from .metrics import console
+from .step import build_optimizer
+
+ADAM_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
+
+
+def measurement_batches(config: Config, dataset: Dataset, count: int) -> list:
+    """``count`` microbatches of the run's size, the first of epoch 0 in the run's order."""
+    d, p = config.data, config.pipeline
+    size = d.batch_size // (d.num_microbatches * p.replicas)
+    batches = minibatches(dataset, size, config.train.seed, epoch=0)
+    return [next(batches) for _ in range(min(count, len(dataset) // size))]
+
+
+def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
+    """The run's starting weights, whole, on ``device`` (a copy of the meta-device ``model``)."""
+    m = config.model
+    return instantiate(copy.deepcopy(model), device, torch.float32, config.train.seed,
+                       m.weights, m.lora)  # fmt: skip
+
+
+def select_horizon(
+    config: Config, whole: BlockModel, dataset: Dataset, device: torch.device | str = "cpu"
+) -> tuple[Plan, Selection]:
+    """Measure every (rule, h) on ``whole`` (allocated; left as it is) and choose for
+    ``horizon.objective``."""
+    h, m, p = config.horizon, config.model, config.pipeline
+    whole = copy.deepcopy(whole)
+    batches = [(x.to(device), y.to(device))
+               for x, y in measurement_batches(config, dataset, h.probe_batches)]  # fmt: skip
+    middle = whole.num_blocks // 2
+    sample = batches[0][0]
+    with torch.no_grad():
+        for t in range(middle):
+            sample = whole.block_forward(t, sample)
+    params = [q for q in whole.block_parameters(middle) if q.requires_grad]
+    costs = measure_block(lambda x: whole.block_forward(middle, x), params, sample)
+    trainable = sum(q.numel() for q in whole.parameters() if q.requires_grad)
+    states = ADAM_STATES.get(config.optim.name, 2)
+    static = 4 * (sum(q.numel() for q in whole.parameters()) + (1 + states) * trainable)
+    setting = Setting(
+        stages=p.stages, microbatches=config.data.num_microbatches, mode=p.mode,
+        progress_steps=h.progress_steps, static_mib_per_device=static / p.stages / 2**20,
+    )  # fmt: skip
+    if p.mode == "async" and p.stages > 1 and m.head == "shared":
+        setting = dataclasses.replace(setting, horizons=(whole.num_blocks,))  # see validation
+    candidates, alignments, law, memory_laws = measure_candidates(
+        whole, batches, costs, setting, lambda net: build_optimizer(config.optim, net.parameters())
+    )
+    choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
+                            h.penalty)  # fmt: skip
+    selection = Selection(h.objective, candidates, law, memory_laws, choice, reason, alignments)
+    return Plan(choice.rule, choice.horizon, whole.num_blocks), selection
+
+
+def report(selection: Selection, run_dir: Path | None = None) -> None:
+    """Print the fits, the table and the choice; keep them with the run."""
+    law = selection.law
+    console.print(
+        f"horizon selection ({selection.objective}): 1 - cos^2 = {law.c:.3g} (1 - h/T)^"
+        f"{law.p:.2f} (R^2 {law.r2:.3f} over {law.points} points); memory per device "
+        + ", ".join(
+            f"{rule} {f.slope:.2f} h + {f.intercept:.1f} MiB"
+            for rule, f in sorted(selection.memory_laws.items())
+        )  # fmt: skip
+    )
+    console.print(selection.table(), highlight=False)
+    console.print(f"chosen: {selection.choice.name}: {selection.reason}")
+    if run_dir is not None:
+        record = {
+            "objective": selection.objective, "choice": dataclasses.asdict(selection.choice),
+            "reason": selection.reason, "law": dataclasses.asdict(law),
+            "memory_laws": {r: dataclasses.asdict(f) for r, f in selection.memory_laws.items()},
+            "candidates": [dataclasses.asdict(c) for c in selection.candidates],
+        }  # fmt: skip
+        with (run_dir / "horizon_selection.jsonl").open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def choose_plan(config: Config, model: BlockModel, dataset: Dataset) -> tuple[Plan, Selection]:
+    """The plan for ``horizon.horizon: auto``, chosen on this process (rank 0 of a pipeline: the
+    others take its choice once the group is up), or a placeholder elsewhere."""
+    T = model.num_blocks
+    if os.environ.get("RANK", "0") != "0":
+        return Plan(config.horizon.rule, T, T), None
+    device = "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
+    return select_horizon(config, starting_model(config, model, device), dataset, device)
+
+
+class Reselect(Callback):
+    """``horizon.reselect_every``: choose again at every N-th epoch end (single process)."""
+
+    def __init__(self, config: Config, runner, dataset: Dataset, steps_per_epoch: int) -> None:
+        self.config, self.runner, self.dataset = config, runner, dataset
+        self.steps_per_epoch = steps_per_epoch
+
+    def after_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        epoch, every = step // self.steps_per_epoch, self.config.horizon.reselect_every
+        if step % self.steps_per_epoch or epoch % every or epoch >= self.config.train.epochs:
+            return
+        plan, selection = select_horizon(self.config, self.runner.model, self.dataset,
+                                         self.runner.device)  # fmt: skip
+        report(selection, self.config.run_dir)
+        self.runner.set_plan(plan)
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+def probe_checkpoints(
+    config: Config,
+    model: BlockModel,
+    dataset: Dataset,
+    checkpoints: list[Path],
+    horizons: list[int],
+    batches: int,
+) -> list[dict]:
+    """cos(theta_h) at every checkpoint (or at the starting weights when there is none)."""
+    from .checkpoint import Checkpointer
+
+    data = measurement_batches(config, dataset, batches)
+    rows = []
+    for path in checkpoints or [None]:
+        whole = starting_model(config, model)
+        step = 0
+        if path is not None:
+            optimizer = build_optimizer(config.optim, whole.parameters())
+            step = Checkpointer(path.parent).load(path, whole, optimizer)["step"]
+        for a in probe_alignment(whole, data, horizons):
+            rows.append(_row(a, step))
+    return rows
+
+
+def _row(a: Alignment, step: int) -> dict:
+    return {"step": step, "rule": a.rule, "horizon": a.horizon, "num_blocks": a.num_blocks,
+            "cos": a.cos, "one_minus_cos": 1 - a.cos, "one_minus_cos2": a.misalignment,
+            "block_cos": " ".join(f"{c:.4f}" for c in a.block_cos)}  # fmt: skip
+
+
+def write_probe(rows: list[dict], out: Path) -> list[Path]:
+    """probe.csv, probe.json and probe.png (the paper's Fig. 2: 1 - cos(theta_h) against T - h,
+    log axes, a line per checkpoint and rule)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "probe.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "probe.json").write_text(json.dumps(rows, indent=1))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (step, rule), group in _groups(rows).items():
+        points = [(r["num_blocks"] - r["horizon"], r["one_minus_cos"]) for r in group
+                  if r["horizon"] < r["num_blocks"] and r["one_minus_cos"] > 0]  # fmt: skip
+        if points:
+            ax.plot(*zip(*sorted(points), strict=True), "o-" if rule == "receding" else "s--",
+                    label=f"step {step}, {rule}")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="T - h", ylabel="1 - cos(theta_h)",
+           title="alignment with back-propagation")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "probe.png", dpi=120)
+    plt.close(fig)
+    return [out / "probe.csv", out / "probe.json", out / "probe.png"]
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["step"], row["rule"]), []).append(row)
+    return groups
