@@ -1,5 +1,5 @@
 """``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-bench-engine.
+horizon-study, bench-engine.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -165,6 +165,12 @@ def _simulate(args: argparse.Namespace) -> None:
     simulate(args)
 
 
+def _horizon_study(args: argparse.Namespace) -> None:
+    from .bench.horizon_study import main as study
+
+    study(args)
+
+
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench.engine_overhead import main as bench
 
@@ -259,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="project schedules to large pipelines")
     simulate_arguments(simulate)
     simulate.set_defaults(run=_simulate)
+
+    from .bench.horizon_study import add_arguments as study_arguments
+
+    study = commands.add_parser(
+        "horizon-study", help="accuracy, memory and time against h (docs/horizon-study.md)"
+    )
+    study_arguments(study)
+    study.set_defaults(run=_horizon_study)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
     bench.add_argument("--blocks", type=int, default=8)

@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
+    eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends
 
 
 @dataclass

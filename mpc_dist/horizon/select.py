@@ -37,7 +37,7 @@ from ..parallel import (
     steady_state,
     uniform_partition,
 )
-from .alignment import Alignment, Batch, probe
+from .alignment import Alignment, Batch, block_gradients, probe
 from .laws import AlignmentLaw, LinearLaw, fit_alignment, fit_linear
 
 OBJECTIVES = ("memory", "speed", "tradeoff")
@@ -119,9 +119,34 @@ def loss_progress(
     return before - final_loss()
 
 
+def off_zero(
+    model: BlockModel,
+    batches: Sequence[Batch],
+    make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
+) -> BlockModel:
+    """``model``, or, where back-propagation's gradient is zero at these weights (a zero-initialised
+    head, as torchvision's and timm's ViTs have, passes no gradient down), a copy after one
+    back-propagation step: alignment is undefined at a zero gradient."""
+    T = model.num_blocks
+    if any(float(g.norm()) > 0 for g in block_gradients(model, Plan("receding", T, T), batches)):
+        return model
+    model = copy.deepcopy(model)
+    optimizer = make_optimizer(model)
+    HorizonEngine(model, Plan("receding", T, T), track_memory=False).train_microbatch(*batches[0])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model
+
+
 def stage_activation_bytes(model: BlockModel, plan: Plan, ranges, sample: Batch) -> list[int]:
-    """Bytes one microbatch leaves saved for backward on each stage (the engine's accounting)."""
+    """Bytes one microbatch leaves saved for backward on each stage (the engine's accounting);
+    in one process, the peak of a whole microbatch's step."""
     x, y = sample
+    if len(ranges) == 1:  # one process: streams run as soon as their loss is there
+        engine = HorizonEngine(model, plan, track_memory=True)
+        engine.train_microbatch(x, y)
+        model.zero_grad(set_to_none=True)
+        return [engine.memory.peak_bytes]
     out = []
     for first, last in ranges:
         part = model.split(first, last, plan.reads_shared_head_below_top(model.head_mode))
@@ -169,6 +194,7 @@ def measure(
 ) -> tuple[list[Candidate], list[Alignment], AlignmentLaw, dict[str, LinearLaw]]:
     """Measure every candidate (see the module's docstring); a microbatch is one of ``batches``."""
     T = model.num_blocks
+    model = off_zero(model, batches, make_optimizer)
     horizons = list(setting.horizons or candidate_horizons(T))
     alignments = probe(model, batches, horizons, setting.rules)
     misfit = [(a.horizon, a.misalignment) for a in alignments]

@@ -97,7 +97,7 @@ def fit(
 ) -> dict:
     """The loop: chunks of minibatches, evaluation at epoch ends, checkpoints, the summary."""
     run = TrainingRun(config, runner, train_set, test_set, resume, callbacks)
-    state, data, every = run.state, config.data, config.run.checkpoint_every
+    state, data = run.state, config.data
     with progress_bar(config.run.progress and runner.is_logger) as bar:
         log = StepLog(bar, run.logger, config.train.log_every, state.step, run.stop_at)
         while state.epoch < config.train.epochs and state.step < run.stop_at:
@@ -114,8 +114,7 @@ def fit(
                 for j in range(size):
                     state.step, state.batch = state.step + 1, state.batch + 1
                     log.step(state.step, data.batch_size, results[j] if results else None, rates[j])
-                if every and state.step % every == 0:
-                    run.save()
+                run.after_chunk()
             if state.batch == run.steps_per_epoch:
                 state.epoch, state.batch = state.epoch + 1, 0
                 run.evaluate(announce=True)
@@ -159,12 +158,24 @@ class TrainingRun:
         self.evaluated_at = -1
 
     def chunk_size(self) -> int:
-        """A chunk ends at the epoch's end, at stop_at and at the next checkpoint."""
-        state, every = self.state, self.config.run.checkpoint_every
+        """A chunk ends at the epoch's end, at stop_at, and at the next checkpoint or evaluation."""
+        state = self.state
         size = min(
             self.runner.chunk_size, self.steps_per_epoch - state.batch, self.stop_at - state.step
         )
-        return min(size, every - state.step % every) if every else size
+        for every in (self.config.run.checkpoint_every, self.config.train.eval_every):
+            if every:
+                size = min(size, every - state.step % every)
+        return size
+
+    def after_chunk(self) -> None:
+        """Evaluate every train.eval_every steps (epoch ends evaluate anyway), checkpoint every
+        run.checkpoint_every steps."""
+        step, every = self.state.step, self.config.train.eval_every
+        if every and step % every == 0 and self.state.batch < self.steps_per_epoch:
+            self.evaluate()
+        if self.config.run.checkpoint_every and step % self.config.run.checkpoint_every == 0:
+            self.save()
 
     def train_chunk(self, chunk: list, learning_rates: list[float]) -> list:
         try:

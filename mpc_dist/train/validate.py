@@ -52,6 +52,7 @@ def validate(config: Config) -> None:
     )
     need(t.max_steps >= 0, f"train.max_steps={t.max_steps}: must be >= 0")
     need(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1")
+    need(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0: epoch ends)")
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
     need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
     _validate_pipeline(config, blocks)

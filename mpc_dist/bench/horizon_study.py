@@ -1,0 +1,396 @@
+"""`mpc-dist horizon-study`: what the horizon costs and buys, measured (docs/horizon-study.md).
+
+Residual MLPs (T = 8 and 16) and a tiny ViT (T = 4) on MNIST and Fashion-MNIST, h in
+{1, 2, T/4, T/2, T}, both rules, several seeds: final test accuracy (mean and spread), peak
+activation memory (the engine's accounting), and the steps and simulated pipeline time (P = T
+stages, m = T microbatches, sync, the block's F/B/W costs measured here) to reach a target
+accuracy, against back-propagation. Then the selector's choice for each objective against the
+best setting in hindsight, and the puzzle runs (accuracy not monotone in h). One process per
+worker; a run already finished under --out is read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..config import Config, load_config
+from ..core import HorizonEngine, Plan
+from ..horizon import choose, measure_block
+from ..models import build_model
+from ..parallel import generate, simulate, stage_ranges, uniform_partition
+from ..train import load_dataset, train
+from ..train.horizon import select_horizon, starting_model
+from ..train.metrics import MetricsLogger, console
+
+MODELS = {  # name -> overrides of configs/quickstart.yaml
+    "mlp8": ["model.num_blocks=8"],
+    "mlp16": ["model.num_blocks=16"],
+    "vit4": [
+        "model.name=vit_tiny",
+        "model.num_blocks=4",
+        "model.width=64",
+        "model.hidden=128",
+        "model.num_heads=4",
+        "model.patch_size=7",
+        "optim.weight_decay=0.05",
+    ],
+}
+TARGETS = {"mnist": 0.95, "fashion_mnist": 0.82}  # the accuracy time-to-accuracy is taken at
+VARIANTS = {  # the puzzle's variations, one explanation each
+    "shared": [],
+    "aux": ["model.head=aux"],
+    "constant": ["optim.schedule=constant"],
+    "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"],
+    "epochs3": ["train.epochs=3"],
+}
+PENALTY = 0.2  # tradeoff: a step as long as back-propagation's costs 0.2 of its progress
+MIN_ALIGNMENT = 0.9  # speed: the cos^2 the selector asks for
+TOLERANCE = 0.01  # speed in hindsight: the fastest within 1 point of back-propagation
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: str
+    dataset: str
+    rule: str
+    horizon: int
+    seed: int
+    variant: str = ""  # puzzle runs: a key of VARIANTS
+
+    @property
+    def name(self) -> str:
+        extra = f"_{self.variant}" if self.variant else ""
+        return f"{self.model}_{self.dataset}_{self.rule}_h{self.horizon}_s{self.seed}{extra}"
+
+
+def horizons(T: int) -> list[int]:
+    return sorted({h for h in (1, 2, T // 4, T // 2, T) if h >= 1})
+
+
+def depth(model: str) -> int:
+    return next(int(o.split("=")[1]) for o in MODELS[model] if o.startswith("model.num_blocks="))
+
+
+def settings(T: int) -> list[tuple[str, int]]:
+    """Both rules at every horizon; shrinking at h = 1 and T is receding's plan again."""
+    return sorted(
+        {same_plan(rule, h, T) for h in horizons(T) for rule in ("receding", "shrinking")},
+        key=lambda s: (s[1], s[0]),
+    )
+
+
+def study_runs(args) -> list[Run]:
+    return [
+        Run(model, dataset, rule, h, seed)
+        for model in args.models
+        for dataset in args.datasets
+        for rule, h in settings(depth(model))
+        for seed in range(args.seeds)
+    ]
+
+
+def puzzle_runs() -> list[Run]:
+    """The quickstart network on MNIST, receding, h = 1, 2, 3, 4, 8, seeds 0 and 1, under each
+    variant (the shared-head one is the puzzle as reported)."""
+    return [
+        Run("mlp8", "mnist", "receding", h, seed, variant)
+        for variant in VARIANTS
+        for h in (1, 2, 3, 4, 8)
+        for seed in (0, 1)
+    ]
+
+
+def run_config(run: Run, args) -> Config:
+    return load_config(
+        "configs/quickstart.yaml",
+        [
+            *MODELS[run.model],
+            f"data.dataset={run.dataset}",
+            f"horizon.rule={run.rule}",
+            f"horizon.horizon={run.horizon}",
+            f"train.seed={run.seed}",
+            f"train.epochs={args.epochs}",
+            f"train.max_steps={args.max_steps}",
+            f"train.eval_every={args.eval_every}",
+            f"run.out_dir={args.out}/runs",
+            f"run.name={run.name}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+            *VARIANTS.get(run.variant, []),
+        ],
+    )
+
+
+def _train(item: tuple[Run, Config]) -> dict:
+    """Train one run (or read back its result when an earlier study finished it)."""
+    run, config = item
+    done = config.run_dir / "study.json"
+    if not done.exists():
+        torch.set_num_threads(1)
+        train(config)
+        records = MetricsLogger.read(config.run_dir / "metrics.jsonl")
+        evals = [(r["step"], r["accuracy"]) for r in records if r["kind"] == "eval"]
+        done.write_text(json.dumps({**dataclasses.asdict(run), "accuracy": evals[-1][1],
+                                    "evals": evals}))  # fmt: skip
+    return json.loads(done.read_text())
+
+
+def execute(runs: list[Run], args) -> list[dict]:
+    items = [(run, run_config(run, args)) for run in runs]
+    started, results = time.perf_counter(), []
+    with ProcessPoolExecutor(args.workers) as pool:
+        for (run, _), result in zip(items, pool.map(_train, items), strict=True):
+            results.append(result)
+            seconds = time.perf_counter() - started
+            console.print(
+                f"[{len(results)}/{len(items)}] {run.name}: "
+                f"{100 * result['accuracy']:.2f}%  ({seconds:.0f} s)"
+            )
+    return results
+
+
+def costs(model: str, dataset: str, args) -> dict:
+    """Per (rule, h): peak activation MiB (a minibatch of 128 through the engine) and the
+    simulated time per minibatch on P = T stages, m = T microbatches, with the middle block's
+    measured F, B and W."""
+    config = run_config(Run(model, dataset, "receding", 1, 0), args)
+    data = load_dataset(dataset, "train", None, 0, 0)
+    whole = starting_model(
+        config, build_model(config.model, data.input_shape, data.num_classes, device="meta")
+    )
+    T = whole.num_blocks
+    x, y = data.inputs[:128], data.targets[:128]
+    state = x[: 128 // T]
+    with torch.no_grad():
+        for t in range(T // 2):
+            state = whole.block_forward(t, state)
+    block = measure_block(
+        lambda s: whole.block_forward(T // 2, s), whole.block_parameters(T // 2), state
+    )
+    out = {}
+    for rule, h in settings(T):
+        plan = Plan(rule, h, T)
+        engine = HorizonEngine(whole, plan, track_memory=True)
+        engine.train_microbatch(x, y)
+        whole.zero_grad(set_to_none=True)
+        schedule = generate(plan, stage_ranges(uniform_partition(T, T)), T, 2, "sync")
+        events = simulate(schedule, dataclasses.replace(block, latency=2e-5))
+        out[rule, h] = {
+            "peak_mib": engine.memory.peak_bytes / 2**20,
+            "step_ms": 1000 * max(e.end for e in events) / 2,
+        }
+    return out
+
+
+def summarise(results: list[dict], cost: dict, model: str, dataset: str) -> list[dict]:
+    """A row per (rule, h): accuracy over seeds, memory, step time, time to the target."""
+    rows, bp = [], cost["receding", depth(model)]
+    for (rule, h), c in cost.items():
+        mine = [
+            r
+            for r in results
+            if not r["variant"]
+            and (r["model"], r["dataset"], r["rule"], r["horizon"]) == (model, dataset, rule, h)
+        ]
+        accuracies = [r["accuracy"] for r in mine]
+        reach = [next((s for s, a in r["evals"] if a >= TARGETS[dataset]), None) for r in mine]
+        steps = statistics.median(reach) if None not in reach else None
+        rows.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "rule": rule,
+                "horizon": h,
+                "accuracy_mean": statistics.fmean(accuracies),
+                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "peak_mib": c["peak_mib"],
+                "step_ms": c["step_ms"],
+                "speed_vs_bp": bp["step_ms"] / c["step_ms"],
+                "steps_to_target": steps,
+                "time_to_target_s": steps * c["step_ms"] / 1000 if steps is not None else None,
+            }
+        )
+    return rows
+
+
+def selections(rows: list[dict], model: str, dataset: str, args) -> list[dict]:
+    """The selector's choice per objective (measured at the starting weights of seed 0, for the
+    study's pipeline: P = T stages, m = T microbatches) against the best setting in hindsight
+    under the same constraint. The memory budget is the median of the candidates' memory."""
+    base = run_config(Run(model, dataset, "receding", 1, 0), args)
+    data = load_dataset(dataset, "train", None, 0, 0)
+    T = depth(model)
+    config = dataclasses.replace(
+        base,
+        pipeline=dataclasses.replace(base.pipeline, stages=T),
+        data=dataclasses.replace(base.data, num_microbatches=T),
+    )
+    whole = starting_model(
+        config, build_model(config.model, data.input_shape, data.num_classes, device="meta")
+    )
+    _, selection = select_horizon(config, whole, data)
+    candidates = selection.candidates
+    memory = {same_plan(c.rule, c.horizon, T): c.memory_mib for c in candidates}
+    budget = statistics.median(memory.values())
+    by_setting = {(r["rule"], r["horizon"]): r for r in rows}
+    bp = by_setting["receding", T]
+    hindsight = {  # objective -> (constraint, value) on the study's rows
+        "memory": (
+            lambda r: memory[r["rule"], r["horizon"]] <= budget,
+            lambda r: r["accuracy_mean"],
+        ),
+        "speed": (
+            lambda r: r["accuracy_mean"] >= bp["accuracy_mean"] - TOLERANCE,
+            lambda r: r["speed_vs_bp"],
+        ),
+        "tradeoff": (
+            lambda r: True,
+            lambda r: (
+                (r["accuracy_mean"] - 0.1) / (bp["accuracy_mean"] - 0.1)
+                - PENALTY / r["speed_vs_bp"]
+            ),
+        ),
+    }
+    out = []
+    for objective, (allowed, value) in hindsight.items():
+        choice, reason = choose(candidates, objective, budget, MIN_ALIGNMENT, PENALTY)
+        chosen = by_setting[same_plan(choice.rule, choice.horizon, T)]
+        best = max((r for r in rows if allowed(r)), key=value)
+        out.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "objective": objective,
+                "chosen": f"{chosen['rule']} h={chosen['horizon']}",
+                "chosen_accuracy": chosen["accuracy_mean"],
+                "best": f"{best['rule']} h={best['horizon']}",
+                "best_accuracy": best["accuracy_mean"],
+                "seed_spread": max(r["accuracy_std"] for r in rows),
+                "reason": reason,
+            }
+        )
+    return out
+
+
+def same_plan(rule: str, h: int, T: int) -> tuple[str, int]:
+    """Shrinking at h = 1 and h = T is receding's plan."""
+    return (rule if 1 < h < T else "receding", h)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        type=lambda s: s.split(","),
+        default=list(MODELS),
+        help=f"of {', '.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--datasets", type=lambda s: s.split(","), default=["mnist", "fashion_mnist"]
+    )
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="cut every run short (smoke)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--no-puzzle",
+        dest="puzzle",
+        action="store_false",
+        help="skip the puzzle runs (mlp8 on MNIST under five variants)",
+    )
+    parser.add_argument("--out", default="runs/horizon-study")
+
+
+def main(args: argparse.Namespace) -> None:
+    from .plots import horizon_accuracy_memory, time_to_accuracy
+
+    out, started = Path(args.out), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = study_runs(args) + (puzzle_runs() if args.puzzle else [])
+    console.print(f"horizon study: {len(runs)} runs on {args.workers} workers -> {out}")
+    results = execute(list(dict.fromkeys(runs)), args)
+    rows, chosen = [], []
+    for model in args.models:
+        for dataset in args.datasets:
+            mine = summarise(results, costs(model, dataset, args), model, dataset)
+            rows += mine
+            chosen += selections(mine, model, dataset, args)
+            name = f"{model}_{dataset}"
+            horizon_accuracy_memory(mine, out / f"accuracy_memory_{name}.png", name)
+            time_to_accuracy(
+                results, mine, out / f"time_to_accuracy_{name}.png", TARGETS[dataset], name
+            )
+    minutes = (time.perf_counter() - started) / 60
+    report = {
+        "args": {k: v for k, v in vars(args).items() if not callable(v)},
+        "minutes": minutes,
+        "rows": rows,
+        "selections": chosen,
+        "runs": results,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(rows, chosen, results, minutes))
+    console.print(f"wrote {out}/results.md, results.json and the plots ({minutes:.1f} min)")
+
+
+def markdown(rows: list[dict], chosen: list[dict], results: list[dict], minutes: float) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lines = [
+        f"Measured in {minutes:.0f} minutes.",
+        "",
+        "| model | data | rule | h | accuracy % | peak activations MiB | step ms (P = T) "
+        "| speed vs BP | steps to target | time to target s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['dataset']} | {r['rule']} | {r['horizon']} | "
+            f"{pct(r['accuracy_mean'])} ± {pct(r['accuracy_std'])} | {r['peak_mib']:.2f} | "
+            f"{r['step_ms']:.2f} | {r['speed_vs_bp']:.2f} | {num(r['steps_to_target'], '.0f')} | "
+            f"{num(r['time_to_target_s'], '.2f')} |"
+        )
+    lines += [
+        "",
+        "| model | data | objective | chosen | accuracy % | best in hindsight | "
+        "accuracy % | shortfall | seed spread (std) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in chosen:
+        shortfall = s["best_accuracy"] - s["chosen_accuracy"]
+        lines.append(
+            f"| {s['model']} | {s['dataset']} | {s['objective']} | {s['chosen']} | "
+            f"{pct(s['chosen_accuracy'])} | {s['best']} | {pct(s['best_accuracy'])} | "
+            f"{pct(shortfall)} | {pct(s['seed_spread'])} |"
+        )
+    puzzle: dict = {}
+    for r in results:
+        if r["variant"]:
+            puzzle.setdefault(r["variant"], {}).setdefault(r["horizon"], {})[r["seed"]] = r
+    if puzzle:
+        hs = sorted({h for by_h in puzzle.values() for h in by_h})
+        lines += [
+            "",
+            "Puzzle (mlp8, MNIST, receding; test accuracy %, seed 0 / seed 1):",
+            "",
+            "| variant | " + " | ".join(f"h = {h}" for h in hs) + " |",
+            "|---|" + "---|" * len(hs),
+        ]
+        for variant, by_h in puzzle.items():
+            cells = [" / ".join(pct(by_h[h][s]["accuracy"]) for s in sorted(by_h[h])) for h in hs]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
