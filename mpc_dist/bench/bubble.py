@@ -540,6 +540,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """Start one process per stage with torchrun; each runs ``worker``."""
+    unknown = sorted(set(args.systems) - set(SYSTEMS) - {"none"})
+    if unknown:
+        raise SystemExit(f"mpc-dist bench: --systems {','.join(unknown)}: use {', '.join(SYSTEMS)} "
+                         "or none")  # fmt: skip
     args.microbatches = args.microbatches or [args.stages, 4 * args.stages]
     forwarded = []
     for key, value in vars(args).items():

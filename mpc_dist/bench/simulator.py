@@ -45,7 +45,7 @@ def project(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--stages", type=ints, default=[8, 16, 32, 64])
-    parser.add_argument("--microbatches", type=int, default=0, help="m (default: = stages)")
+    parser.add_argument("--microbatches", type=int, default=0, help="m (default: P and 4P)")
     parser.add_argument("--horizons", type=ints, default=[1, 2, 4])
     parser.add_argument("--rules", type=lambda s: s.split(","), default=["receding", "shrinking"])
     parser.add_argument("--forward-ms", type=float, default=1.0)
@@ -90,17 +90,22 @@ def main(args: argparse.Namespace) -> None:
     header = f"{'configuration':<28}{'ms/minibatch':>13}{'vs BP-1F1B':>11}{'bubble':>8}"
     console.print(f"{'P':>3} {'m':>4}  {header}")
     for P in args.stages:
-        m = args.microbatches or P
         started = time.perf_counter()
-        bp_time, _ = project(P, m, P, "receding", "sync", "1f1b", costs)
-        rows = [("BP-1F1B", P, "receding", "sync", "1f1b", False),
-                ("BP-1F1B +W", P, "receding", "sync", "1f1b", True)]  # fmt: skip
-        for rule in args.rules:
-            for h in args.horizons:
-                if h < P and not (rule == "shrinking" and h == 1):
-                    rows += [(f"{rule} h={h} {mode}", h, rule, mode, "horizon", False)
-                             for mode in ("sync", "async")]  # fmt: skip
-        for name, h, rule, mode, policy, defer in rows:
-            t, bubble = project(P, m, h, rule, mode, policy, costs, defer=defer)
-            console.print(f"{P:>3} {m:>4}  {name:<28}{t:>13.1f}{bp_time / t:>11.2f}{bubble:>8.1%}")
+        for m in [args.microbatches] if args.microbatches else [P, 4 * P]:
+            project_row(P, m, args, costs)
         console.print(f"    ({time.perf_counter() - started:.1f} s to simulate P = {P})")
+
+
+def project_row(P: int, m: int, args: argparse.Namespace, costs: Costs) -> None:
+    """Our configurations at P stages and m microbatches, against BP-1F1B."""
+    bp_time, _ = project(P, m, P, "receding", "sync", "1f1b", costs)
+    rows = [("BP-1F1B", P, "receding", "sync", "1f1b", False),
+            ("BP-1F1B +W", P, "receding", "sync", "1f1b", True)]  # fmt: skip
+    for rule in args.rules:
+        for h in args.horizons:
+            if h < P and not (rule == "shrinking" and h == 1):
+                rows += [(f"{rule} h={h} {mode}", h, rule, mode, "horizon", False)
+                         for mode in ("sync", "async")]  # fmt: skip
+    for name, h, rule, mode, policy, defer in rows:
+        t, bubble = project(P, m, h, rule, mode, policy, costs, defer=defer)
+        console.print(f"{P:>3} {m:>4}  {name:<28}{t:>13.1f}{bp_time / t:>11.2f}{bubble:>8.1%}")
