@@ -58,7 +58,8 @@ class HorizonConfig:
     min_alignment: float = 0.9  # speed: cos^2(theta_h) with back-propagation at least
     penalty: float = 0.5  # tradeoff: score - penalty x (step time / back-propagation's)
     probe_batches: int = 4  # microbatches the candidates are measured on
-    progress_steps: int = 20  # steps of the short-run loss-progress measurement (0: alignment)
+    progress_steps: int = 200  # training steps per candidate of the loss-progress score; 0: score
+    # by predicted alignment alone (misleads, see docs/horizon-study.md)
     reselect_every: int = 0  # epochs between re-selections (single process); 0: at start only
 
 

@@ -156,6 +156,28 @@ def execute(runs: list[Run], args) -> list[dict]:
     return results
 
 
+def readout(run: Run, args) -> list[float]:
+    """Test accuracy of the head read at every state x(1) .. x(T) of a finished run (its own
+    head there: the shared one, or the aux heads): which states the plan made readable."""
+    from ..train.checkpoint import Checkpointer
+    from ..train.step import build_optimizer
+
+    config = run_config(run, args)
+    data = load_dataset(run.dataset, "test", None, 0, 0)
+    whole = starting_model(config, build_model(config.model, data.input_shape,
+                                               data.num_classes, device="meta"))  # fmt: skip
+    checkpoints = Checkpointer(config.run_dir / "checkpoints")
+    checkpoints.load(checkpoints.latest(), whole, build_optimizer(config.optim, whole.parameters()))
+    correct = [0] * whole.num_blocks
+    with torch.no_grad():
+        for x, y in zip(data.inputs.split(1000), data.targets.split(1000), strict=True):
+            for t in range(whole.num_blocks):
+                x = whole.block_forward(t, x)
+                head, _ = whole.loss_head(t + 1)
+                correct[t] += int((head(x).argmax(-1) == y).sum())
+    return [c / len(data.targets) for c in correct]
+
+
 def costs(model: str, dataset: str, args) -> dict:
     """Per (rule, h): peak activation MiB (a minibatch of 128 through the engine) and the
     simulated time per minibatch on P = T stages, m = T microbatches, with the middle block's
@@ -316,6 +338,11 @@ def main(args: argparse.Namespace) -> None:
     runs = list(dict.fromkeys(study_runs(args) + (puzzle_runs() if args.puzzle else [])))
     console.print(f"horizon study: {len(runs)} runs on {args.workers} workers -> {out}")
     results = execute(runs, args)
+    for result in results:
+        if result["model"] == "mlp8" and result["variant"] in ("", "aux") and args.puzzle:
+            run = Run(*(result[f.name] for f in dataclasses.fields(Run)))
+            if run.dataset == "mnist" and run.rule == "receding" and run.horizon in PUZZLE_HORIZONS:
+                result["readout"] = readout(run, args)
     rows, chosen = [], []
     for model in args.models:
         for dataset in args.datasets:
@@ -393,4 +420,20 @@ def markdown(rows: list[dict], chosen: list[dict], results: list[dict], minutes:
         for variant, by_h in puzzle.items():
             cells = [" / ".join(pct(by_h[h][s]["accuracy"]) for s in sorted(by_h[h])) for h in hs]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    readouts: dict = {}
+    for r in results:
+        if "readout" in r:
+            readouts.setdefault((r["variant"] or "shared", r["horizon"]), []).append(r["readout"])
+    if readouts:
+        T = len(next(iter(readouts.values()))[0])
+        lines += [
+            "",
+            "Readout (the head read at every state; test accuracy %, mean over seeds):",
+            "",
+            "| variant | h | " + " | ".join(f"x({s})" for s in range(1, T + 1)) + " |",
+            "|---|---|" + "---|" * T,
+        ]
+        for (variant, h), values in sorted(readouts.items()):
+            means = [statistics.fmean(v[s] for v in values) for s in range(T)]
+            lines.append(f"| {variant} | {h} | " + " | ".join(pct(a) for a in means) + " |")
     return "\n".join(lines) + "\n"

@@ -2,25 +2,24 @@
 
 Every candidate (rule, h) is measured on the user's model, data and device: its alignment with
 back-propagation (``alignment.probe``; the law 1 - cos^2 = c (1 - h/T)^p is fitted to it), its
-short-run progress (the final loss's decrease over a few steps from the same weights, relative
-to back-propagation's: alignment alone misjudges neighbouring blocks' interaction, see
-docs/horizon-study.md), its memory per device (the engine's saved-activation accounting, times
-the microbatches the schedule keeps in flight; fitted as a h + b) and its time per step (the
-pipeline simulator fed with the block's measured F, B and W costs: on a pipeline h acts through
-bubbles, not only through work). The objectives:
+short-run progress (the decrease of the held-out loss over a couple of hundred steps from the
+same weights, relative to back-propagation's: alignment alone misjudges how neighbouring blocks'
+objectives interact, see docs/horizon-study.md), its memory per device (the engine's saved-
+activation accounting, times the microbatches the schedule keeps in flight; fitted as a h + b)
+and its time per step (the pipeline simulator fed with the block's measured F, B and W costs: on
+a pipeline h acts through bubbles, not only through work). The objectives:
 
 * ``memory``: the best score within ``memory_budget_mib`` per device;
 * ``speed``: the fastest step whose alignment cos^2 is at least ``min_alignment``;
 * ``tradeoff``: the best score - ``penalty`` x (step time / back-propagation's step time).
 
-The score is the measured progress when ``progress_steps`` > 0, else the predicted cos^2.
-"""
+The score is the measured progress when it was measured, else the predicted cos^2."""
 
 from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,12 +93,12 @@ def candidate_horizons(num_blocks: int) -> list[int]:
 def loss_progress(
     model: BlockModel,
     plan: Plan,
-    batches: Sequence[Batch],
-    steps: int,
+    stream: Iterable[Batch],
+    held_out: Sequence[Batch],
     make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
 ) -> float:
-    """How much ``steps`` steps under ``plan`` lower the final loss on ``batches`` (from a copy
-    of the model: the caller's weights stay as they are)."""
+    """How much training under ``plan`` on ``stream`` (a batch a step) lowers the final loss
+    on ``held_out`` batches (from a copy of the model: the caller's weights stay as they are)."""
     model = copy.deepcopy(model)
     optimizer = make_optimizer(model)
     engine = HorizonEngine(model, plan, track_memory=False)
@@ -107,12 +106,11 @@ def loss_progress(
     def final_loss() -> float:
         with torch.no_grad():
             return statistics.fmean(
-                float(torch.nn.functional.cross_entropy(model(x), y)) for x, y in batches
+                float(torch.nn.functional.cross_entropy(model(x), y)) for x, y in held_out
             )
 
     before = final_loss()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
+    for x, y in stream:
         engine.train_microbatch(x, y)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +179,6 @@ class Setting:
     mode: str = "sync"
     rules: tuple[str, ...] = ("receding", "shrinking")
     horizons: tuple[int, ...] = ()  # default: candidate_horizons(T)
-    progress_steps: int = 20
     static_mib_per_device: float = 0.0  # weights, gradients, optimizer state of the biggest stage
 
 
@@ -191,8 +188,12 @@ def measure(
     costs: Costs,
     setting: Setting,
     make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
+    stream: Callable[[], Iterable[Batch]] = lambda: (),
+    held_out: Sequence[Batch] = (),
 ) -> tuple[list[Candidate], list[Alignment], AlignmentLaw, dict[str, LinearLaw]]:
-    """Measure every candidate (see the module's docstring); a microbatch is one of ``batches``."""
+    """Measure every candidate (see the module's docstring) on microbatches like ``batches``:
+    alignment on ``batches``; progress (when there are ``held_out`` batches) by training on
+    ``stream()`` (a fresh iterator per candidate) and scoring on ``held_out``."""
     T = model.num_blocks
     model = off_zero(model, batches, make_optimizer)
     horizons = list(setting.horizons or candidate_horizons(T))
@@ -201,9 +202,9 @@ def measure(
     law = fit_alignment([h for h, _ in misfit], [m for _, m in misfit], T)
     ranges = stage_ranges(uniform_partition(T, setting.stages))
     bp_progress = None
-    if setting.progress_steps:
-        bp_progress = loss_progress(model, Plan("receding", T, T), batches,
-                                    setting.progress_steps, make_optimizer)  # fmt: skip
+    if held_out:
+        bp_progress = loss_progress(model, Plan("receding", T, T), stream(), held_out,
+                                    make_optimizer)  # fmt: skip
     candidates = []
     for a in alignments:
         plan = Plan(a.rule, a.horizon, T)
@@ -212,7 +213,7 @@ def measure(
         memory = max(h * s for h, s in zip(held, saved, strict=True)) / 2**20
         progress = None
         if bp_progress:
-            mine = loss_progress(model, plan, batches, setting.progress_steps, make_optimizer)
+            mine = loss_progress(model, plan, stream(), held_out, make_optimizer)
             progress = mine / bp_progress
         candidates.append(Candidate(
             a.rule, a.horizon, a.cos**2, law.alignment(a.horizon, T), progress,

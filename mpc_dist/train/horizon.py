@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import itertools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,12 +28,16 @@ from .step import build_optimizer
 ADAM_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 
 
-def measurement_batches(config: Config, dataset: Dataset, count: int) -> list:
-    """``count`` microbatches of the run's size, the first of epoch 0 in the run's order."""
+def measurement_batches(
+    config: Config, dataset: Dataset, count: int, skip: int = 0, device="cpu"
+) -> Iterator:
+    """``count`` microbatches of the run's size after the first ``skip``, in the run's order of
+    epoch 0 (fewer where the dataset ends)."""
     d, p = config.data, config.pipeline
     size = d.batch_size // (d.num_microbatches * p.replicas)
     batches = minibatches(dataset, size, config.train.seed, epoch=0)
-    return [next(batches) for _ in range(min(count, len(dataset) // size))]
+    for x, y in itertools.islice(batches, skip, min(skip + count, len(dataset) // size)):
+        yield x.to(device), y.to(device)
 
 
 def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
@@ -48,8 +54,9 @@ def select_horizon(
     ``horizon.objective``."""
     h, m, p = config.horizon, config.model, config.pipeline
     whole = copy.deepcopy(whole)
-    batches = [(x.to(device), y.to(device))
-               for x, y in measurement_batches(config, dataset, h.probe_batches)]  # fmt: skip
+    batches = list(measurement_batches(config, dataset, h.probe_batches, device=device))
+    steps = h.progress_steps  # a held-out set after the training stream, 8 batches
+    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, device))
     middle = whole.num_blocks // 2
     sample = batches[0][0]
     with torch.no_grad():
@@ -62,13 +69,14 @@ def select_horizon(
     static = 4 * (sum(q.numel() for q in whole.parameters()) + (1 + states) * trainable)
     setting = Setting(
         stages=p.stages, microbatches=config.data.num_microbatches, mode=p.mode,
-        progress_steps=h.progress_steps, static_mib_per_device=static / p.stages / 2**20,
+        static_mib_per_device=static / p.stages / 2**20,
     )  # fmt: skip
     if p.mode == "async" and p.stages > 1 and m.head == "shared":
         setting = dataclasses.replace(setting, horizons=(whole.num_blocks,))  # see validation
     candidates, alignments, law, memory_laws = measure_candidates(
-        whole, batches, costs, setting, lambda net: build_optimizer(config.optim, net.parameters())
-    )
+        whole, batches, costs, setting, lambda net: build_optimizer(config.optim, net.parameters()),
+        lambda: measurement_batches(config, dataset, steps, device=device), held_out,
+    )  # fmt: skip
     choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
                             h.penalty)  # fmt: skip
     selection = Selection(h.objective, candidates, law, memory_laws, choice, reason, alignments)
@@ -140,7 +148,7 @@ def probe_checkpoints(
     """cos(theta_h) at every checkpoint (or at the starting weights when there is none)."""
     from .checkpoint import Checkpointer
 
-    data = measurement_batches(config, dataset, batches)
+    data = list(measurement_batches(config, dataset, batches))
     rows = []
     for path in checkpoints or [None]:
         whole = starting_model(config, model)
