@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, load_config
 from .core import RULES, Plan
+from .horizon import OBJECTIVES
 from .launch.conventions import apply_launcher_settings
 from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
 from .parallel import validate as validate_schedule
@@ -131,6 +132,9 @@ def _probe(args: argparse.Namespace) -> None:
 def _select_horizon(args: argparse.Namespace) -> None:
     from .train.horizon import choose_plan, report
 
+    for key in ("objective", "memory_budget_mib", "min_alignment", "penalty"):
+        if getattr(args, key) is not None:
+            args.set.append(f"horizon.{key}={getattr(args, key)}")
     config, model, dataset = _measured_setup(args)
     _, selection = choose_plan(config, model, dataset)
     report(selection)
@@ -232,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe = commands.add_parser(
         "probe", help="gradient alignment cos(theta_h) with back-propagation, per h and rule"
     )
-    _config_arguments(probe)
+    _config_arguments(probe, resume=False)
     probe.add_argument("--run", dest="run_dir", help="a run directory: probe each checkpoint")
     probe.add_argument("--checkpoint", action="append", default=[], help="a checkpoint folder")
     probe.add_argument("--horizons", type=ints, help="default: 1, 2, 4, ..., T")
@@ -243,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser(
         "select-horizon", help="measure every rule and h; choose for horizon.objective"
     )
-    _config_arguments(select)
+    _config_arguments(select, resume=False)
+    select.add_argument("--objective", choices=OBJECTIVES, help="horizon.objective")
+    select.add_argument("--memory-budget-mib", type=float, help="horizon.memory_budget_mib")
+    select.add_argument("--min-alignment", type=float, help="horizon.min_alignment")
+    select.add_argument("--penalty", type=float, help="horizon.penalty")
     select.set_defaults(run=_select_horizon)
 
     compare = commands.add_parser("compare", help="compare two runs' final weights")
@@ -285,13 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
+def _config_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--config", help="YAML run config, e.g. configs/quickstart.yaml")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set horizon.horizon=2 (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    if resume:
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the last checkpoint"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,10 +32,7 @@ def gantt(
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[k]) for k in ("F", "B", "W")]
     ax.legend(handles, [LABELS[k] for k in ("F", "B", "W")], loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def horizon_sweep(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -66,10 +63,7 @@ def horizon_sweep(rows: list[dict], path: Path, title: str = "") -> Path:
     for ax in (ax_rate, ax_bubble):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def throughput_vs_memory(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -91,10 +85,7 @@ def throughput_vs_memory(rows: list[dict], path: Path, title: str = "") -> Path:
            title=title or "throughput against memory")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def horizon_accuracy_memory(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -123,10 +114,7 @@ def horizon_accuracy_memory(rows: list[dict], path: Path, title: str = "") -> Pa
     more = ax_mem.get_legend_handles_labels()
     ax_acc.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower right")
     ax_acc.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def time_to_accuracy(
@@ -149,11 +137,15 @@ def time_to_accuracy(
            title=title, ylim=(100 * target - 10, 100))  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _run_key(run: dict) -> tuple:
     return tuple(run[k] for k in ("model", "dataset", "rule", "horizon", "seed", "variant"))
+
+
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
