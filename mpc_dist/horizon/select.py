@@ -97,7 +97,7 @@ def loss_progress(
     held_out: Sequence[Batch],
     make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
 ) -> float:
-    """How much training under ``plan`` on ``stream`` (a batch a step) lowers the final loss
+    """How much training under ``plan`` on ``stream`` (a minibatch a step) lowers the final loss
     on ``held_out`` batches (from a copy of the model: the caller's weights stay as they are)."""
     model = copy.deepcopy(model)
     optimizer = make_optimizer(model)

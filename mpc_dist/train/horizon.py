@@ -29,12 +29,13 @@ ADAM_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 
 
 def measurement_batches(
-    config: Config, dataset: Dataset, count: int, skip: int = 0, device="cpu"
+    config: Config, dataset: Dataset, count: int, skip: int = 0, device="cpu", whole=False
 ) -> Iterator:
-    """``count`` microbatches of the run's size after the first ``skip``, in the run's order of
-    epoch 0 (fewer where the dataset ends)."""
+    """``count`` microbatches of the run's size (``whole``: a replica's minibatches, what one
+    optimizer step takes) after the first ``skip``, in the run's order of epoch 0 (fewer where
+    the dataset ends)."""
     d, p = config.data, config.pipeline
-    size = d.batch_size // (d.num_microbatches * p.replicas)
+    size = d.batch_size // ((1 if whole else d.num_microbatches) * p.replicas)
     batches = minibatches(dataset, size, config.train.seed, epoch=0)
     for x, y in itertools.islice(batches, skip, min(skip + count, len(dataset) // size)):
         yield x.to(device), y.to(device)
@@ -56,7 +57,7 @@ def select_horizon(
     whole = copy.deepcopy(whole)
     batches = list(measurement_batches(config, dataset, h.probe_batches, device=device))
     steps = h.progress_steps  # a held-out set after the training stream, 8 batches
-    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, device))
+    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, device, True))
     middle = whole.num_blocks // 2
     sample = batches[0][0]
     with torch.no_grad():
@@ -75,7 +76,7 @@ def select_horizon(
         setting = dataclasses.replace(setting, horizons=(whole.num_blocks,))  # see validation
     candidates, alignments, law, memory_laws = measure_candidates(
         whole, batches, costs, setting, lambda net: build_optimizer(config.optim, net.parameters()),
-        lambda: measurement_batches(config, dataset, steps, device=device), held_out,
+        lambda: measurement_batches(config, dataset, steps, device=device, whole=True), held_out,
     )  # fmt: skip
     choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
                             h.penalty)  # fmt: skip
