@@ -116,12 +116,15 @@ def _probe(args: argparse.Namespace) -> None:
     from .train.checkpoint import Checkpointer
     from .train.horizon import probe_checkpoints, write_probe
 
+    if args.run_dir and not args.config:  # the run's own config
+        args.config = str(Path(args.run_dir) / "config.yaml")
     config, model, dataset = _measured_setup(args)
     checkpoints = [Path(c) for c in args.checkpoint]
     if args.run_dir:
         checkpoints += Checkpointer(Path(args.run_dir) / "checkpoints").all()
     horizons = args.horizons or candidate_horizons(model.num_blocks)
-    rows = probe_checkpoints(config, model, dataset, checkpoints, horizons, args.batches)
+    batches = args.batches or config.horizon.probe_batches
+    rows = probe_checkpoints(config, model, dataset, checkpoints, horizons, batches)
     for row in rows:
         print(f"step {row['step']:>6}  {row['rule']:<9} h={row['horizon']:<3} "
               f"cos {row['cos']:.4f}  1 - cos^2 {row['one_minus_cos2']:.3e}")  # fmt: skip
@@ -132,9 +135,8 @@ def _probe(args: argparse.Namespace) -> None:
 def _select_horizon(args: argparse.Namespace) -> None:
     from .train.horizon import choose_plan, report
 
-    for key in ("objective", "memory_budget_mib", "min_alignment", "penalty"):
-        if getattr(args, key) is not None:
-            args.set.append(f"horizon.{key}={getattr(args, key)}")
+    if args.objective:
+        args.set.append(f"horizon.objective={args.objective}")
     config, model, dataset = _measured_setup(args)
     _, selection = choose_plan(config, model, dataset)
     report(selection)
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--run", dest="run_dir", help="a run directory: probe each checkpoint")
     probe.add_argument("--checkpoint", action="append", default=[], help="a checkpoint folder")
     probe.add_argument("--horizons", type=ints, help="default: 1, 2, 4, ..., T")
-    probe.add_argument("--batches", type=int, default=4, help="microbatches to measure on")
+    probe.add_argument("--batches", type=int, help="microbatches (default horizon.probe_batches)")
     probe.add_argument("--out", default="runs/probe", help="folder for probe.csv/json/png")
     probe.set_defaults(run=_probe)
 
@@ -248,10 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "select-horizon", help="measure every rule and h; choose for horizon.objective"
     )
     _config_arguments(select, resume=False)
-    select.add_argument("--objective", choices=OBJECTIVES, help="horizon.objective")
-    select.add_argument("--memory-budget-mib", type=float, help="horizon.memory_budget_mib")
-    select.add_argument("--min-alignment", type=float, help="horizon.min_alignment")
-    select.add_argument("--penalty", type=float, help="horizon.penalty")
+    select.add_argument("--objective", choices=OBJECTIVES,
+                        help="horizon.objective (its parameters: --set horizon.*)")  # fmt: skip
     select.set_defaults(run=_select_horizon)
 
     compare = commands.add_parser("compare", help="compare two runs' final weights")

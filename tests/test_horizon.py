@@ -114,6 +114,10 @@ def test_horizon_auto_in_one_process_and_in_a_pipeline(tmp_path):
     record = json.loads((tmp_path / "one" / "horizon_selection.jsonl").read_text().splitlines()[0])
     assert record["choice"]["horizon"] in (1, 2, 4) and summary["plan"].startswith(
         f"{record['choice']['rule']} h={record['choice']['horizon']}")  # fmt: skip
+    longer = selection_run(tmp_path, "run.name=one", "train.dtype=float32", "train.max_steps=6")
+    resumed = train(longer, resume=True)  # takes the run's choice, measures nothing again
+    assert resumed["plan"] == summary["plan"]
+    assert len((tmp_path / "one" / "horizon_selection.jsonl").read_text().splitlines()) == 1
     result = subprocess.run(
         [str(BIN / "mpc-dist"), "train", "--nproc", "2",
          *sets(*TINY, "model.head=aux", "horizon.horizon=auto", "horizon.progress_steps=5",

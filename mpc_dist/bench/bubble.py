@@ -544,6 +544,12 @@ def main(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"mpc-dist bench: --systems {','.join(unknown)}: use {', '.join(SYSTEMS)} "
                          "or none")  # fmt: skip
+    looped = sorted(set(args.systems) - {"1f1b", "gpipe", "deepspeed", "none"})
+    if args.real and looped and args.blocks_per_stage % 2:
+        raise SystemExit(
+            f"mpc-dist bench: --real with {','.join(looped)} (two stages per rank) needs an "
+            "even --blocks-per-stage, so that every system runs the same blocks"
+        )
     args.microbatches = args.microbatches or [args.stages, 4 * args.stages]
     forwarded = []
     for key, value in vars(args).items():

@@ -24,9 +24,9 @@ import torch
 
 from ..config import Config, load_config
 from ..core import HorizonEngine, Plan
-from ..horizon import choose, measure_block
+from ..horizon import choose, middle_block_costs, step_seconds
 from ..models import build_model
-from ..parallel import generate, simulate, stage_ranges, uniform_partition
+from ..parallel import stage_ranges, uniform_partition
 from ..train import load_dataset, train
 from ..train.horizon import select_horizon, starting_model
 from ..train.metrics import MetricsLogger, console
@@ -189,25 +189,15 @@ def costs(model: str, dataset: str, args) -> dict:
     )
     T = whole.num_blocks
     x, y = data.inputs[:128], data.targets[:128]
-    state = x[: 128 // T]
-    with torch.no_grad():
-        for t in range(T // 2):
-            state = whole.block_forward(t, state)
-    block = measure_block(
-        lambda s: whole.block_forward(T // 2, s), whole.block_parameters(T // 2), state
-    )
+    block = dataclasses.replace(middle_block_costs(whole, x[: 128 // T]), latency=2e-5)
     out = {}
     for rule, h in settings(T):
         plan = Plan(rule, h, T)
         engine = HorizonEngine(whole, plan, track_memory=True)
         engine.train_microbatch(x, y)
         whole.zero_grad(set_to_none=True)
-        schedule = generate(plan, stage_ranges(uniform_partition(T, T)), T, 2, "sync")
-        events = simulate(schedule, dataclasses.replace(block, latency=2e-5))
-        out[rule, h] = {
-            "peak_mib": engine.memory.peak_bytes / 2**20,
-            "step_ms": 1000 * max(e.end for e in events) / 2,
-        }
+        step = step_seconds(plan, stage_ranges(uniform_partition(T, T)), T, "sync", block)
+        out[rule, h] = {"peak_mib": engine.memory.peak_bytes / 2**20, "step_ms": 1000 * step}
     return out
 
 

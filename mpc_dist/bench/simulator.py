@@ -64,7 +64,8 @@ def costs_from(args: argparse.Namespace) -> Costs:
     f, b, w, latency = args.forward_ms, args.input_grad_ms, args.weight_grad_ms, args.latency_ms
     if args.from_bench:
         recorded = json.loads(Path(args.from_bench).read_text())["args"]
-        f = b = w = recorded["cost_ms"]
+        costs = recorded["block_costs"]  # emulated or, with --real, measured (seconds)
+        f, b, w = (1000 * costs[k] for k in ("forward", "input_grad", "weight_grad"))
         latency = recorded["latency_ms"]
     if args.model:
         from ..config import ModelConfig

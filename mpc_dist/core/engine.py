@@ -171,7 +171,9 @@ class HorizonEngine:
 
     def weight_backward(self, microbatch: int, loss_point: int) -> None:
         """The weight gradients a deferred ``backward`` of stream ``loss_point`` left."""
-        state = self._microbatches[microbatch]
+        state = self._microbatches.get(microbatch)
+        if state is None:  # released already: the stream's blocks had no trainable weights
+            return
         for t, deferred in state.deferred.pop(loss_point, []):
             deferred.run()
             self._passed(state, t)

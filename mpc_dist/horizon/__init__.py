@@ -4,9 +4,17 @@ of (rule, h) for an objective. Below ``train`` (which runs it for ``horizon.hori
 it knows nothing of data files or checkpoints."""
 
 from .alignment import Alignment, block_gradients, probe
-from .costs import measure_block, model_block_costs
+from .costs import measure_block, middle_block_costs, model_block_costs
 from .laws import AlignmentLaw, LinearLaw, fit_alignment, fit_linear
-from .select import OBJECTIVES, Candidate, Selection, Setting, candidate_horizons, choose
+from .select import (
+    OBJECTIVES,
+    Candidate,
+    Selection,
+    Setting,
+    candidate_horizons,
+    choose,
+    step_seconds,
+)
 from .select import measure as measure_candidates
 
 __all__ = [
@@ -23,7 +31,9 @@ __all__ = [
     "fit_alignment",
     "fit_linear",
     "measure_block",
+    "middle_block_costs",
     "measure_candidates",
     "model_block_costs",
     "probe",
+    "step_seconds",
 ]

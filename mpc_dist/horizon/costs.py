@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..core.deferral import input_backward
-from ..models import build_model, instantiate
+from ..models import BlockModel, build_model, instantiate
 from ..parallel import Costs
 
 
@@ -64,3 +64,13 @@ def model_block_costs(
     sample = torch.randn(batch_size, *model.state_shapes[t], device=device, dtype=dtype)
     params = [p for p in part.block_parameters(t) if p.requires_grad]
     return measure_block(lambda x: part.block_forward(t, x), params, sample, repeats)
+
+
+def middle_block_costs(model: BlockModel, x: torch.Tensor) -> Costs:
+    """F, B and W of ``model``'s middle block (allocated) on the state ``x`` reaches there."""
+    middle = model.num_blocks // 2
+    with torch.no_grad():
+        for t in range(middle):
+            x = model.block_forward(t, x)
+    params = [p for p in model.block_parameters(middle) if p.requires_grad]
+    return measure_block(lambda state: model.block_forward(middle, state), params, x)

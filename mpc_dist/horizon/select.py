@@ -100,21 +100,27 @@ def loss_progress(
     """How much training under ``plan`` on ``stream`` (a minibatch a step) lowers the final loss
     on ``held_out`` batches (from a copy of the model: the caller's weights stay as they are)."""
     model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
     optimizer = make_optimizer(model)
     engine = HorizonEngine(model, plan, track_memory=False)
 
     def final_loss() -> float:
+        model.eval()
         with torch.no_grad():
-            return statistics.fmean(
+            loss = statistics.fmean(
                 float(torch.nn.functional.cross_entropy(model(x), y)) for x, y in held_out
             )
+        model.train()
+        return loss
 
-    before = final_loss()
-    for x, y in stream:
-        engine.train_microbatch(x, y)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return before - final_loss()
+    with torch.random.fork_rng(devices=[]):  # the same dropout for every candidate
+        torch.manual_seed(0)
+        before = final_loss()
+        for x, y in stream:
+            engine.train_microbatch(x, y)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return before - final_loss()
 
 
 def off_zero(
@@ -156,12 +162,15 @@ def stage_activation_bytes(model: BlockModel, plan: Plan, ranges, sample: Batch)
         engine.forward(0, state, y, eager=False)
         out.append(engine.memory.current_bytes)
         del engine
+    model.zero_grad(set_to_none=True)  # the heads' gradients of those forwards
     return out
 
 
-def step_seconds(plan: Plan, ranges, microbatches: int, mode: str, costs: Costs) -> float:
+def step_seconds(
+    plan: Plan, ranges, microbatches: int, mode: str, costs: Costs, defer: bool = False
+) -> float:
     """Simulated time per minibatch of the schedule for ``plan``."""
-    schedule = generate(plan, ranges, microbatches, 4, mode, "horizon")
+    schedule = generate(plan, ranges, microbatches, 4, mode, "horizon", defer)
     events = simulate(schedule, costs)
     if mode == "sync":
         return max(e.end for e in events) / 4
@@ -179,7 +188,8 @@ class Setting:
     mode: str = "sync"
     rules: tuple[str, ...] = ("receding", "shrinking")
     horizons: tuple[int, ...] = ()  # default: candidate_horizons(T)
-    static_mib_per_device: float = 0.0  # weights, gradients, optimizer state of the biggest stage
+    defer_weights: bool = False  # pipeline.defer_weights
+    static_mib_per_device: float = 0.0  # weights, gradients, optimizer state per stage (mean)
 
 
 def measure(
@@ -208,17 +218,21 @@ def measure(
     candidates = []
     for a in alignments:
         plan = Plan(a.rule, a.horizon, T)
-        held = held_microbatches(generate(plan, ranges, setting.microbatches, 2, setting.mode))
+        schedule = generate(plan, ranges, setting.microbatches, 2, setting.mode, "horizon",
+                            setting.defer_weights)  # fmt: skip
+        held = held_microbatches(schedule)
         saved = stage_activation_bytes(model, plan, ranges, batches[0])
         memory = max(h * s for h, s in zip(held, saved, strict=True)) / 2**20
         progress = None
-        if bp_progress:
-            mine = loss_progress(model, plan, stream(), held_out, make_optimizer)
+        if bp_progress is not None and bp_progress > 1e-6:  # else: alignment decides
+            mine = bp_progress if a.horizon == T else loss_progress(
+                model, plan, stream(), held_out, make_optimizer)  # fmt: skip
             progress = mine / bp_progress
         candidates.append(Candidate(
-            a.rule, a.horizon, a.cos**2, law.alignment(a.horizon, T), progress,
+            a.rule, a.horizon, max(a.cos, 0.0) ** 2, law.alignment(a.horizon, T), progress,
             memory + setting.static_mib_per_device,
-            1000 * step_seconds(plan, ranges, setting.microbatches, setting.mode, costs),
+            1000 * step_seconds(plan, ranges, setting.microbatches, setting.mode, costs,
+                                setting.defer_weights),
         ))  # fmt: skip
     memory_laws = {
         rule: fit_linear([c.horizon for c in candidates if c.rule == rule],

@@ -9,79 +9,79 @@ import csv
 import dataclasses
 import itertools
 import json
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..core import Plan
-from ..horizon import Alignment, Selection, Setting, choose, measure_block, measure_candidates
+from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
 from .callbacks import Callback
 from .data import Dataset, minibatches
 from .metrics import console
+from .runner import DTYPES, resolve_device
 from .step import build_optimizer
-
-ADAM_STATES = {"adamw": 2, "adam": 2, "sgd": 1}
 
 
 def measurement_batches(
-    config: Config, dataset: Dataset, count: int, skip: int = 0, device="cpu", whole=False
+    config: Config, dataset: Dataset, count: int, skip: int = 0, like=None, whole=False
 ) -> Iterator:
     """``count`` microbatches of the run's size (``whole``: a replica's minibatches, what one
     optimizer step takes) after the first ``skip``, in the run's order of epoch 0 (fewer where
-    the dataset ends)."""
+    the dataset ends); inputs on the device and in the dtype of the tensor ``like``."""
     d, p = config.data, config.pipeline
     size = d.batch_size // ((1 if whole else d.num_microbatches) * p.replicas)
     batches = minibatches(dataset, size, config.train.seed, epoch=0)
     for x, y in itertools.islice(batches, skip, min(skip + count, len(dataset) // size)):
-        yield x.to(device), y.to(device)
+        if like is not None:
+            x, y = (
+                x.to(like.device, like.dtype if x.is_floating_point() else x.dtype),
+                y.to(like.device),
+            )
+        yield x, y
 
 
 def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
     """The run's starting weights, whole, on ``device`` (a copy of the meta-device ``model``)."""
     m = config.model
-    return instantiate(copy.deepcopy(model), device, torch.float32, config.train.seed,
-                       m.weights, m.lora)  # fmt: skip
+    return instantiate(copy.deepcopy(model), device, DTYPES[config.train.dtype],
+                       config.train.seed, m.weights, m.lora)  # fmt: skip
 
 
-def select_horizon(
-    config: Config, whole: BlockModel, dataset: Dataset, device: torch.device | str = "cpu"
-) -> tuple[Plan, Selection]:
-    """Measure every (rule, h) on ``whole`` (allocated; left as it is) and choose for
-    ``horizon.objective``."""
-    h, m, p = config.horizon, config.model, config.pipeline
+def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple[Plan, Selection]:
+    """Measure every (rule, h) on ``whole`` (allocated, on its device; left as it is) and choose
+    for ``horizon.objective``."""
+    h, p = config.horizon, config.pipeline
     whole = copy.deepcopy(whole)
-    batches = list(measurement_batches(config, dataset, h.probe_batches, device=device))
-    steps = h.progress_steps  # a held-out set after the training stream, 8 batches
-    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, device, True))
-    middle = whole.num_blocks // 2
-    sample = batches[0][0]
-    with torch.no_grad():
-        for t in range(middle):
-            sample = whole.block_forward(t, sample)
-    params = [q for q in whole.block_parameters(middle) if q.requires_grad]
-    costs = measure_block(lambda x: whole.block_forward(middle, x), params, sample)
-    trainable = sum(q.numel() for q in whole.parameters() if q.requires_grad)
-    states = ADAM_STATES.get(config.optim.name, 2)
-    static = 4 * (sum(q.numel() for q in whole.parameters()) + (1 + states) * trainable)
+    like = next(whole.parameters())
+    batches = list(measurement_batches(config, dataset, h.probe_batches, like=like))
+    steps = h.progress_steps  # a held-out set after the training stream, 8 minibatches
+    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, like, True))
     setting = Setting(
         stages=p.stages, microbatches=config.data.num_microbatches, mode=p.mode,
-        static_mib_per_device=static / p.stages / 2**20,
+        defer_weights=p.defer_weights, static_mib_per_device=static_mib(config, whole) / p.stages,
     )  # fmt: skip
-    if p.mode == "async" and p.stages > 1 and m.head == "shared":
-        setting = dataclasses.replace(setting, horizons=(whole.num_blocks,))  # see validation
     candidates, alignments, law, memory_laws = measure_candidates(
-        whole, batches, costs, setting, lambda net: build_optimizer(config.optim, net.parameters()),
-        lambda: measurement_batches(config, dataset, steps, device=device, whole=True), held_out,
+        whole, batches, middle_block_costs(whole, batches[0][0]), setting,
+        lambda net: build_optimizer(config.optim, net.parameters()),
+        lambda: measurement_batches(config, dataset, steps, like=like, whole=True), held_out,
     )  # fmt: skip
     choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
                             h.penalty)  # fmt: skip
     selection = Selection(h.objective, candidates, law, memory_laws, choice, reason, alignments)
     return Plan(choice.rule, choice.horizon, whole.num_blocks), selection
+
+
+def static_mib(config: Config, model: BlockModel) -> float:
+    """MiB of weights, their gradients and the optimizer's state for ``model``."""
+    o = config.optim
+    states = 2 if o.name.startswith("adam") else int(o.momentum > 0)
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    size = torch.empty((), dtype=DTYPES[config.train.dtype]).element_size()
+    return size * (sum(q.numel() for q in model.parameters()) + (1 + states) * trainable) / 2**20
 
 
 def report(selection: Selection, run_dir: Path | None = None) -> None:
@@ -109,13 +109,39 @@ def report(selection: Selection, run_dir: Path | None = None) -> None:
 
 
 def choose_plan(config: Config, model: BlockModel, dataset: Dataset) -> tuple[Plan, Selection]:
-    """The plan for ``horizon.horizon: auto``, chosen on this process (rank 0 of a pipeline: the
-    others take its choice once the group is up), or a placeholder elsewhere."""
-    T = model.num_blocks
-    if os.environ.get("RANK", "0") != "0":
-        return Plan(config.horizon.rule, T, T), None
-    device = "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
-    return select_horizon(config, starting_model(config, model, device), dataset, device)
+    """The plan for ``horizon.horizon: auto``, measured on this process's device."""
+    device = resolve_device(config.train.device)
+    return select_horizon(config, starting_model(config, model, device), dataset)
+
+
+def plan_chooser(
+    config: Config, model: BlockModel, dataset: Dataset, resume: bool
+) -> tuple[Callable[[], Plan], list[Selection]]:
+    """``choose()`` gives the run's plan when the runner asks for it: the configured one, or for
+    ``horizon: auto`` the measured choice (appended to the list, to be reported) or, resuming,
+    the run's last choice."""
+    selected: list[Selection] = []
+
+    def choose() -> Plan:
+        T = model.num_blocks
+        if config.horizon.horizon != "auto":
+            return Plan(config.horizon.rule, config.horizon.horizon, T)
+        if resume and (previous := chosen_before(config.run_dir, T)):
+            return previous
+        plan, selection = choose_plan(config, model, dataset)
+        selected.append(selection)
+        return plan
+
+    return choose, selected
+
+
+def chosen_before(run_dir: Path, num_blocks: int) -> Plan | None:
+    """The last plan a run chose (at start or re-selection), for resuming it as it was."""
+    path = run_dir / "horizon_selection.jsonl"
+    if not path.exists() or not path.read_text().strip():
+        return None
+    choice = json.loads(path.read_text().strip().splitlines()[-1])["choice"]
+    return Plan(choice["rule"], choice["horizon"], num_blocks)
 
 
 class Reselect(Callback):
@@ -129,8 +155,7 @@ class Reselect(Callback):
         epoch, every = step // self.steps_per_epoch, self.config.horizon.reselect_every
         if step % self.steps_per_epoch or epoch % every or epoch >= self.config.train.epochs:
             return
-        plan, selection = select_horizon(self.config, self.runner.model, self.dataset,
-                                         self.runner.device)  # fmt: skip
+        plan, selection = select_horizon(self.config, self.runner.model, self.dataset)
         report(selection, self.config.run_dir)
         self.runner.set_plan(plan)
 

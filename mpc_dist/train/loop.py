@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from ..core import Plan
 from ..models import build_model
 from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .data import Dataset, load_dataset, minibatches, num_batches
-from .horizon import Reselect, choose_plan, report
+from .horizon import Reselect, plan_chooser, report
 from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
 from .runner import Runner, make_runner
 from .step import TrainingError, learning_rate
@@ -49,15 +48,11 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     torch.manual_seed(seed)
     # on the meta device: each process allocates only what it holds (all of it, or its stage)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes, device="meta")
-    selection = None
-    if config.horizon.horizon == "auto":
-        plan, selection = choose_plan(config, model, train_set)
-    else:
-        plan = Plan(config.horizon.rule, config.horizon.horizon, model.num_blocks)
+    choose, selected = plan_chooser(config, model, train_set, resume)
     callbacks = list(callbacks)
-    runner = make_runner(config, model, plan, lambda write: prepare_run_dir(config, resume, write),
-                         callbacks)  # fmt: skip
-    if selection is not None:
+    prepare = lambda write: prepare_run_dir(config, resume, write)  # noqa: E731
+    runner = make_runner(config, model, choose, prepare, callbacks)
+    for selection in selected:
         report(selection, config.run_dir)
     if config.horizon.reselect_every:
         steps_per_epoch = num_batches(train_set, config.data.batch_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
 from typing import Protocol
 
 import torch
@@ -35,6 +36,7 @@ from .precision import compute_options, grad_scaler
 from .stage import build_stage
 from .step import OptimizerStep, build_optimizer
 
+SELECTION_TIMEOUT_S = 4 * 3600  # the longest horizon selection a pipeline waits for
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 Batch = tuple[torch.Tensor | None, torch.Tensor]  # inputs (where the runner reads them), targets
@@ -195,7 +197,7 @@ class PipelineRunner:
         self,
         config: Config,
         model: BlockModel,
-        plan: Plan,
+        choose: Callable[[], Plan],
         on_ready: Callable[[Topology], None] = lambda topology: None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
@@ -210,10 +212,7 @@ class PipelineRunner:
         self.watchdog = Watchdog(self.topology, p.timeout).start()
         try:
             check_same_config(config.to_yaml(), self.topology)
-            if config.horizon.horizon == "auto":  # rank 0 chose; everyone takes its choice
-                chosen = [plan]
-                dist.broadcast_object_list(chosen, src=0)
-                plan = chosen[0]
+            plan = self._plan(config, choose)
             groups = Groups.create(self.topology)
             on_ready(self.topology)
             dtype = DTYPES[config.train.dtype]
@@ -239,6 +238,17 @@ class PipelineRunner:
             f"{p.mode}, blocks {ranges}"
         )
         self._closed = False
+
+    def _plan(self, config: Config, choose: Callable[[], Plan]) -> Plan:
+        """``horizon: auto``: rank 0 measures and chooses (minutes, heartbeating meanwhile),
+        the others wait for its choice on a group with a long timeout."""
+        if config.horizon.horizon != "auto":
+            return choose()
+        waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=SELECTION_TIMEOUT_S))
+        chosen = [choose() if self.topology.rank == 0 else None]
+        dist.broadcast_object_list(chosen, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
+        return chosen[0]
 
     def _partition(self, config: Config, model: BlockModel, device, dtype) -> list[int]:
         """Blocks per stage; rank 0 decides (a timed partition must be the same everywhere)."""
@@ -298,16 +308,17 @@ class PipelineRunner:
 def make_runner(
     config: Config,
     model: BlockModel,
-    plan: Plan,
+    choose: Callable[[], Plan],
     prepare: Callable[[bool], None],
     callbacks: Iterable[Callback] = (),
 ) -> Runner:
-    """The runner the config asks for. ``prepare(write)`` readies the run directory: called once
-    the processes agree, writing files on one rank only."""
+    """The runner the config asks for. ``choose()`` gives the plan (a pipeline calls it once its
+    group is up; for ``horizon: auto`` on rank 0 only); ``prepare(write)`` readies the run
+    directory: called once the processes agree, writing files on one rank only."""
     check_world_size(config)
     callbacks = list(callbacks)
     if config.world_size == 1:
-        runner = SingleRunner(config, model, plan, callbacks)
+        runner = SingleRunner(config, model, choose(), callbacks)
         prepare(True)
         return runner
-    return PipelineRunner(config, model, plan, lambda t: prepare(t.rank == 0), callbacks)
+    return PipelineRunner(config, model, choose, lambda t: prepare(t.rank == 0), callbacks)
