@@ -53,9 +53,11 @@ class HorizonConfig:
     rule: str = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
     horizon: int | Literal["auto"] = 4  # h, 1 <= h <= T (T: back-propagation), or auto (h, rule)
     # horizon: auto chooses by measuring every rule and h on the model, data and device:
-    objective: str = "tradeoff"  # memory (budget) | speed (min_alignment) | tradeoff (penalty)
+    objective: str = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |
+    # tradeoff (penalty)
     memory_budget_mib: float = 0.0  # memory: the most per device
-    min_alignment: float = 0.9  # speed: cos^2(theta_h) with back-propagation at least
+    min_alignment: float = 0.5  # speed: cos^2(theta_h) with back-propagation at least
+    min_progress: float = 0.95  # speed: and measured progress (relative to BP's) at least
     penalty: float = 0.5  # tradeoff: score - penalty x (step time / back-propagation's)
     probe_batches: int = 4  # microbatches the candidates are measured on
     progress_steps: int = 200  # training steps per candidate of the loss-progress score; 0: score

@@ -106,6 +106,10 @@ def test_select_horizon_objectives_and_their_constraints(tmp_path):
     assert fast.step_ms == min(c.step_ms for c in candidates)
     with pytest.raises(ConfigError, match="largest feasible value"):
         choose(candidates, "speed", min_alignment=1.5)
+    strict = sorted(c.progress for c in candidates)[-2]  # progress must hold too
+    held, reason = choose(candidates, "speed", min_progress=strict)
+    assert held.progress >= strict and "progress" in reason
+    assert held.step_ms == min(c.step_ms for c in candidates if c.progress >= strict)
 
 
 def test_horizon_auto_in_one_process_and_in_a_pipeline(tmp_path):

@@ -91,7 +91,7 @@ class Result:
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
-    P, out = args.stages, []
+    out = []
     for m in args.microbatches:
         out += [Case("torch", f"torch {TORCH[s]}", m, policy=TORCH[s]) for s in args.systems
                 if s in TORCH]  # fmt: skip
@@ -103,7 +103,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
         for mode in args.modes:
             for rule in args.rules:
                 for h in args.horizons:
-                    if h >= P or (rule == "shrinking" and h == 1):  # shrinking 1 == receding 1
+                    if h >= _blocks(args) or (rule == "shrinking" and h == 1):  # BP, receding 1
                         continue
                     out.append(Case("ours", f"ours {rule} h={h} {mode}", m, rule, h, mode))
                     if h in args.defer_horizons and rule == "receding":
@@ -206,12 +206,18 @@ def _run_baseline(case: Case, args, recorder: emulate.Recorder) -> dict:
     # runs them at half cost; real blocks are the same blocks, two stages of T / 2P each.
     per_block = cost * T / blocks
 
+    made: list[nn.Module] = []
+
     def make_block(i: int):
         if args.real:
-            return _real_block(args, i)
-        return emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block, recorder)
+            block = _real_block(args, i)
+        else:
+            block = emulate.EmulatedBlock(args.width, i, per_block, per_block, per_block, recorder)
+        made.append(block)
+        return block
 
-    meter = ActivationMemory()
+    # weights saved for backward are not activations (as in our engine's accounting)
+    meter = ActivationMemory(lambda: [p for block in made for p in block.parameters()])
     shape = (args.microbatch_size, args.width)
     common = dict(make_block=make_block, num_blocks=blocks, microbatch_shape=shape,
                   num_microbatches=case.microbatches, steps=args.steps, warmup=args.warmup,
@@ -325,6 +331,9 @@ def _summarize(case: Case, gathered: list, args) -> Result:
             [statistics.mean(1 - busy_time(iv, w) / (w[1] - w[0]) for w in windows) for iv in kind]
             for kind in (actions, compute)
         )
+    if args.real:  # real blocks are not timestamped: only our runtime's actions are
+        result.compute_bubble = []
+        result.bubble = result.bubble if case.system == "ours" else []
     result.samples_per_s = args.microbatch_size * case.microbatches / result.time_per_minibatch
     result.peak_mib = [r["peak"] / 2**20 for r in per_rank]
     calibration = (0.0, 0.0, 0.0, 0.0)

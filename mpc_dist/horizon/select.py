@@ -10,7 +10,8 @@ and its time per step (the pipeline simulator fed with the block's measured F, B
 a pipeline h acts through bubbles, not only through work). The objectives:
 
 * ``memory``: the best score within ``memory_budget_mib`` per device;
-* ``speed``: the fastest step whose alignment cos^2 is at least ``min_alignment``;
+* ``speed``: the fastest step whose alignment cos^2 is at least ``min_alignment`` and whose
+  progress is at least ``min_progress``;
 * ``tradeoff``: the best score - ``penalty`` x (step time / back-propagation's step time).
 
 The score is the measured progress when it was measured, else the predicted cos^2."""
@@ -248,6 +249,7 @@ def choose(
     memory_budget_mib: float = 0.0,
     min_alignment: float = 0.0,
     penalty: float = 0.0,
+    min_progress: float = 0.0,
 ) -> tuple[Candidate, str]:
     """The candidate the objective picks, and why; ConfigError (naming the field and the
     feasible value) when no candidate satisfies the constraint."""
@@ -276,10 +278,14 @@ def choose(
                 f"horizon.min_alignment={min_alignment:g}: no candidate reaches it; the largest "
                 f"feasible value here is {most:.3f}"
             )
+        measured = candidates[0].progress is not None
+        if measured:  # alignment alone misleads (docs/horizon-study.md): progress must hold too
+            fits = [c for c in fits if c.progress >= min_progress] or [bp]
         best = min(fits, key=lambda c: (c.step_ms, -c.score))
         speedup = bp.step_ms / best.step_ms
+        held = f" and progress {best.progress:.3f} >= {min_progress:g}" if measured else ""
         return best, (f"fastest step ({best.step_ms:.2f} ms, {speedup:.2f}x back-propagation's) "
-                      f"with cos^2 {best.cos2:.3f} >= {min_alignment:g}")  # fmt: skip
+                      f"with cos^2 {best.cos2:.3f} >= {min_alignment:g}{held}")  # fmt: skip
     for c in candidates:
         c.score -= penalty * c.step_ms / bp.step_ms
     best = max(candidates, key=lambda c: c.score)

@@ -70,7 +70,7 @@ def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple
         lambda: measurement_batches(config, dataset, steps, like=like, whole=True), held_out,
     )  # fmt: skip
     choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
-                            h.penalty)  # fmt: skip
+                            h.penalty, h.min_progress)  # fmt: skip
     selection = Selection(h.objective, candidates, law, memory_laws, choice, reason, alignments)
     return Plan(choice.rule, choice.horizon, whole.num_blocks), selection
 

@@ -74,6 +74,7 @@ def _validate_horizon(config: Config, blocks: int) -> None:
         "horizon.memory_budget_mib: set the budget per device (MiB) for horizon.objective=memory",
     )
     need(0 <= h.min_alignment <= 1, f"horizon.min_alignment={h.min_alignment}: within [0, 1]")
+    need(h.min_progress <= 1, f"horizon.min_progress={h.min_progress}: at most 1 (BP's progress)")
     need(h.probe_batches >= 1, f"horizon.probe_batches={h.probe_batches}: must be >= 1")
     need(h.progress_steps >= 0, f"horizon.progress_steps={h.progress_steps}: must be >= 0")
     need(
