@@ -406,6 +406,13 @@ def markdown(rows: list[dict], chosen: list[dict], results: list[dict], minutes:
             f"{pct(s['chosen_accuracy'])} | {s['chosen_speed']:.2f} | {s['best']} | "
             f"{pct(s['best_accuracy'])} | {s['best_speed']:.2f} | {pct(s['seed_spread'])} |"
         )
+    lines += puzzle_tables(results, pct)
+    return "\n".join(lines) + "\n"
+
+
+def puzzle_tables(results: list[dict], pct) -> list[str]:
+    """The puzzle's variants by h and seed, and the per-state readouts (where they were run)."""
+    lines: list[str] = []
     puzzle: dict = {}
     for r in results:
         if (r["model"], r["dataset"], r["rule"]) == ("mlp8", "mnist", "receding") and (
@@ -441,4 +448,4 @@ def markdown(rows: list[dict], chosen: list[dict], results: list[dict], minutes:
         for (variant, h), values in sorted(readouts.items()):
             means = [statistics.fmean(v[s] for v in values) for s in range(T)]
             lines.append(f"| {variant} | {h} | " + " | ".join(pct(a) for a in means) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
