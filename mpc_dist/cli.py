@@ -1,5 +1,5 @@
 """``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-horizon-study, bench-engine.
+horizon-study, rules-study, bench-engine.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -177,6 +177,12 @@ def _horizon_study(args: argparse.Namespace) -> None:
     study(args)
 
 
+def _rules_study(args: argparse.Namespace) -> None:
+    from .bench.rules_study import main as study
+
+    study(args)
+
+
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench.engine_overhead import main as bench
 
@@ -281,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study_arguments(study)
     study.set_defaults(run=_horizon_study)
+
+    from .bench.rules_study import add_arguments as rules_arguments
+
+    rules = commands.add_parser(
+        "rules-study", help="forward-forward, forward gradient and friends next to BP and MPC "
+        "(docs/rules.md)",
+    )  # fmt: skip
+    rules_arguments(rules)
+    rules.set_defaults(run=_rules_study)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
     bench.add_argument("--blocks", type=int, default=8)

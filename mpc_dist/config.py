@@ -31,14 +31,15 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # deep_linear | residual_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet18 | resnet50, or
-    # timm/<name> (a timm ViT, e.g. timm/vit_base_patch16_224), or package.module:function
-    # (your own builder, see mpc_dist.models.pipeline_model)
+    # deep_linear | residual_mlp | relu_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet_small |
+    # resnet18 | resnet50, or timm/<name> (a timm ViT, e.g. timm/vit_base_patch16_224), or
+    # package.module:function (your own builder, see mpc_dist.models.pipeline_model)
     name: str = "residual_mlp"
-    num_blocks: int = 8  # T for deep_linear, residual_mlp, vit_tiny (fixed by the others)
-    width: int = 256  # state width (hidden_dim for vit_tiny)
+    num_blocks: int = 8  # T for deep_linear, residual_mlp, relu_mlp, vit_tiny, resnet_small
+    width: int = 256  # state width (hidden_dim for vit_tiny, first channels for resnet_small)
     hidden: int = 512  # MLP hidden width inside a block
-    head: str = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux
+    head: str = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
+    # goodness (scalable forward-forward's: a 1x1 convolution, a class's goodness = mean square)
     patch_size: int = 7  # vit_tiny
     num_heads: int = 4  # vit_tiny
     scaled: bool = True  # deep_linear: W(t) = I + W~(t)/T (else I + W~(t))
@@ -51,6 +52,7 @@ class ModelConfig:
 @dataclass
 class HorizonConfig:
     rule: str = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
+    # | ff | sff | forward_gradient (block-local rules, horizon 1; see docs/rules.md)
     horizon: int | Literal["auto"] = 4  # h, 1 <= h <= T (T: back-propagation), or auto (h, rule)
     # horizon: auto chooses by measuring every rule and h on the model, data and device:
     objective: str = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |

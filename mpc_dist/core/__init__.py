@@ -3,10 +3,12 @@ and activation accounting. Nothing here knows about processes or torch.distribut
 
 from .engine import ComputeOptions, Criterion, ForwardResult, HorizonEngine
 from .memory import ActivationMemory
-from .plan import RULES, Plan, PlanPart, Stream, check_horizon
+from .plan import HORIZON_RULES, LOCAL_RULES, RULES, Plan, PlanPart, Stream, check_horizon
 from .reference import reference_gradients
 
 __all__ = [
+    "HORIZON_RULES",
+    "LOCAL_RULES",
     "RULES",
     "ActivationMemory",
     "ComputeOptions",

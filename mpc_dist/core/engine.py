@@ -61,6 +61,8 @@ class ForwardResult:
 
 
 class HorizonEngine:
+    samples_per_input = 1  # states per input sample (a block-local rule may carry several)
+
     def __init__(
         self,
         model: BlockModel,

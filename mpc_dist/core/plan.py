@@ -12,13 +12,23 @@ from functools import cached_property
 
 from ..config import ConfigError
 
-RULES = ("receding", "shrinking")
+HORIZON_RULES = ("receding", "shrinking")
+# Block-local rules: every block is trained by a loss at its own output, as at h = 1, and no
+# signal crosses a block boundary backwards. What the loss is and how a block's gradient is
+# formed (forward-forward goodness, forward gradients) is the rule's: ``mpc_dist.rules``.
+LOCAL_RULES = ("ff", "sff", "forward_gradient")
+RULES = HORIZON_RULES + LOCAL_RULES
 
 
 def check_horizon(rule: str, horizon: int, num_blocks: int) -> None:
     """The one check of a rule and horizon; the message names the config field and the fix."""
     if rule not in RULES:
         raise ConfigError(f"horizon.rule={rule!r}: unknown rule; use one of {RULES}")
+    if rule in LOCAL_RULES and horizon != 1:
+        raise ConfigError(
+            f"horizon.horizon={horizon}: rule {rule} trains every block by its own local loss; "
+            f"set horizon.horizon=1"
+        )
     if not 1 <= horizon <= num_blocks:
         raise ConfigError(
             f"horizon.horizon={horizon}: must be in [1, {num_blocks}] (the model has {num_blocks} "
@@ -75,6 +85,8 @@ class Plan:
     def streams(self) -> tuple[Stream, ...]:
         """Streams in increasing loss point."""
         T, h = self.num_blocks, self.horizon
+        if self.rule in LOCAL_RULES:
+            return tuple(Stream(t + 1, t, (t,)) for t in range(T))
         if self.rule == "receding":
             # Block t is trained by l_{min(t+h, T)}: stream s < T trains block s-h only and
             # passes through s-1 .. s-h+1; stream T trains every block from T-h up.
@@ -116,9 +128,14 @@ class Plan:
             outgoing=self.crossing(first),
         )
 
+    @property
+    def is_local(self) -> bool:
+        """A block-local rule (``LOCAL_RULES``): its losses are the rule's, not the head's."""
+        return self.rule in LOCAL_RULES
+
     def reads_shared_head_below_top(self, head_mode: str) -> bool:
         """A shared head is evaluated (read-only) at loss points below T when h < T."""
-        return head_mode == "shared" and self.horizon < self.num_blocks
+        return head_mode == "shared" and self.horizon < self.num_blocks and not self.is_local
 
     @property
     def input_gradient_products(self) -> int:

@@ -14,11 +14,23 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 
-HEAD_MODES = ("shared", "aux")
+HEAD_MODES = ("shared", "aux", "goodness")
 
 
 class ModelError(ConfigError):
     """A model configuration that cannot be built; the message names the field and the fix."""
+
+
+class GoodnessHead(nn.Module):
+    """Scalable forward-forward's head on a feature map (C, H, W): a 1x1 convolution with one
+    channel per class; the goodness of class k, its score, is the mean square of channel k."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).square().mean(dim=(-2, -1))
 
 
 # Initialises one module (its own tensors; children come first) and says whether it did.
@@ -50,6 +62,7 @@ class BlockModel(nn.Module):
         self.head_mode = head_mode
         self.input_shape: tuple[int, ...] = ()  # (C, H, W) of one sample
         self.state_shapes: list[tuple[int, ...]] = []  # shape of x(0) .. x(T), one sample
+        self.num_classes = 0  # what the head predicts
 
     @property
     def block_indices(self) -> list[int]:
@@ -73,7 +86,7 @@ class BlockModel(nn.Module):
         """
         if s == self.num_blocks:
             return self.head, True
-        if self.head_mode == "aux":
+        if self.head_mode in ("aux", "goodness"):
             return self.aux_heads[str(s)], True
         return self.head, False
 
@@ -106,6 +119,7 @@ class BlockModel(nn.Module):
             self.family,
         )
         part.input_shape, part.state_shapes = self.input_shape, self.state_shapes
+        part.num_classes = self.num_classes
         return part
 
     def _aux_items(self) -> Iterator[tuple[int, nn.Module]]:
@@ -128,10 +142,12 @@ def pipeline_model(
 
     ``input_shape``: one sample's shape, e.g. (3, 224, 224). ``head_mode``: ``shared`` evaluates
     ``head`` at intermediate states too (they must have x(T)'s shape), ``aux`` gives loss point s
-    its own ``aux_head(shape of x(s))``. ``init_module(name, module)`` initialises a module's own
-    tensors the family's way and returns True (else ``reset_parameters`` is used).
-    ``weight_names`` maps names in a pretrained file to this model's. Called from a builder,
-    the modules are built on the meta device and only a rank's part is ever allocated.
+    its own ``aux_head(shape of x(s))``, ``goodness`` gives every loss point, T included, its own
+    ``GoodnessHead`` (feature maps only; as many classes as ``head`` predicts).
+    ``init_module(name, module)`` initialises a module's own tensors the family's way and returns
+    True (else ``reset_parameters`` is used). ``weight_names`` maps names in a pretrained file to
+    this model's. Called from a builder, the modules are built on the meta device and only a
+    rank's part is ever allocated.
     """
     if head_mode not in HEAD_MODES:
         raise ModelError(f"model.head={head_mode!r}: unknown; use one of {HEAD_MODES}")
@@ -147,10 +163,38 @@ def pipeline_model(
     if head_mode == "aux" and aux_head is None:
         raise ModelError(f"model.head=aux: {name} has no aux head factory; pass aux_head=")
     aux = {s: aux_head(shapes[s]) for s in range(1, T)} if head_mode == "aux" else {}
+    classes = num_classes(head, shapes[T])
+    if head_mode == "goodness":
+        head, aux = _goodness_heads(classes, shapes, name)
     model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, head_mode, init_module,
                        weight_names, name)  # fmt: skip
     model.input_shape, model.state_shapes = tuple(input_shape), shapes
+    model.num_classes = classes
     return model
+
+
+@torch.no_grad()
+def num_classes(head: nn.Module, shape: tuple[int, ...]) -> int:
+    """How many classes ``head`` predicts from a state of ``shape`` (a tiny forward pass)."""
+    first = next(iter(head.parameters()), torch.zeros(()))
+    mode = head.training
+    probe = torch.zeros(1, *shape, device=first.device, dtype=first.dtype)
+    classes = head.eval()(probe).shape[-1]
+    head.train(mode)
+    return classes
+
+
+def _goodness_heads(classes: int, shapes: list[tuple[int, ...]], name: str):
+    """The head at T and the aux heads below it, all goodness heads for ``classes``."""
+    if any(len(shape) != 3 for shape in shapes[1:]):
+        raise ModelError(
+            f"model.head=goodness: {name}'s states are not feature maps (C, H, W); use a "
+            f"convolutional model (resnet18) or model.head=aux"
+        )
+    T = len(shapes) - 1
+    return GoodnessHead(shapes[T][0], classes), {
+        s: GoodnessHead(shapes[s][0], classes) for s in range(1, T)
+    }
 
 
 def assemble(

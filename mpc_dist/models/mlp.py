@@ -1,4 +1,5 @@
-"""Fully connected families: the paper's deep linear residual net and a pre-norm residual MLP."""
+"""Fully connected families: the paper's deep linear residual net, a pre-norm residual MLP, and
+plain ReLU layers (the networks of forward-forward and PEPITA)."""
 
 from __future__ import annotations
 
@@ -67,4 +68,22 @@ def build_residual_mlp(spec: ModelConfig, input_shape, num_classes: int) -> Bloc
     head = NormLinearHead(spec.width, num_classes)
     return assemble(
         spec, stem, blocks, head, input_shape, lambda shape: NormLinearHead(shape[0], num_classes)
+    )
+
+
+def build_relu_mlp(spec: ModelConfig, input_shape, num_classes: int) -> BlockModel:
+    """Block t = ReLU(W_t x + b_t), no residual, no norm (forward-forward's 4 x 2000 network is
+    ``num_blocks: 4, width: 2000``): the input is flattened, the head is linear."""
+    widths = [math.prod(input_shape)] + [spec.width] * spec.num_blocks
+    blocks = [
+        nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:], strict=False)
+    ]
+    head = nn.Linear(spec.width, num_classes)
+    return assemble(
+        spec,
+        nn.Flatten(),
+        blocks,
+        head,
+        input_shape,
+        lambda shape: nn.Linear(shape[0], num_classes),
     )

@@ -44,9 +44,11 @@ _HERE = __package__
 MODELS: dict[str, ModelEntry] = {
     "deep_linear": ModelEntry(f"{_HERE}.mlp:build_deep_linear"),
     "residual_mlp": ModelEntry(f"{_HERE}.mlp:build_residual_mlp"),
+    "relu_mlp": ModelEntry(f"{_HERE}.mlp:build_relu_mlp"),
     "vit_tiny": ModelEntry(f"{_HERE}.vit:build_vit_tiny"),
     "vit_b_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=12),
     "vit_l_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=24),
+    "resnet_small": ModelEntry(f"{_HERE}.resnet:build_small_resnet"),
     "resnet18": ModelEntry(f"{_HERE}.resnet:build_torchvision_resnet", num_blocks=8),
     "resnet50": ModelEntry(f"{_HERE}.resnet:build_torchvision_resnet", num_blocks=16),
 }

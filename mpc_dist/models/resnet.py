@@ -59,3 +59,30 @@ def _init_module(name: str, module: nn.Module) -> bool:
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         return True
     return False
+
+
+def build_small_resnet(spec: ModelConfig, input_shape, num_classes: int) -> BlockModel:
+    """A narrow ResNet of torchvision's basic blocks for small images, cheap enough for a CPU:
+    a 3x3 stem to ``width`` channels, ``num_blocks`` blocks, the second half at twice the width
+    and half the resolution."""
+    from torchvision.models.resnet import BasicBlock
+
+    w, T = spec.width, spec.num_blocks
+    stem = nn.Sequential(
+        nn.Conv2d(input_shape[0], w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()
+    )
+    blocks, channels = [], w
+    for t in range(T):
+        wide = 2 * w if t >= T // 2 and T > 1 else w
+        stride = 2 if wide != channels else 1
+        down = None
+        if stride != 1:
+            down = nn.Sequential(nn.Conv2d(channels, wide, 1, stride, bias=False),
+                                 nn.BatchNorm2d(wide))  # fmt: skip
+        blocks.append(BasicBlock(channels, wide, stride, down))
+        channels = wide
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    return assemble(
+        spec, stem, blocks, head, input_shape, lambda shape: PoolHead(shape[0], num_classes),
+        _init_module,
+    )  # fmt: skip

@@ -1,9 +1,9 @@
 """The pipeline runtime: one process per stage and replica executes its schedule's action list.
 
-A table maps each action kind to its handler: compute handlers run the horizon engine on the
-stage's blocks and the step function; message handlers move activations and cotangents with
-non-blocking point-to-point operations. Message shapes follow from the model, so nothing about
-shapes is negotiated at run time.
+A table maps each action kind to its handler: compute handlers run the engine of the plan's rule
+(``mpc_dist.rules``) on the stage's blocks and the step function; message handlers move
+activations and cotangents with non-blocking point-to-point operations. Message shapes follow
+from the model, so nothing about shapes is negotiated at run time.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ..core import ComputeOptions, HorizonEngine, Plan
+from ..core import ComputeOptions, Plan
 from ..models import BlockModel
+from ..rules import make_engine
 from .generate import generate, validate
 from .groups import Groups, broadcast_parameters
 from .mailbox import Mailbox
@@ -43,6 +44,7 @@ class RuntimeOptions:
     compute: ComputeOptions = ComputeOptions()  # mixed precision, activation checkpointing
     defer_weights: bool = False  # zero-bubble split: weight gradients as deferred W actions
     trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
+    seed: int = 0  # of a rule's noise and negatives (forward gradient, forward-forward)
 
     @property
     def message_dtype(self) -> torch.dtype:
@@ -112,9 +114,7 @@ class PipelineRuntime:
         self.stage = self.topology.stage
         self.first, self.last = ranges[self.stage]
         self.is_last = self.topology.is_last_stage
-        self.engine = HorizonEngine(
-            model, plan, compute=options.compute, scale_loss=step.scale_loss, track_memory=True
-        )
+        self.engine = make_engine(model, plan, True, options.compute, step.scale_loss, options.seed)
         self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
         self.evaluates_loss = bool(plan.part(self.first, self.last).born)
         self.times = StageTimes()
@@ -198,7 +198,8 @@ class PipelineRuntime:
 
     def _shape_of(self, message: tuple) -> tuple[int, ...]:
         boundary = self.first if message[0] == "F" else self.last
-        return (self._microbatch_size, *self.model.state_shapes[boundary])
+        samples = self._microbatch_size * self.engine.samples_per_input
+        return (samples, *self.model.state_shapes[boundary])
 
     # ------------------------------------------------------------------ handlers
 

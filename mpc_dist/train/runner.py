@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from ..core import HorizonEngine, Plan
+from ..core import Plan
 from ..models import BlockModel, instantiate
 from ..parallel import (
     Groups,
@@ -30,6 +30,7 @@ from ..parallel import (
     place_ranks,
     stage_ranges,
 )
+from ..rules import make_engine
 from .callbacks import Callback
 from .data import WHOLE, Dataset, Shard, minibatches
 from .precision import compute_options, grad_scaler
@@ -126,8 +127,8 @@ class SingleRunner:
     def set_plan(self, plan: Plan) -> None:
         """Train on under another plan (horizon re-selection)."""
         self.plan = plan
-        self.engine = HorizonEngine(self.model, plan, track_memory=False, compute=self.compute,
-                                    scale_loss=self.step.scale_loss)  # fmt: skip
+        self.engine = make_engine(self.model, plan, False, self.compute, self.step.scale_loss,
+                                  self.config.train.seed)  # fmt: skip
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         m, T = self.config.data.num_microbatches, self.plan.num_blocks
@@ -220,7 +221,7 @@ class PipelineRunner:
             policy = "horizon" if p.schedule == "auto" else p.schedule
             options = RuntimeOptions(
                 config.data.num_microbatches, p.mode, policy, device, dtype,
-                compute_options(config.train, device), p.defer_weights,
+                compute_options(config.train, device), p.defer_weights, seed=config.train.seed,
             )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
                                 config.model, config.train.seed, p.sharding)  # fmt: skip

@@ -5,9 +5,10 @@ and the plan check their own sections."""
 from __future__ import annotations
 
 from ..config import Config, ConfigError
-from ..core import check_horizon
+from ..core import LOCAL_RULES, check_horizon
 from ..horizon import OBJECTIVES
-from ..models import check_model
+from ..models import build_model, check_model
+from ..rules import check_rule
 from .data import DATASETS, SHAPES
 
 
@@ -22,6 +23,8 @@ def validate(config: Config) -> None:
     input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
+    if config.horizon.rule in LOCAL_RULES:
+        _validate_local_rule(config, build_model(config.model, input_shape, num_classes, "meta"))
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
@@ -84,6 +87,26 @@ def _validate_horizon(config: Config, blocks: int) -> None:
     )
 
 
+def _validate_local_rule(config: Config, model) -> None:
+    rule, t = config.horizon.rule, config.train
+    check_rule(rule, model)
+    need(
+        not config.pipeline.defer_weights,
+        f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "
+        f"defer; set pipeline.defer_weights=false",
+    )
+    need(
+        t.activation_checkpointing == "none",
+        f"train.activation_checkpointing={t.activation_checkpointing}: rule {rule} holds one "
+        f"block's graph at a time; set train.activation_checkpointing=none",
+    )
+    need(
+        rule != "forward_gradient" or t.precision == "fp32",
+        f"train.precision={t.precision}: forward_gradient's forward-mode pass runs in the "
+        f"parameters' dtype; set train.precision=fp32",
+    )
+
+
 def _validate_pipeline(config: Config, blocks: int) -> None:
     p, h, d = config.pipeline, config.horizon, config.data
     need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
@@ -122,7 +145,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(
         not (p.mode == "async" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon != blocks),
+             and h.horizon != blocks and h.rule not in LOCAL_RULES),
         "pipeline.mode=async: a shared head couples every stage to the last one; "
         "set model.head=aux or pipeline.mode=sync",
     )  # fmt: skip
@@ -144,7 +167,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
         not (p.sharding == "fsdp" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon != blocks),
+             and h.horizon != blocks and h.rule not in LOCAL_RULES),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
     )  # fmt: skip

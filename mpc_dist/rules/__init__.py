@@ -1,0 +1,83 @@
+"""Learning rules as pipeline stage rules.
+
+A rule says what a stage computes per microbatch and which messages it needs. The horizon rules
+(``receding``, ``shrinking``) send activations forward and cotangents backward along the plan's
+streams; the block-local rules (``ff``, ``sff``, ``forward_gradient``) train every block by its
+own loss at its output, so their plan is h = 1's and no message goes backward: the schedule
+generator, validator, simulator and runtime take that from the plan. ``make_engine`` gives the
+engine a stage runs for its rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..config import ConfigError
+from ..core import ComputeOptions, HorizonEngine, Plan
+from ..models import BlockModel
+from .engine import LocalEngine, LocalRule, LocalStep
+from .ff import ForwardForward, predict_by_goodness
+from .forward_gradient import ForwardGradient, linear_layers
+from .sff import ScalableForwardForward, predict_by_average
+
+HEADS = {"ff": ("shared",), "sff": ("goodness",), "forward_gradient": ("aux",)}
+Engine = HorizonEngine | LocalEngine
+
+
+def local_rule(name: str, num_classes: int) -> LocalRule:
+    if name == "ff":
+        return ForwardForward(num_classes)
+    if name == "sff":
+        return ScalableForwardForward()
+    if name == "forward_gradient":
+        return ForwardGradient()
+    raise ConfigError(f"horizon.rule={name!r}: not a block-local rule")
+
+
+def check_rule(rule: str, model: BlockModel) -> None:
+    """What a block-local rule asks of the model (built on the meta device); one line naming
+    the field and the fix."""
+    if rule in HEADS and model.head_mode not in HEADS[rule]:
+        raise ConfigError(
+            f"model.head={model.head_mode}: rule {rule} needs model.head={HEADS[rule][0]}"
+        )
+    if rule == "forward_gradient":
+        for t in range(model.num_blocks):
+            linear_layers(model, t)
+
+
+def make_engine(
+    model: BlockModel,
+    plan: Plan,
+    track_memory: bool = True,
+    compute: ComputeOptions | None = None,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Engine:
+    """The engine for ``plan``'s rule over the blocks ``model`` holds."""
+    if not plan.is_local:
+        compute = compute or ComputeOptions()
+        return HorizonEngine(model, plan, track_memory=track_memory, compute=compute,
+                             scale_loss=scale_loss)  # fmt: skip
+    rule = local_rule(plan.rule, model.num_classes)
+    return LocalEngine(model, plan, rule, track_memory, compute,
+                       scale_loss, seed)  # fmt: skip
+
+
+__all__ = [
+    "HEADS",
+    "Engine",
+    "ForwardForward",
+    "ForwardGradient",
+    "LocalEngine",
+    "LocalRule",
+    "LocalStep",
+    "ScalableForwardForward",
+    "check_rule",
+    "local_rule",
+    "make_engine",
+    "predict_by_average",
+    "predict_by_goodness",
+]

@@ -1,0 +1,173 @@
+"""The engine of the block-local rules: each block is trained by its own rule's loss at its
+output, and nothing crosses a block boundary backwards (the plan is h = 1's).
+
+It has the horizon engine's interface, so the pipeline runtime and the single-process runner
+drive it unchanged: ``forward`` runs a microbatch through the run of blocks and computes what
+each block's update needs (a graph for autograd-local rules, a forward-mode directional
+derivative for forward gradients); ``backward(microbatch, s)`` applies block s-1's update, a
+stage-local action that receives and sends nothing.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
+from ..models import BlockModel
+
+
+@dataclass
+class LocalStep:
+    """What a rule computed for one block and microbatch."""
+
+    output: torch.Tensor  # the block's output x(t+1) (the next block's state)
+    loss: torch.Tensor  # the block's local loss (mean over the microbatch)
+    logits: torch.Tensor | None  # the prediction, at the last block
+    update: Callable[[float], None]  # accumulate the block's (and its head's) gradients, scaled
+
+
+class LocalRule(Protocol):
+    name: str
+    samples_per_input: int  # states per input sample (forward-forward: positive, negative, neutral)
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What block 0 trains on (its stem sees this)."""
+
+    def infer_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What block 0 sees at inference."""
+
+    def block_input(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """What block t sees of the state x(t) (a normalisation between blocks)."""
+
+    def step(self, model: BlockModel, t: int, x: torch.Tensor, y: torch.Tensor,
+             generator: torch.Generator) -> LocalStep: ...  # fmt: skip
+
+    def predict(self, model: BlockModel, state: torch.Tensor) -> torch.Tensor:
+        """The prediction from x(T) at inference."""
+
+
+def draws(seed: int, t: int, k: int) -> torch.Generator:
+    """The random stream of the k-th forward of block t (t = -1: the input transform), seeded by
+    (seed, t, k): the same noise and negatives whatever the stage layout."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{t}/{k}".encode()))
+
+
+class LocalEngine:
+    def __init__(
+        self,
+        model: BlockModel,
+        plan: Plan,
+        rule: LocalRule,
+        track_memory: bool = True,
+        compute: ComputeOptions | None = None,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not plan.is_local:
+            raise ValueError(f"LocalEngine runs block-local rules, not {plan.rule}")
+        self.model, self.plan, self.rule = model, plan, rule
+        self.compute = compute or ComputeOptions()
+        self.scale_loss, self.seed = scale_loss, seed
+        blocks = model.block_indices
+        self.first, self.last = blocks[0], blocks[-1] + 1
+        self.memory = ActivationMemory(model.parameters) if track_memory else None
+        self._updates: dict[int, dict[int, Callable[[], None]]] = {}
+        self._forwards = dict.fromkeys(range(-1, self.last), 0)  # -1: the input transform
+
+    @property
+    def samples_per_input(self) -> int:
+        return self.rule.samples_per_input
+
+    def forward(
+        self,
+        microbatch: int,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_scale: float = 1.0,
+        eager: bool = True,
+    ) -> ForwardResult:
+        updates = self._updates.setdefault(microbatch, {})  # loss point -> its block's update
+        x = inputs
+        if self.first == 0:
+            x = self.rule.inputs(x, targets, self._generator(-1))
+        losses, logits = {}, None
+        for t in range(self.first, self.last):
+            with self._hooks(), self._autocast():
+                step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))
+            s = t + 1
+            losses[s] = step.loss.detach() * loss_scale
+            updates[s] = lambda step=step: step.update(self._factor(loss_scale))
+            if s == self.plan.num_blocks:
+                logits = step.logits.detach()
+            x = self._state(step.output)
+            if eager:
+                updates.pop(s)()
+        if not updates:
+            del self._updates[microbatch]
+        output = x if self.last < self.plan.num_blocks else None
+        return ForwardResult(output, logits, losses, {})
+
+    def backward(
+        self,
+        microbatch: int,
+        loss_point: int,
+        cotangent: torch.Tensor | None = None,
+        defer_weights: bool = False,
+    ) -> None:
+        """Apply block ``loss_point - 1``'s update; nothing continues below it."""
+        updates = self._updates[microbatch]
+        updates.pop(loss_point)()
+        if not updates:
+            del self._updates[microbatch]
+
+    def weight_backward(self, microbatch: int, loss_point: int) -> None:
+        """Nothing is deferred: a local rule's update is all weight gradient."""
+
+    def train_microbatch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
+    ) -> ForwardResult:
+        if self.first != 0 or self.last != self.plan.num_blocks:
+            raise RuntimeError("train_microbatch needs the whole model; use forward/backward")
+        return self.forward(0, inputs, targets, loss_scale, eager=True)
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            if self.first == 0:
+                x = self.rule.infer_inputs(x)
+            for t in range(self.first, self.last):
+                x = self._state(self.model.block_forward(t, self.rule.block_input(t, x)))
+            return self.rule.predict(self.model, x) if self.last == self.plan.num_blocks else x
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._updates)
+
+    def _generator(self, t: int) -> torch.Generator:
+        k = self._forwards[t]
+        self._forwards[t] += 1
+        return draws(self.seed, t, k)
+
+    def _factor(self, loss_scale: float) -> float:
+        if self.scale_loss is None:
+            return loss_scale
+        return float(self.scale_loss(torch.tensor(loss_scale, dtype=torch.float64)))
+
+    def _hooks(self):
+        return self.memory.hooks() if self.memory is not None else nullcontext()
+
+    def _autocast(self):
+        dtype = self.compute.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.compute.device_type, dtype=dtype)
+
+    def _state(self, out: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute.state_dtype
+        return out.detach() if dtype is None else out.detach().to(dtype)

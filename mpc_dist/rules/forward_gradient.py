@@ -1,0 +1,128 @@
+"""Forward gradient with local losses (Ren, Kornblith, Liao & Hinton 2022, LG-FG-A): every
+block has its own loss (its aux head's cross-entropy, ``model.head: aux``), and the block's
+weights learn from activity-perturbed forward gradients, with no backward pass through it.
+
+For each linear layer l of block t, noise u_l ~ N(0, I) (independent per sample, masked where a
+ReLU that follows is off) perturbs its output z_l. One forward-mode pass (``torch.func.jvp``)
+gives each sample's directional derivative d = sum_l <dL/dz_l, u_l> of its local loss; the
+estimate of dL/dz_l is d u_l, and of the weight gradient (d u_l)^T x_l with x_l the layer's
+input: unbiased, and for activity perturbations about fan-in times less variance than weight
+perturbations. Heads learn from their exact local gradient (the block's output detached).
+Blocks may hold trainable parameters in ``nn.Linear`` layers only.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..models import BlockModel
+from .engine import LocalStep
+
+
+def linear_layers(model: BlockModel, t: int) -> list[nn.Linear]:
+    """Block t's linear layers (its stem's too at t = 0); refuses other trainable parameters."""
+    modules = [model.blocks[str(t)]] + ([model.stem] if t == 0 else [])
+    linears = [m for root in modules for m in root.modules() if isinstance(m, nn.Linear)]
+    covered = {id(p) for m in linears for p in m.parameters()}
+    other = [p for root in modules for p in root.parameters()
+             if p.requires_grad and id(p) not in covered]  # fmt: skip
+    if other:
+        raise ConfigError(
+            f"horizon.rule=forward_gradient: block {t} has trainable parameters outside linear "
+            f"layers (e.g. a norm's); use model.name=relu_mlp or another rule"
+        )
+    return linears
+
+
+def relu_follows(model: BlockModel, t: int) -> set[int]:
+    """ids of the linear layers whose output goes straight into a ReLU (in an nn.Sequential)."""
+    found = set()
+    for module in model.blocks[str(t)].modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module)
+            for a, b in zip(children, children[1:], strict=False):
+                if isinstance(a, nn.Linear) and isinstance(b, nn.ReLU):
+                    found.add(id(a))
+    return found
+
+
+class ForwardGradient:
+    name = "forward_gradient"
+    samples_per_input = 1
+
+    def inputs(self, x, y, generator):
+        return x
+
+    def infer_inputs(self, x):
+        return x
+
+    def block_input(self, t, x):
+        return x
+
+    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
+        linears = linear_layers(model, t)
+        head, _ = model.loss_head(t + 1)
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (input, output)
+
+        def record(layer, inputs, output):
+            seen[id(layer)] = (inputs[0].detach(), output.detach())
+
+        with torch.no_grad(), _hooked(linears, record):
+            out = model.block_forward(t, x)
+        masks = relu_follows(model, t)
+        noise = []
+        for layer in linears:
+            z = seen[id(layer)][1]
+            u = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            noise.append(u * (z > 0) if id(layer) in masks else u)
+
+        def local_losses(*perturbations: torch.Tensor) -> torch.Tensor:
+            shifts = dict(zip(map(id, linears), perturbations, strict=True))
+            with _hooked(linears, lambda layer, i, o: o + shifts[id(layer)]):
+                logits = head(model.block_forward(t, x))
+            return F.cross_entropy(logits, y, reduction="none")
+
+        zeros = tuple(torch.zeros_like(u) for u in noise)
+        with torch.no_grad():  # forward mode only: nothing is kept for a backward pass
+            _, directional = torch.func.jvp(local_losses, zeros, tuple(noise))
+        logits = head(out)  # the head learns from its exact gradient; the block's output detached
+        loss = F.cross_entropy(logits, y)
+        head_params = [p for p in head.parameters() if p.requires_grad]
+
+        def update(factor: float) -> None:
+            weight = directional * (factor / len(y))  # the loss is the mean over the microbatch
+            for layer, u in zip(linears, noise, strict=True):
+                inputs = seen[id(layer)][0]
+                grad_z = weight.view(-1, *[1] * (u.ndim - 1)) * u
+                _add_grad(layer.weight, torch.einsum("...o,...i->oi", grad_z, inputs))
+                if layer.bias is not None:
+                    _add_grad(layer.bias, grad_z.reshape(-1, grad_z.shape[-1]).sum(0))
+            if head_params:
+                torch.autograd.backward(loss * factor, inputs=head_params)
+
+        last = t + 1 == model.num_blocks
+        return LocalStep(out, loss, logits if last else None, update)
+
+    def predict(self, model, state):
+        return model.head(state)
+
+
+def _add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    if not param.requires_grad:
+        return
+    grad = grad.to(param.dtype)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+class _hooked(ExitStack):
+    """Forward hooks on ``layers`` for the duration of a with-block."""
+
+    def __init__(self, layers: list[nn.Module], hook) -> None:
+        super().__init__()
+        for layer in layers:
+            self.callback(layer.register_forward_hook(hook).remove)

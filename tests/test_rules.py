@@ -1,0 +1,270 @@
+"""The block-local rules: each equals a plain reference written from its paper (float64), the
+pipeline equals one process, no rule sends a backward message, and each learns MNIST a little."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from multiprocess import run
+
+from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
+from mpc_dist.core import Plan
+from mpc_dist.models import build_model
+from mpc_dist.parallel import (
+    Groups,
+    RuntimeOptions,
+    Topology,
+    generate,
+    stage_ranges,
+    uniform_partition,
+    validate,
+)
+from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
+from mpc_dist.rules.engine import draws
+from mpc_dist.train import build_stage, train
+from mpc_dist.train.validate import validate as validate_config
+
+SHAPE, CLASSES, T = (1, 8, 8), 5, 4
+SPECS = {
+    "ff": ModelConfig(name="relu_mlp", num_blocks=T, width=12),
+    "forward_gradient": ModelConfig(name="relu_mlp", num_blocks=T, width=12, head="aux"),
+    "sff": ModelConfig(name="resnet_small", num_blocks=T, width=4, head="goodness"),
+}
+
+
+def make(rule: str):
+    return build_model(SPECS[rule], SHAPE, CLASSES, seed=3).double()
+
+
+def batch(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *SHAPE, dtype=torch.float64, generator=g)
+    return x, torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def engine_grads(rule: str, model, x, y, seed: int = 0):
+    make_engine(model, Plan(rule, 1, T), track_memory=False, seed=seed).train_microbatch(x, y)
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def autograd_grads(model, losses):
+    """Each local loss's gradient w.r.t. the parameters it reaches (the graphs are disjoint)."""
+    out = {}
+    named = dict(model.named_parameters())
+    for loss in losses:
+        params = {n: p for n, p in named.items() if p.requires_grad}
+        got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (n, _), g in zip(params.items(), got, strict=True):
+            if g is not None:
+                out[n] = out.get(n, 0) + g
+    return out
+
+
+def length_normalised(z):
+    return z / z.flatten(1).square().mean(1).add(1e-8).sqrt().view(-1, *[1] * (z.ndim - 1))
+
+
+# ----------------------------------------------------------------------------- the papers
+
+
+def ff_reference(model, x, y, seed=0):
+    """Hinton 2022 as written: labels in the first K pixels, every layer's input detached and
+    length-normalised, logistic loss on goodness = sum of squares against threshold = units."""
+    wrong = (y + torch.randint(1, CLASSES, y.shape, generator=draws(seed, -1, 0))) % CLASSES
+
+    def labelled(labels):
+        flat = x.flatten(1).clone()
+        flat[:, :CLASSES] = 1 / CLASSES if labels is None else F.one_hot(labels, CLASSES).double()
+        return flat
+
+    h = {k: labelled(v) for k, v in (("pos", y), ("neg", wrong), ("neutral", None))}
+    losses = []
+    for t in range(T):
+        layer = model.blocks[str(t)][0]
+        h = {k: F.relu(layer(length_normalised(v.detach()))) for k, v in h.items()}
+        units = h["pos"].shape[1]
+        losses.append(F.softplus(units - h["pos"].square().sum(1)).mean()
+                      + F.softplus(h["neg"].square().sum(1) - units).mean())  # fmt: skip
+    readout = model.head(length_normalised(h["neutral"].detach()))
+    losses.append(F.cross_entropy(readout, y))
+    return autograd_grads(model, losses)
+
+
+def sff_reference(model, x, y):
+    """Krutsylo 2025: BP inside each block and its 1x1-conv goodness head (a class's goodness is
+    the mean square of its channel, classes compete by cross-entropy), the next block sees the
+    layer-normalised, detached output."""
+    losses, z = [], x
+    for t in range(T):
+        inp = z.detach() if t == 0 else F.layer_norm(z.detach(), z.shape[1:])
+        z = model.blocks[str(t)](model.stem(inp) if t == 0 else inp)
+        conv = (model.head if t == T - 1 else model.aux_heads[str(t + 1)]).conv
+        goodness = conv(z).square().mean(dim=(2, 3))
+        losses.append(F.cross_entropy(goodness, y))
+    return autograd_grads(model, losses)
+
+
+def fg_reference(model, x, y, seed=0):
+    """Ren et al. 2022, FG-A with local losses: per layer, the per-sample directional derivative
+    of the block's loss along the activity noise u (ReLU-masked), times u, outer x; heads exact.
+    The directional derivative here comes from reverse mode: sum_l <dL_i/dz_l, u_l>."""
+    grads, h = {}, x.flatten(1)
+    for t in range(T):
+        layer = model.blocks[str(t)][0]
+        head = model.head if t == T - 1 else model.aux_heads[str(t + 1)]
+        inp = h.detach()
+        z = layer(inp)
+        u = torch.randn(z.shape, generator=draws(seed, t, 0), dtype=z.dtype) * (z > 0)
+        per_sample = F.cross_entropy(head(F.relu(z)), y, reduction="none")
+        dz = torch.autograd.grad(per_sample.sum(), z)[0]  # row i: dL_i/dz_i
+        d = (dz * u).sum(1)
+        grad_z = d[:, None] * u / len(y)
+        name = f"blocks.{t}.0"
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = grad_z.T @ inp, grad_z.sum(0)
+        h = F.relu(z).detach()
+        head_loss = F.cross_entropy(head(h), y)
+        prefix = "head" if t == T - 1 else f"aux_heads.{t + 1}"
+        for n, g in zip(("weight", "bias"), torch.autograd.grad(head_loss, list(head.parameters())),
+                        strict=True):  # fmt: skip
+            grads[f"{prefix}.{n}"] = g
+    return grads
+
+
+REFERENCES = {"ff": ff_reference, "sff": sff_reference, "forward_gradient": fg_reference}
+
+
+@pytest.mark.parametrize("rule", list(REFERENCES))
+def test_engine_equals_the_papers_rule(rule):
+    x, y = batch()
+    got = engine_grads(rule, make(rule), x, y)
+    want = REFERENCES[rule](make(rule), x, y)
+    assert set(got) == set(want), set(got) ^ set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+def test_forward_gradient_is_unbiased():
+    """Averaged over many noise draws, the estimate approaches block-local back-propagation."""
+    x, y = batch(16)
+    exact = engine_grads("receding", make("forward_gradient"), x, y)  # h = 1: block-local BP
+    model = make("forward_gradient")
+    engine = make_engine(model, Plan("forward_gradient", 1, T), track_memory=False)
+    draws_ = 3000
+    for _ in range(draws_):
+        engine.train_microbatch(x, y, loss_scale=1 / draws_)
+    for name in ("blocks.0.0.weight", "blocks.2.0.weight"):
+        estimate, truth = dict(model.named_parameters())[name].grad, exact[name]
+        cosine = F.cosine_similarity(estimate.flatten(), truth.flatten(), dim=0)
+        assert cosine > 0.9, (name, float(cosine))
+
+
+def test_rule_predictions_over_the_whole_model():
+    x, _ = batch()
+    ff = make("ff")
+    assert predict_by_goodness(ff, x, CLASSES).shape == (6, CLASSES)
+    sff = make("sff")
+    votes = predict_by_average(sff.eval(), x)
+    assert votes.shape == (6, CLASSES) and (votes >= 0).all()
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@pytest.mark.parametrize("rule", list(REFERENCES))
+def test_no_backward_messages(rule):
+    """Every stage trains its blocks alone: schedules have forward messages only."""
+    plan = Plan(rule, 1, 8)
+    for mode in ("sync", "async"):
+        schedule = generate(plan, stage_ranges([2, 2, 2, 2]), 4, 3, mode)
+        validate(schedule)
+        kinds = {a.kind for actions in schedule.actions for a in actions}
+        assert {"SF", "RF"} <= kinds and not kinds & {"SB", "RB"}
+
+
+STEPS, M = 3, 2
+
+
+def single_process(rule: str, data):
+    model = make(rule)
+    engine = make_engine(model, Plan(rule, 1, T), track_memory=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for x, y in data:
+        for xs, ys in zip(x.chunk(M), y.chunk(M), strict=True):
+            engine.train_microbatch(xs, ys, loss_scale=1 / M)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(model.named_parameters())
+
+
+def check_pipeline(rank: int, world: int) -> None:
+    data = [batch(8, seed=10 + n) for n in range(STEPS)]
+    groups = Groups.create(Topology(world, 1, rank))
+    ranges = stage_ranges(uniform_partition(T, world))
+    for rule in REFERENCES:
+        want = single_process(rule, data)
+        for mode in ("sync", "async"):
+            options = RuntimeOptions(M, mode, dtype=torch.float64)
+            stage = build_stage(make(rule), Plan(rule, 1, T), ranges, groups,
+                                OptimConfig("adam", lr=0.01), options, seed=3)  # fmt: skip
+            if mode == "async":
+                stage.runtime.run(data, [0.01] * STEPS)
+            else:
+                for b in data:
+                    stage.runtime.run([b], [0.01])
+            for name, p in stage.model.named_parameters():
+                torch.testing.assert_close(p, want[name], msg=f"{rule} {mode} {name}")
+
+
+def test_pipeline_equals_single_process():
+    run(check_pipeline, 2, timeout=300)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+LEARN = {
+    "ff": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2"],
+    "forward_gradient": [
+        "model.name=relu_mlp",
+        "model.width=256",
+        "model.num_blocks=2",
+        "model.head=aux",
+    ],  # fmt: skip
+    "sff": [
+        "model.name=resnet_small",
+        "model.width=8",
+        "model.num_blocks=2",
+        "model.head=goodness",
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("rule", list(LEARN))
+def test_each_rule_learns_mnist(rule, tmp_path):
+    config = load_config(None, [
+        *LEARN[rule], f"horizon.rule={rule}", "horizon.horizon=1", "train.max_steps=100",
+        "train.epochs=1", "data.batch_size=128", f"run.out_dir={tmp_path}", "run.progress=false",
+        "run.tensorboard=false", "run.plot=false",
+    ])  # fmt: skip
+    summary = train(config)
+    assert summary["test accuracy"] > 0.4  # chance is 0.1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["horizon.rule=ff", "horizon.horizon=2"], "horizon.horizon=2"),
+        (["horizon.rule=sff", "horizon.horizon=1", "model.head=aux"], "model.head=aux"),
+        (["horizon.rule=forward_gradient", "horizon.horizon=1"], "model.head=shared"),
+        (["horizon.rule=ff", "horizon.horizon=1", "pipeline.defer_weights=true"],
+         "pipeline.defer_weights"),
+        (["horizon.rule=forward_gradient", "horizon.horizon=1", "model.head=aux",
+          "model.name=vit_tiny"], "outside linear layers"),
+    ],
+)  # fmt: skip
+def test_bad_rule_configs_fail_in_one_line(overrides, field):
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as error:
+        validate_config(config)
+    assert "\n" not in str(error.value)
