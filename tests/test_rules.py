@@ -1,5 +1,6 @@
-"""The block-local rules: each equals a plain reference written from its paper (float64), the
-pipeline equals one process, no rule sends a backward message, and each learns MNIST a little."""
+"""The rules beyond the horizon: each equals a plain reference written from its paper (float64),
+the pipeline equals one process, none sends a backward message (PEPITA one top-down message per
+microbatch), and each learns MNIST a little."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from mpc_dist.parallel import (
     Groups,
     RuntimeOptions,
     Topology,
+    check_rendezvous,
     generate,
     stage_ranges,
     uniform_partition,
     validate,
 )
+from mpc_dist.parallel.schedule import peer
 from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
 from mpc_dist.rules.engine import draws
 from mpc_dist.train import build_stage, train
@@ -30,6 +33,7 @@ SPECS = {
     "ff": ModelConfig(name="relu_mlp", num_blocks=T, width=12),
     "forward_gradient": ModelConfig(name="relu_mlp", num_blocks=T, width=12, head="aux"),
     "sff": ModelConfig(name="resnet_small", num_blocks=T, width=4, head="goodness"),
+    "pepita": ModelConfig(name="relu_mlp", num_blocks=T, width=12),
 }
 
 
@@ -131,7 +135,34 @@ def fg_reference(model, x, y, seed=0):
     return grads
 
 
-REFERENCES = {"ff": ff_reference, "sff": sff_reference, "forward_gradient": fg_reference}
+def pepita_reference(model, x, y, seed=0):
+    """Dellaferrera & Kreiman 2022, as in their code: pass 1, e = softmax - onehot; pass 2 on
+    x + F e; dW_l = (h_l - h_l_err) h_{l-1}_err^T (x_err for the first), dW_L = e_err h_err^T;
+    divided by the batch. F ~ U[-1, 1] 0.05 sqrt(6 / d_in)."""
+    d_in = x[0].numel()
+    uniform = torch.rand(d_in, CLASSES, generator=draws(seed, -2, 0), dtype=torch.float64)
+    feedback = (2 * uniform - 1) * 0.05 * (6 / d_in) ** 0.5
+    layers = [model.blocks[str(t)][0] for t in range(T)]
+    with torch.no_grad():
+        h = [x.flatten(1)]
+        for layer in layers:
+            h.append(F.relu(layer(h[-1])))
+        e = model.head(h[-1]).softmax(-1) - F.one_hot(y, CLASSES)
+        h_err = [x.flatten(1) + e @ feedback.T]
+        for layer in layers:
+            h_err.append(F.relu(layer(h_err[-1])))
+        e_err = model.head(h_err[-1]).softmax(-1) - F.one_hot(y, CLASSES)
+    grads, B = {}, len(y)
+    for t in range(T):
+        delta = h[t + 1] - h_err[t + 1]
+        grads[f"blocks.{t}.0.weight"] = delta.T @ h_err[t] / B
+        grads[f"blocks.{t}.0.bias"] = delta.sum(0) / B
+    grads["head.weight"], grads["head.bias"] = e_err.T @ h_err[T] / B, e_err.sum(0) / B
+    return grads
+
+
+REFERENCES = {"ff": ff_reference, "sff": sff_reference, "forward_gradient": fg_reference,
+              "pepita": pepita_reference}  # fmt: skip
 
 
 @pytest.mark.parametrize("rule", list(REFERENCES))
@@ -173,13 +204,18 @@ def test_rule_predictions_over_the_whole_model():
 
 @pytest.mark.parametrize("rule", list(REFERENCES))
 def test_no_backward_messages(rule):
-    """Every stage trains its blocks alone: schedules have forward messages only."""
+    """Every stage trains its blocks alone: schedules have forward messages only (and PEPITA's
+    one top-down message per microbatch, from the last stage to the first)."""
     plan = Plan(rule, 1, 8)
     for mode in ("sync", "async"):
         schedule = generate(plan, stage_ranges([2, 2, 2, 2]), 4, 3, mode)
         validate(schedule)
-        kinds = {a.kind for actions in schedule.actions for a in actions}
+        check_rendezvous(schedule)
+        actions = [a for stage in schedule.actions for a in stage]
+        kinds = {a.kind for a in actions}
         assert {"SF", "RF"} <= kinds and not kinds & {"SB", "RB"}
+        top_down = [(a.stage, peer(a)) for a in actions if a.kind == "ST"]
+        assert top_down == ([(3, 0)] * 4 * 3 if rule == "pepita" else [])
 
 
 STEPS, M = 3, 2
@@ -197,11 +233,11 @@ def single_process(rule: str, data):
     return dict(model.named_parameters())
 
 
-def check_pipeline(rank: int, world: int) -> None:
+def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
     data = [batch(8, seed=10 + n) for n in range(STEPS)]
     groups = Groups.create(Topology(world, 1, rank))
     ranges = stage_ranges(uniform_partition(T, world))
-    for rule in REFERENCES:
+    for rule in rules:
         want = single_process(rule, data)
         for mode in ("sync", "async"):
             options = RuntimeOptions(M, mode, dtype=torch.float64)
@@ -220,24 +256,23 @@ def test_pipeline_equals_single_process():
     run(check_pipeline, 2, timeout=300)
 
 
+def test_pepita_top_down_message_crosses_four_stages():
+    """The error goes from stage 3 straight to stage 0, past the stages between."""
+    run(check_pipeline, 4, ("pepita",), timeout=300)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
 LEARN = {
     "ff": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2"],
-    "forward_gradient": [
-        "model.name=relu_mlp",
-        "model.width=256",
-        "model.num_blocks=2",
-        "model.head=aux",
-    ],  # fmt: skip
-    "sff": [
-        "model.name=resnet_small",
-        "model.width=8",
-        "model.num_blocks=2",
-        "model.head=goodness",
-    ],  # fmt: skip
-}
+    "forward_gradient": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2",
+                         "model.head=aux"],
+    "sff": ["model.name=resnet_small", "model.width=8", "model.num_blocks=2",
+            "model.head=goodness"],
+    "pepita": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2", "optim.name=sgd",
+               "optim.lr=0.01", "optim.schedule=constant"],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("rule", list(LEARN))
@@ -261,6 +296,7 @@ def test_each_rule_learns_mnist(rule, tmp_path):
          "pipeline.defer_weights"),
         (["horizon.rule=forward_gradient", "horizon.horizon=1", "model.head=aux",
           "model.name=vit_tiny"], "outside linear layers"),
+        (["horizon.rule=pepita", "horizon.horizon=1"], "model.name=relu_mlp"),
     ],
 )  # fmt: skip
 def test_bad_rule_configs_fail_in_one_line(overrides, field):

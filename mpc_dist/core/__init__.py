@@ -3,7 +3,16 @@ and activation accounting. Nothing here knows about processes or torch.distribut
 
 from .engine import ComputeOptions, Criterion, ForwardResult, HorizonEngine
 from .memory import ActivationMemory
-from .plan import HORIZON_RULES, LOCAL_RULES, RULES, Plan, PlanPart, Stream, check_horizon
+from .plan import (
+    HORIZON_RULES,
+    LOCAL_RULES,
+    RULES,
+    TOP_DOWN_RULES,
+    Plan,
+    PlanPart,
+    Stream,
+    check_horizon,
+)
 from .reference import reference_gradients
 
 __all__ = [
@@ -18,6 +27,7 @@ __all__ = [
     "Plan",
     "PlanPart",
     "Stream",
+    "TOP_DOWN_RULES",
     "check_horizon",
     "reference_gradients",
 ]

@@ -58,6 +58,7 @@ class ForwardResult:
     logits: torch.Tensor | None  # the head's prediction, when it does
     losses: dict[int, torch.Tensor]  # loss point -> scaled loss value (detached)
     cotangents: dict[int, torch.Tensor]  # stream -> cotangent at x(first), for streams born here
+    top_down: torch.Tensor | None = None  # a top-down rule's message to the first stage
 
 
 class HorizonEngine:

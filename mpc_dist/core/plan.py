@@ -17,17 +17,20 @@ HORIZON_RULES = ("receding", "shrinking")
 # signal crosses a block boundary backwards. What the loss is and how a block's gradient is
 # formed (forward-forward goodness, forward gradients) is the rule's: ``mpc_dist.rules``.
 LOCAL_RULES = ("ff", "sff", "forward_gradient")
-RULES = HORIZON_RULES + LOCAL_RULES
+# Top-down rules: no stream at all; after the forward pass the last stage sends one message per
+# microbatch to the first, and a second forward pass carries the updates (PEPITA).
+TOP_DOWN_RULES = ("pepita",)
+RULES = HORIZON_RULES + LOCAL_RULES + TOP_DOWN_RULES
 
 
 def check_horizon(rule: str, horizon: int, num_blocks: int) -> None:
     """The one check of a rule and horizon; the message names the config field and the fix."""
     if rule not in RULES:
         raise ConfigError(f"horizon.rule={rule!r}: unknown rule; use one of {RULES}")
-    if rule in LOCAL_RULES and horizon != 1:
+    if rule not in HORIZON_RULES and horizon != 1:
         raise ConfigError(
-            f"horizon.horizon={horizon}: rule {rule} trains every block by its own local loss; "
-            f"set horizon.horizon=1"
+            f"horizon.horizon={horizon}: rule {rule} sends no signal back across blocks; set "
+            f"horizon.horizon=1"
         )
     if not 1 <= horizon <= num_blocks:
         raise ConfigError(
@@ -87,6 +90,8 @@ class Plan:
         T, h = self.num_blocks, self.horizon
         if self.rule in LOCAL_RULES:
             return tuple(Stream(t + 1, t, (t,)) for t in range(T))
+        if self.rule in TOP_DOWN_RULES:
+            return ()
         if self.rule == "receding":
             # Block t is trained by l_{min(t+h, T)}: stream s < T trains block s-h only and
             # passes through s-1 .. s-h+1; stream T trains every block from T-h up.
@@ -133,9 +138,16 @@ class Plan:
         """A block-local rule (``LOCAL_RULES``): its losses are the rule's, not the head's."""
         return self.rule in LOCAL_RULES
 
+    @property
+    def top_down(self) -> bool:
+        """A top-down rule (``TOP_DOWN_RULES``): a message from the last stage to the first
+        and a second forward pass per microbatch instead of streams."""
+        return self.rule in TOP_DOWN_RULES
+
     def reads_shared_head_below_top(self, head_mode: str) -> bool:
         """A shared head is evaluated (read-only) at loss points below T when h < T."""
-        return head_mode == "shared" and self.horizon < self.num_blocks and not self.is_local
+        return (head_mode == "shared" and self.horizon < self.num_blocks
+                and self.rule in HORIZON_RULES)  # fmt: skip
 
     @property
     def input_gradient_products(self) -> int:

@@ -17,7 +17,17 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from ..core import Plan
-from .schedule import Action, Event, Schedule, ScheduleError, peer, simulate, unit_costs
+from .schedule import (
+    RECEIVES,
+    SENDS,
+    Action,
+    Event,
+    Schedule,
+    ScheduleError,
+    peer,
+    simulate,
+    unit_costs,
+)
 
 
 def generate(
@@ -54,8 +64,12 @@ class _Graph:
             for info in self.infos
         ]  # fmt: skip
         P, m = schedule.num_stages, schedule.num_microbatches
+        self.top_down = schedule.plan.top_down
         if policy == "gpipe":
             self.in_flight = [m] * P
+        elif self.top_down:
+            # a microbatch comes back to every stage after about P actions (up, across, up)
+            self.in_flight = [min(m, P)] * P
         else:
             # A stage waits for streams from at most `reach` stages up (itself included).
             self.in_flight = [min(m, self._reach(k)) for k in range(P)]
@@ -77,13 +91,15 @@ class _Graph:
         acts = []
         for i in range(self.s.num_microbatches):
             acts.append(Action(stage, "F", n, i))
+            if self.top_down:
+                acts.append(Action(stage, "G", n, i))
             acts += [Action(stage, "B", n, i, s.loss_point) for s in info.streams]
             acts += [Action(stage, "W", n, i, s.loss_point) for s in self._weighted[stage]]
         return acts + [Action(stage, "S", n)]
 
     def backward_work(self, stage: int) -> int:
-        """B and W actions per microbatch on a stage: all done, the microbatch leaves flight."""
-        return len(self.infos[stage].streams) + len(self._weighted[stage])
+        """B, W and G actions per microbatch on a stage: all done, the microbatch leaves flight."""
+        return len(self.infos[stage].streams) + len(self._weighted[stage]) + self.top_down
 
     def deps(self, a: Action) -> list[Action]:
         info = self.infos[a.stage]
@@ -100,6 +116,10 @@ class _Graph:
             return [Action(a.stage + 1, "B", a.minibatch, a.microbatch, a.stream)]
         if a.kind == "W":
             return [Action(a.stage, "B", a.minibatch, a.microbatch, a.stream)]
+        if a.kind == "G":  # after its own forward, and the stage below's (the last's: top-down)
+            below = (a.stage - 1, "G") if a.stage else (self.s.num_stages - 1, "F")
+            return [Action(a.stage, "F", a.minibatch, a.microbatch),
+                    Action(*below, a.minibatch, a.microbatch)]  # fmt: skip
         stages = range(self.s.num_stages) if self.s.mode == "sync" else [a.stage]
         return [x for k in stages for x in self.actions(k, a.minibatch) if x.kind != "S"]
 
@@ -108,6 +128,8 @@ class _Graph:
             return (0,)
         if a.kind == "W":  # deferred: only when nothing else can run
             return (3, a.minibatch, a.microbatch, -a.stream)
+        if a.kind == "G":
+            return (1, a.minibatch, a.microbatch)
         if a.kind == "B":
             # older microbatches first; streams that continue below first (they unblock others)
             continues = a.stream in self._outgoing[a.stage]
@@ -179,7 +201,7 @@ class _Graph:
                     continue
                 a, busy[k] = busy[k][1], None
                 finished += 1
-                if a.kind in ("B", "W"):
+                if a.kind in ("B", "W", "G"):
                     key = (a.minibatch, a.microbatch, k)
                     left_b[key] -= 1
                     in_flight[k] -= left_b[key] == 0
@@ -205,7 +227,9 @@ def _lower(schedule: Schedule, stage: int, compute: list[Action]) -> list[Action
     info = schedule.stages[stage]
     outgoing = {s.loss_point for s in info.outgoing}
     incoming = {s.loss_point for s in info.incoming}
-    last_stage = stage == schedule.num_stages - 1
+    last = schedule.num_stages - 1
+    last_stage = stage == last
+    top_down = schedule.plan.top_down and last > 0
     lowered = []
     for a in compute:
         n, i, s = a.minibatch, a.microbatch, a.stream
@@ -215,6 +239,16 @@ def _lower(schedule: Schedule, stage: int, compute: list[Action]) -> list[Action
             lowered.append(a)
             if not last_stage:
                 lowered.append(Action(stage, "SF", n, i))
+            elif top_down:
+                lowered.append(Action(stage, "ST", n, i, last))
+        elif a.kind == "G":
+            if stage > 0:
+                lowered.append(Action(stage, "RG", n, i))
+            elif top_down:
+                lowered.append(Action(stage, "RT", n, i, last))
+            lowered.append(a)
+            if not last_stage:
+                lowered.append(Action(stage, "SG", n, i))
         elif a.kind == "B":
             if s in incoming:
                 lowered.append(Action(stage, "RB", n, i, s))
@@ -251,9 +285,9 @@ def validate(schedule: Schedule) -> list[Event]:
                     raise ScheduleError(f"stage {k}: {a} comes before {d}, which it depends on")
             seen.add(a)
         for a in schedule.actions[k]:
-            if a.kind in ("SF", "SB"):
+            if a.kind in SENDS:
                 sends[(k, peer(a), a.message)] = sends.get((k, peer(a), a.message), 0) + 1
-            elif a.kind in ("RF", "RB"):
+            elif a.kind in RECEIVES:
                 key = (peer(a), k, a.message)
                 receives[key] = receives.get(key, 0) + 1
     if sends != receives or any(v != 1 for v in sends.values()):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .groups import Groups
-from .schedule import MAX_PENDING_SENDS, RECEIVE_AHEAD, Schedule, send_order
+from .schedule import CHANNEL, MAX_PENDING_SENDS, RECEIVE_AHEAD, Schedule, send_order
 
 
 class Mailbox:
@@ -36,11 +36,11 @@ class Mailbox:
         self.groups, self.topology = groups, groups.topology
         self.shape_of, self.dtype, self.device = shape_of, dtype, device
         stage = self.topology.stage
-        neighbours = [k for k in (stage - 1, stage + 1) if 0 <= k < schedule.num_stages]
-        self._expected = {k: deque(send_order(schedule, k, stage)) for k in neighbours}
-        self._recv_seq = dict.fromkeys(neighbours, 0)
-        self._send_seq = dict.fromkeys(neighbours, 0)
-        self._unconsumed = dict.fromkeys(neighbours, 0)
+        peers = [k for k in range(schedule.num_stages) if k != stage]  # neighbours; top-down
+        self._expected = {k: deque(send_order(schedule, k, stage)) for k in peers}
+        self._recv_seq = dict.fromkeys(peers, 0)
+        self._send_seq = dict.fromkeys(peers, 0)
+        self._unconsumed = dict.fromkeys(peers, 0)
         self._posted: dict[tuple, tuple[dist.Work, torch.Tensor]] = {}
         self._sends: deque[tuple[dist.Work, torch.Tensor]] = deque()
         self.window, self.max_pending_sends = window, max_pending_sends
@@ -48,7 +48,7 @@ class Mailbox:
     def _post_next(self, stage: int) -> None:
         message = self._expected[stage].popleft()
         buffer = torch.empty(self.shape_of(message), dtype=self.dtype, device=self.device)
-        src, group = self.topology.rank_of(stage), self.groups.messages.get(message[0])
+        src, group = self.topology.rank_of(stage), self.groups.messages.get(CHANNEL[message[0]])
         work = dist.irecv(buffer, src=src, group=group, tag=self._recv_seq[stage])
         self._recv_seq[stage] += 1
         self._unconsumed[stage] += 1
@@ -66,7 +66,7 @@ class Mailbox:
 
     def send(self, tensor: torch.Tensor, stage: int, kind: str) -> None:
         tensor = tensor.detach().contiguous()
-        dst, group = self.topology.rank_of(stage), self.groups.messages.get(kind)
+        dst, group = self.topology.rank_of(stage), self.groups.messages.get(CHANNEL[kind])
         work = dist.isend(tensor, dst=dst, group=group, tag=self._send_seq[stage])
         self._send_seq[stage] += 1
         self._sends.append((work, tensor))  # keep the buffer alive until the send completes

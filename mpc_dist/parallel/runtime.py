@@ -116,7 +116,9 @@ class PipelineRuntime:
         self.is_last = self.topology.is_last_stage
         self.engine = make_engine(model, plan, True, options.compute, step.scale_loss, options.seed)
         self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
-        self.evaluates_loss = bool(plan.part(self.first, self.last).born)
+        self.evaluates_loss = bool(plan.part(self.first, self.last).born) or (
+            plan.top_down and self.is_last
+        )
         self.times = StageTimes()
         self.trace: list[tuple[Action, float, float]] = []
         self._schedules: dict[int, Schedule] = {}
@@ -125,11 +127,16 @@ class PipelineRuntime:
             "F": self._forward,
             "B": self._backward,
             "W": self._weights,
+            "G": self._second_pass,
             "S": self._step,
             "RF": self._receive,
             "RB": self._receive,
+            "RG": self._receive,
+            "RT": self._receive,
             "SF": self._send,
             "SB": self._send,
+            "SG": self._send,
+            "ST": self._send,
         }
 
     def schedule(self, num_minibatches: int) -> Schedule:
@@ -197,7 +204,9 @@ class PipelineRuntime:
         return tensor.to(self.options.device, dtype).chunk(m)
 
     def _shape_of(self, message: tuple) -> tuple[int, ...]:
-        boundary = self.first if message[0] == "F" else self.last
+        if message[0] == "T":  # the top-down message: one vector per sample
+            return (self._microbatch_size, self.model.num_classes)
+        boundary = self.last if message[0] == "B" else self.first
         samples = self._microbatch_size * self.engine.samples_per_input
         return (samples, *self.model.state_shapes[boundary])
 
@@ -211,6 +220,9 @@ class PipelineRuntime:
         result = self.engine.forward(n * m + i, x, targets[i], scale, eager=False)
         if result.output is not None:
             chunk.outbox[action.message] = result.output
+        if result.top_down is not None:  # to the first stage (this one, on a single stage)
+            box = chunk.outbox if self.topology.stages > 1 else chunk.inbox
+            box[("T", n, i, self.topology.stages - 1)] = result.top_down
         if result.logits is not None:
             chunk.losses[n] += result.losses[self.plan.num_blocks].double()
             chunk.correct[n] += (result.logits.argmax(-1) == targets[i]).sum()
@@ -222,6 +234,13 @@ class PipelineRuntime:
         below = self.engine.backward(microbatch, s, cotangent, self.options.defer_weights)
         if below is not None:
             chunk.outbox[action.message] = below
+
+    def _second_pass(self, action: Action, chunk: _Chunk) -> None:
+        n, i, m = action.minibatch, action.microbatch, self.options.num_microbatches
+        key = ("T", n, i, self.topology.stages - 1) if self.stage == 0 else action.message
+        output = self.engine.second_pass(n * m + i, chunk.inbox.pop(key))
+        if output is not None:
+            chunk.outbox[action.message] = output
 
     def _weights(self, action: Action, chunk: _Chunk) -> None:
         m = self.options.num_microbatches

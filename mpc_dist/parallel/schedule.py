@@ -4,9 +4,12 @@ Compute actions are ``F`` (forward a microbatch through the stage, evaluating it
 ``B`` (run one stream of one microbatch through the stage; it deposits the weight gradients the
 plan assigns to the stage's blocks on its way), ``W`` (with ``defer_weights``: B computes input
 gradients only, and W the stream's weight gradients, later, wherever the stage would idle: the
-zero-bubble split) and ``S`` (optimizer step).
-A lowering pass adds the messages: ``RF``/``SF`` receive/send an activation, ``RB``/``SB`` a
-stream's cotangent. Each stream is its own unit of work (spec section 3).
+zero-bubble split), ``G`` (a top-down rule's second forward pass, PEPITA's: the input modulated
+by the error the last stage sent to the first, the stage's update from the two passes) and ``S``
+(optimizer step). A lowering pass adds the messages: ``RF``/``SF`` receive/send an activation,
+``RB``/``SB`` a stream's cotangent, ``RG``/``SG`` a second-pass activation, ``RT``/``ST`` the
+top-down message from the last stage to the first. Each stream is its own unit of work (spec
+section 3).
 
 ``simulate`` executes a schedule as the runtime would, with any costs: the validator uses it to
 prove a schedule deadlock-free, ``str(schedule)`` to draw it, the bubble benchmark and
@@ -24,7 +27,11 @@ from itertools import pairwise
 
 from ..core import Plan, PlanPart, Stream
 
-COMPUTE = ("F", "B", "W", "S")
+COMPUTE = ("F", "B", "W", "G", "S")
+SENDS = ("SF", "SB", "SG", "ST")
+RECEIVES = ("RF", "RB", "RG", "RT")
+# the process group a message travels on: up the pipeline (F) or down (B)
+CHANNEL = {"F": "F", "G": "F", "B": "B", "T": "B"}
 
 
 class ScheduleError(RuntimeError):
@@ -34,10 +41,10 @@ class ScheduleError(RuntimeError):
 @dataclass(frozen=True, order=True)
 class Action:
     stage: int
-    kind: str  # F B W S | RF SF RB SB
+    kind: str  # F B W G S | RF SF RB SB RG SG RT ST
     minibatch: int = 0
     microbatch: int = 0
-    stream: int = 0  # loss point, for B / W / RB / SB
+    stream: int = 0  # loss point, for B / W / RB / SB; the last stage, for RT / ST
 
     def __str__(self) -> str:
         if self.kind == "S":
@@ -50,7 +57,7 @@ class Action:
     @property
     def message(self) -> tuple:
         """Identity of the message an RF/SF/RB/SB action moves (same on both ends)."""
-        kind = "F" if self.kind in ("F", "RF", "SF") else "B"
+        kind = self.kind[-1] if self.kind[-1] in "FGT" else "B"
         return (kind, self.minibatch, self.microbatch, self.stream)
 
 
@@ -88,7 +95,7 @@ class Schedule:
             f"{self.num_microbatches} microbatches x {self.num_minibatches} minibatches"
         )
         legend = ("F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, W its "
-                  "deferred weight gradients, S step")  # fmt: skip
+                  "deferred weight gradients, G second forward pass, S step")  # fmt: skip
         rows = [header, legend]
         for stage in range(self.num_stages):
             cells = ["." * (width - 1)] * int(round(end))
@@ -133,6 +140,9 @@ def action_costs(schedule: Schedule, costs: Costs) -> Callable[[Action], float]:
         info = infos[action.stage]
         if action.kind == "F":
             return costs.forward * (info.last - info.first) + costs.forward_overhead
+        if action.kind == "G":  # a forward pass and the weight updates
+            blocks = info.last - info.first
+            return (costs.forward + costs.weight_grad) * blocks + costs.forward_overhead
         if action.kind in ("B", "W"):
             inputs, weights = backward_costs(plan.stream(action.stream), info, costs)
             if not schedule.defer_weights:
@@ -162,13 +172,17 @@ def backward_cost(stream: Stream, info: PlanPart, costs: Costs) -> float:
 
 def peer(action: Action) -> int:
     """The stage at the other end of a message action."""
-    up = action.kind in ("SF", "RB")
+    if action.kind == "ST":
+        return 0
+    if action.kind == "RT":
+        return action.stream
+    up = action.kind in ("SF", "RB", "SG")
     return action.stage + 1 if up else action.stage - 1
 
 
 def send_order(schedule: Schedule, stage: int, to: int) -> list[tuple]:
     """Messages ``stage`` sends to ``to``, in order: the receiver posts its receives in it."""
-    return [a.message for a in schedule.actions[stage] if a.kind in ("SF", "SB") and peer(a) == to]
+    return [a.message for a in schedule.actions[stage] if a.kind in SENDS and peer(a) == to]
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -206,7 +220,7 @@ def simulate(schedule: Schedule, cost: Callable[[Action], float] | Costs) -> lis
             while position[k] < len(schedule.actions[k]):
                 a = schedule.actions[k][position[k]]
                 start = clock[k]
-                if a.kind in ("RF", "RB"):
+                if a.kind in RECEIVES:
                     key = (peer(a), a.message)
                     if key not in sent:
                         break
@@ -218,7 +232,7 @@ def simulate(schedule: Schedule, cost: Callable[[Action], float] | Costs) -> lis
                         break
                     start = max(waiting.values())  # the flush: everyone steps together
                 end = start + cost(a)
-                if a.kind in ("SF", "SB"):
+                if a.kind in SENDS:
                     sent[(k, a.message)] = end
                 events.append(Event(k, a, start, end))
                 clock[k] = end
@@ -250,7 +264,7 @@ def held_microbatches(schedule: Schedule) -> list[int]:
     for k in range(schedule.num_stages):
         work: dict[tuple, int] = defaultdict(int)  # B and W actions per microbatch
         for action in schedule.compute(k):
-            if action.kind in ("B", "W"):
+            if action.kind in ("B", "W", "G"):
                 work[(action.minibatch, action.microbatch)] += 1
         left: dict[tuple, int] = {}
         peak = 0
@@ -258,7 +272,7 @@ def held_microbatches(schedule: Schedule) -> list[int]:
             key = (action.minibatch, action.microbatch)
             if action.kind == "F":
                 left[key] = work[key]
-            elif action.kind in ("B", "W"):
+            elif action.kind in ("B", "W", "G"):
                 left[key] -= 1
             peak = max(peak, sum(1 for n in left.values() if n > 0))
         peaks.append(peak)
@@ -293,10 +307,10 @@ MAX_PENDING_SENDS = 64  # sends in flight before a rank waits for the oldest
 
 
 def comm_of(stage: int, peer_stage: int, kind: str, split: bool = True) -> tuple:
-    """The communicator a message travels on: one per neighbour pair and direction (``split``),
+    """The communicator a message travels on: one per pair of stages and direction (``split``),
     or one per pair for both directions (what plain isend/irecv share under NCCL)."""
     pair = (min(stage, peer_stage), max(stage, peer_stage))
-    return (*pair, kind) if split else pair
+    return (*pair, CHANNEL[kind]) if split else pair
 
 
 def check_rendezvous(
@@ -317,8 +331,8 @@ def check_rendezvous(
     """
     P = schedule.num_stages
     queues: dict[tuple, dict[int, deque]] = defaultdict(lambda: defaultdict(deque))
-    expected = {(k, p): deque(send_order(schedule, p, k)) for k in range(P) for p in (k - 1, k + 1)
-                if 0 <= p < P}  # fmt: skip
+    expected = {(k, p): deque(send_order(schedule, p, k)) for k in range(P) for p in range(P)
+                if p != k}  # fmt: skip
     unconsumed: dict[tuple, int] = defaultdict(int)  # (stage, peer) -> posted, not yet needed
     posted: set[tuple] = set()  # (stage, message) receives posted
     arrived: set[tuple] = set()  # (receiving stage, message)
@@ -341,10 +355,10 @@ def check_rendezvous(
                     return moved
                 pending[k].popleft()
                 continue
-            if a.kind in ("SF", "SB"):
+            if a.kind in SENDS:
                 queues[comm_of(k, peer(a), a.message[0], split)][k].append(("send", a.message))
                 pending[k].append(a.message)
-            elif a.kind in ("RF", "RB"):
+            elif a.kind in RECEIVES:
                 source, message = peer(a), a.message
                 while (k, message) not in posted:
                     post_receive(k, source, expected[(k, source)].popleft())

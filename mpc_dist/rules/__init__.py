@@ -4,7 +4,9 @@ A rule says what a stage computes per microbatch and which messages it needs. Th
 (``receding``, ``shrinking``) send activations forward and cotangents backward along the plan's
 streams; the block-local rules (``ff``, ``sff``, ``forward_gradient``) train every block by its
 own loss at its output, so their plan is h = 1's and no message goes backward: the schedule
-generator, validator, simulator and runtime take that from the plan. ``make_engine`` gives the
+generator, validator, simulator and runtime take that from the plan. The top-down rule
+(``pepita``) has no streams: the last stage sends one message per microbatch to the first, and a
+second forward pass (``G`` actions) carries the updates. ``make_engine`` gives the
 engine a stage runs for its rule.
 """
 
@@ -20,10 +22,11 @@ from ..models import BlockModel
 from .engine import LocalEngine, LocalRule, LocalStep
 from .ff import ForwardForward, predict_by_goodness
 from .forward_gradient import ForwardGradient, linear_layers
+from .pepita import PepitaEngine, check_pepita
 from .sff import ScalableForwardForward, predict_by_average
 
 HEADS = {"ff": ("shared",), "sff": ("goodness",), "forward_gradient": ("aux",)}
-Engine = HorizonEngine | LocalEngine
+Engine = HorizonEngine | LocalEngine | PepitaEngine
 
 
 def local_rule(name: str, num_classes: int) -> LocalRule:
@@ -46,6 +49,8 @@ def check_rule(rule: str, model: BlockModel) -> None:
     if rule == "forward_gradient":
         for t in range(model.num_blocks):
             linear_layers(model, t)
+    if rule == "pepita":
+        check_pepita(model)
 
 
 def make_engine(
@@ -57,6 +62,8 @@ def make_engine(
     seed: int = 0,
 ) -> Engine:
     """The engine for ``plan``'s rule over the blocks ``model`` holds."""
+    if plan.top_down:
+        return PepitaEngine(model, plan, track_memory, compute, scale_loss, seed)
     if not plan.is_local:
         compute = compute or ComputeOptions()
         return HorizonEngine(model, plan, track_memory=track_memory, compute=compute,
@@ -74,6 +81,7 @@ __all__ = [
     "LocalEngine",
     "LocalRule",
     "LocalStep",
+    "PepitaEngine",
     "ScalableForwardForward",
     "check_rule",
     "local_rule",

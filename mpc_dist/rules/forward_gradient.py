@@ -72,7 +72,7 @@ class ForwardGradient:
         def record(layer, inputs, output):
             seen[id(layer)] = (inputs[0].detach(), output.detach())
 
-        with torch.no_grad(), _hooked(linears, record):
+        with torch.no_grad(), hooked(linears, record):
             out = model.block_forward(t, x)
         masks = relu_follows(model, t)
         noise = []
@@ -83,7 +83,7 @@ class ForwardGradient:
 
         def local_losses(*perturbations: torch.Tensor) -> torch.Tensor:
             shifts = dict(zip(map(id, linears), perturbations, strict=True))
-            with _hooked(linears, lambda layer, i, o: o + shifts[id(layer)]):
+            with hooked(linears, lambda layer, i, o: o + shifts[id(layer)]):
                 logits = head(model.block_forward(t, x))
             return F.cross_entropy(logits, y, reduction="none")
 
@@ -99,9 +99,9 @@ class ForwardGradient:
             for layer, u in zip(linears, noise, strict=True):
                 inputs = seen[id(layer)][0]
                 grad_z = weight.view(-1, *[1] * (u.ndim - 1)) * u
-                _add_grad(layer.weight, torch.einsum("...o,...i->oi", grad_z, inputs))
+                add_grad(layer.weight, torch.einsum("...o,...i->oi", grad_z, inputs))
                 if layer.bias is not None:
-                    _add_grad(layer.bias, grad_z.reshape(-1, grad_z.shape[-1]).sum(0))
+                    add_grad(layer.bias, grad_z.reshape(-1, grad_z.shape[-1]).sum(0))
             if head_params:
                 torch.autograd.backward(loss * factor, inputs=head_params)
 
@@ -112,14 +112,14 @@ class ForwardGradient:
         return model.head(state)
 
 
-def _add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
     if not param.requires_grad:
         return
     grad = grad.to(param.dtype)
     param.grad = grad if param.grad is None else param.grad + grad
 
 
-class _hooked(ExitStack):
+class hooked(ExitStack):
     """Forward hooks on ``layers`` for the duration of a with-block."""
 
     def __init__(self, layers: list[nn.Module], hook) -> None:

@@ -5,7 +5,7 @@ and the plan check their own sections."""
 from __future__ import annotations
 
 from ..config import Config, ConfigError
-from ..core import LOCAL_RULES, check_horizon
+from ..core import HORIZON_RULES, check_horizon
 from ..horizon import OBJECTIVES
 from ..models import build_model, check_model
 from ..rules import check_rule
@@ -23,7 +23,7 @@ def validate(config: Config) -> None:
     input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
-    if config.horizon.rule in LOCAL_RULES:
+    if config.horizon.rule not in HORIZON_RULES:
         _validate_local_rule(config, build_model(config.model, input_shape, num_classes, "meta"))
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
@@ -101,9 +101,9 @@ def _validate_local_rule(config: Config, model) -> None:
         f"block's graph at a time; set train.activation_checkpointing=none",
     )
     need(
-        rule != "forward_gradient" or t.precision == "fp32",
-        f"train.precision={t.precision}: forward_gradient's forward-mode pass runs in the "
-        f"parameters' dtype; set train.precision=fp32",
+        rule not in ("forward_gradient", "pepita") or t.precision == "fp32",
+        f"train.precision={t.precision}: rule {rule} forms its updates in the parameters' "
+        f"dtype; set train.precision=fp32",
     )
 
 
@@ -145,7 +145,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(
         not (p.mode == "async" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon != blocks and h.rule not in LOCAL_RULES),
+             and h.horizon != blocks and h.rule in HORIZON_RULES),
         "pipeline.mode=async: a shared head couples every stage to the last one; "
         "set model.head=aux or pipeline.mode=sync",
     )  # fmt: skip
@@ -167,7 +167,7 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.sharding in shardings, f"pipeline.sharding={p.sharding!r}: use one of {shardings}")
     need(
         not (p.sharding == "fsdp" and p.stages > 1 and config.model.head == "shared"
-             and h.horizon != blocks and h.rule not in LOCAL_RULES),
+             and h.horizon != blocks and h.rule in HORIZON_RULES),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
     )  # fmt: skip

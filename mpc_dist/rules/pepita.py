@@ -1,0 +1,188 @@
+"""PEPITA (Dellaferrera & Kreiman 2022; Srinivasan et al. 2024): two forward passes, no backward
+pass. The first pass gives the output error e = softmax(y_hat) - onehot(y); the last stage sends
+e to the first (the one top-down message per microbatch), which feeds the input modulated by a
+fixed random feedback matrix F, x_err = x + F e, through a second pass. Each layer learns from
+the difference of its two activations, dW_l = (h_l - h_l_err) (h_{l-1}_err)^T (the first layer
+with x_err), the output layer from the modulated error, dW_L = e_err (h_{L-1}_err)^T; biases
+likewise. F ~ U[-1, 1] x 0.05 sqrt(6 / d_in), the original code's scale.
+
+Blocks are single linear layers with their nonlinearity (``model.name: relu_mlp``), the head
+one linear layer. The engine has the horizon engine's interface plus ``second_pass``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
+from ..models import BlockModel
+from .engine import draws
+from .forward_gradient import add_grad, hooked, linear_layers
+
+FEEDBACK_SCALE = 0.05
+
+
+def check_pepita(model: BlockModel) -> None:
+    """One linear layer per block, a linear head; one line naming the field and the fix."""
+    for t in model.block_indices:
+        if len(linear_layers(model, t)) != 1:
+            raise ConfigError(
+                f"horizon.rule=pepita: block {t} is not one linear layer and its nonlinearity; "
+                f"use model.name=relu_mlp"
+            )
+    if model.head is not None and not isinstance(model.head, nn.Linear):
+        raise ConfigError("horizon.rule=pepita: the head is not one linear layer; "
+                          "use model.name=relu_mlp")  # fmt: skip
+
+
+def feedback_matrix(seed: int, inputs: int, classes: int) -> torch.Tensor:
+    """The fixed F (inputs x classes), the same on every layout."""
+    scale = FEEDBACK_SCALE * math.sqrt(6 / inputs)
+    uniform = torch.rand(inputs, classes, generator=draws(seed, -2, 0), dtype=torch.float64)
+    return (2 * uniform - 1) * scale
+
+
+@dataclass
+class _Held:
+    """A microbatch between its two passes."""
+
+    outputs: list[torch.Tensor] = field(default_factory=list)  # h_l of the first pass
+    inputs: torch.Tensor | None = None  # x (first stage)
+    targets: torch.Tensor | None = None  # y (last stage)
+    scale: float = 1.0
+
+
+class PepitaEngine:
+    samples_per_input = 1
+
+    def __init__(
+        self,
+        model: BlockModel,
+        plan: Plan,
+        track_memory: bool = True,
+        compute: ComputeOptions | None = None,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_pepita(model)
+        self.model, self.plan, self.compute = model, plan, compute or ComputeOptions()
+        self.scale_loss = scale_loss
+        blocks = model.block_indices
+        self.first, self.last = blocks[0], blocks[-1] + 1
+        self.is_last = self.last == plan.num_blocks
+        self.memory = ActivationMemory(model.parameters) if track_memory else None
+        self.feedback = None
+        if self.first == 0:
+            d_in = math.prod(model.input_shape)
+            param = next(model.parameters())
+            feedback = feedback_matrix(seed, d_in, model.num_classes)
+            self.feedback = feedback.to(param.device, param.dtype)
+        self._held: dict[int, _Held] = {}
+
+    @torch.no_grad()
+    def forward(
+        self,
+        microbatch: int,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_scale: float = 1.0,
+        eager: bool = True,
+    ) -> ForwardResult:
+        """The first pass; on the last stage, the error it sends to the first."""
+        held = self._held[microbatch] = _Held(scale=self._factor(loss_scale))
+        held.inputs = inputs if self.first == 0 else None
+        x = inputs
+        with self._autocast():
+            for t in range(self.first, self.last):
+                x = self.model.block_forward(t, x)
+                held.outputs.append(x)
+        if not self.is_last:
+            return ForwardResult(x, None, {}, {})
+        held.targets = targets
+        logits = self.model.head(x)
+        error = logits.softmax(-1) - F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+        loss = F.cross_entropy(logits.float(), targets) * loss_scale
+        result = ForwardResult(None, logits, {self.plan.num_blocks: loss}, {}, top_down=error)
+        if eager and self.first == 0:
+            self.second_pass(microbatch, error)
+        return result
+
+    @torch.no_grad()
+    def second_pass(self, microbatch: int, message: torch.Tensor) -> torch.Tensor | None:
+        """The modulated pass over this run, accumulating its updates into ``.grad``. The first
+        stage gets the error e, the others the state x_err from below; returns the state for the
+        stage above (None on the last)."""
+        held = self._held.pop(microbatch)
+        if self.first == 0:
+            x = held.inputs + (message.to(self.feedback.dtype) @ self.feedback.T).view_as(
+                held.inputs
+            )
+        else:
+            x = message
+        weight = held.scale / len(x)  # the update is a mean over the microbatch
+        inputs: list[torch.Tensor] = []  # what each block's linear layer saw
+        with self._autocast():
+            for t, h in zip(range(self.first, self.last), held.outputs, strict=True):
+                (layer,) = linear_layers(self.model, t)
+                with hooked([layer], lambda module, i, o: inputs.append(i[0])):
+                    modulated = self.model.block_forward(t, x)
+                _accumulate(layer, (h - modulated) * weight, inputs[-1])
+                x = modulated
+            if not self.is_last:
+                return x
+            logits = self.model.head(x)
+            error = logits.softmax(-1) - F.one_hot(held.targets, logits.shape[-1]).to(logits.dtype)
+            _accumulate(self.model.head, error * weight, x)
+        return None
+
+    def backward(self, *args, **kwargs) -> None:
+        raise RuntimeError("pepita has no backward pass; its schedule has none")
+
+    def weight_backward(self, *args, **kwargs) -> None:
+        raise RuntimeError("pepita has no backward pass; its schedule has none")
+
+    def train_microbatch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
+    ) -> ForwardResult:
+        if self.first != 0 or not self.is_last:
+            raise RuntimeError("train_microbatch needs the whole model; use the pipeline")
+        return self.forward(0, inputs, targets, loss_scale, eager=True)
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            for t in range(self.first, self.last):
+                x = self.model.block_forward(t, x)
+            return self.model.head(x) if self.is_last else x
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._held)
+
+    def _factor(self, loss_scale: float) -> float:
+        if self.scale_loss is None:
+            return loss_scale
+        return float(self.scale_loss(torch.tensor(loss_scale, dtype=torch.float64)))
+
+    def _autocast(self):
+        dtype = self.compute.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.compute.device_type, dtype=dtype)
+
+
+def _accumulate(layer: nn.Linear, delta: torch.Tensor, inputs: torch.Tensor) -> None:
+    """layer.weight.grad += delta^T inputs, layer.bias.grad += sum of delta (over samples)."""
+    grads = [(layer.weight, torch.einsum("...o,...i->oi", delta, inputs))]
+    if layer.bias is not None:
+        grads.append((layer.bias, delta.reshape(-1, delta.shape[-1]).sum(0)))
+    for param, grad in grads:
+        add_grad(param, grad)
