@@ -1,5 +1,7 @@
 """Bad input fails in one line naming the field and the fix, before any training starts."""
 
+from pathlib import Path
+
 import pytest
 
 from mpc_dist.cli import main
@@ -93,3 +95,8 @@ def test_cli_exits_nonzero_with_one_line_before_training(tmp_path, capsys, overr
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "runs").exists(), "nothing may start before the config is valid"
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    validate(load_config(path))

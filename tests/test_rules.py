@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from launching import TINY, assert_same_weights, mpc_dist, sets
 from multiprocess import run
 
 from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
@@ -24,7 +25,7 @@ from mpc_dist.parallel import (
 )
 from mpc_dist.parallel.schedule import peer
 from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
-from mpc_dist.rules.engine import draws
+from mpc_dist.rules.common import draws
 from mpc_dist.train import build_stage, train
 from mpc_dist.train.validate import validate as validate_config
 
@@ -304,3 +305,35 @@ def test_bad_rule_configs_fail_in_one_line(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as error:
         validate_config(config)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "mode"), [("configs/pepita_mnist.yaml", "async"), ("configs/ff_mnist.yaml", "sync")]
+)
+def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, tmp_path):
+    """`mpc-dist train --nproc 2`: PEPITA's top-down message and forward-forward's three
+    states per sample over real processes, the same weights as one process."""
+    tiny = [*TINY, "model.width=16", "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
+    single = mpc_dist("train", "--config", config, *sets(*tiny, "run.name=single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    pipe = mpc_dist("train", "--nproc", "2", "--config", config, *sets(
+        *tiny, "pipeline.stages=2", f"pipeline.mode={mode}", "run.name=pipe",
+    ))  # fmt: skip
+    assert pipe.returncode == 0, pipe.stderr[-3000:]
+    assert_same_weights(tmp_path / "single", tmp_path / "pipe")
+
+
+@pytest.mark.parametrize("rule", list(REFERENCES))
+def test_held_activations_are_counted_until_the_update(rule):
+    """What a microbatch keeps between its forward and its update (autograd's graphs, or the
+    tensors forward gradient and PEPITA keep themselves) is activation memory, then freed."""
+    x, y = batch()
+    engine = make_engine(make(rule), Plan(rule, 1, T), track_memory=True)
+    result = engine.forward(0, x, y, eager=False)
+    assert engine.memory.current_bytes > 0
+    if rule == "pepita":
+        engine.second_pass(0, result.top_down)
+    else:
+        for s in range(1, T + 1):
+            engine.backward(0, s)
+    assert engine.memory.current_bytes == 0 and engine.outstanding == 0

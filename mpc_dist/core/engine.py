@@ -39,6 +39,17 @@ class ComputeOptions:
         """The dtype of the states between blocks (None: whatever the block returns)."""
         return self.autocast_dtype
 
+    def autocast(self):
+        """The context blocks compute in."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def state(self, out: torch.Tensor) -> torch.Tensor:
+        """The detached state handed to the next block (or stage), in the compute dtype."""
+        dtype = self.state_dtype
+        return out.detach() if dtype is None else out.detach().to(dtype)
+
 
 @dataclass
 class _Microbatch:
@@ -109,12 +120,12 @@ class HorizonEngine:
         losses, cotangents, logits = {}, {}, None
         x = inputs
         for t in range(self.first, self.last):
-            with self._hooks(), self._autocast():
+            with self._hooks(), self.compute.autocast():
                 leaf = x.detach().requires_grad_(self._input_grad[t])
                 out = self._block(t, leaf)
             state.inputs[t], state.outputs[t] = leaf, out
             state.pending[t] = len(self._through[t])
-            x = self._state(out)
+            x = self.compute.state(out)
             s = t + 1
             if s not in self.plan.loss_points:
                 continue
@@ -136,7 +147,7 @@ class HorizonEngine:
         """l_s, its cotangent at x(s), and the head's output; trains the head if l_s owns it."""
         head, trainable = self.model.loss_head(s)
         leaf = state.detach().requires_grad_()
-        with self._hooks(), self._autocast():
+        with self._hooks(), self.compute.autocast():
             head_out = head(leaf)
             loss = self.criterion(head_out, targets) * scale
         params = [p for p in head.parameters() if p.requires_grad] if trainable else []
@@ -243,9 +254,9 @@ class HorizonEngine:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without graphs: x(last), or the logits if the run ends the network."""
-        with self._autocast():
+        with self.compute.autocast():
             for t in range(self.first, self.last):
-                x = self._state(self.model.block_forward(t, x))
+                x = self.compute.state(self.model.block_forward(t, x))
             return self.model.head(x) if self.last == self.plan.num_blocks else x
 
     @property
@@ -256,12 +267,6 @@ class HorizonEngine:
     def _hooks(self):
         return self.memory.hooks() if self.memory is not None else nullcontext()
 
-    def _autocast(self):
-        dtype = self.compute.autocast_dtype
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.compute.device_type, dtype=dtype)
-
     def _block(self, t: int, leaf: torch.Tensor) -> torch.Tensor:
         if not self.compute.checkpoint_blocks:
             return self.model.block_forward(t, leaf)
@@ -270,8 +275,3 @@ class HorizonEngine:
         return torch.utils.checkpoint.checkpoint(
             self.model.block_forward, t, leaf, use_reentrant=False
         )
-
-    def _state(self, out: torch.Tensor) -> torch.Tensor:
-        """The detached state handed to the next block (or stage), in the compute dtype."""
-        dtype = self.compute.state_dtype
-        return out.detach() if dtype is None else out.detach().to(dtype)

@@ -43,6 +43,12 @@ class ActivationMemory:
                 self._excluded.add(p.untyped_storage().data_ptr())
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    def hold(self, tensor: torch.Tensor) -> _Saved:
+        """Count ``tensor`` as held until the returned handle (``.tensor``) is dropped: for
+        activations a rule keeps itself, outside autograd's graphs."""
+        packed = self._pack(tensor)
+        return packed if isinstance(packed, _Saved) else _Saved(tensor, (0, 0), self)
+
     def reset_peak(self) -> None:
         self.peak_bytes = self.current_bytes
 

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from ..models import BlockModel
 
 EPS = 1e-8
+
+
+def draws(seed: int, t: int, k: int) -> torch.Generator:
+    """The random stream of the k-th forward of block t (t < 0: a rule's own streams), seeded by
+    (seed, t, k): the same noise, negatives and feedback whatever the stage layout."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{t}/{k}".encode()))
+
+
+def loss_factor(scale_loss: Callable[[torch.Tensor], torch.Tensor] | None, scale: float) -> float:
+    """What a microbatch's gradients are multiplied by: its share, times the fp16 loss scale."""
+    if scale_loss is None:
+        return scale
+    return float(scale_loss(torch.tensor(scale, dtype=torch.float64)))
+
+
+def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """Accumulate a gradient formed by hand into ``param.grad``."""
+    if not param.requires_grad:
+        return
+    grad = grad.to(param.dtype)
+    param.grad = grad if param.grad is None else param.grad + grad
 
 
 def normalise_length(x: torch.Tensor) -> torch.Tensor:

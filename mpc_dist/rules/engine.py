@@ -10,7 +10,6 @@ stage-local action that receives and sends nothing.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
 from ..models import BlockModel
+from .common import draws, loss_factor
 
 
 @dataclass
@@ -30,6 +30,7 @@ class LocalStep:
     loss: torch.Tensor  # the block's local loss (mean over the microbatch)
     logits: torch.Tensor | None  # the prediction, at the last block
     update: Callable[[float], None]  # accumulate the block's (and its head's) gradients, scaled
+    held: tuple[torch.Tensor, ...] = ()  # kept for the update outside autograd (counted as held)
 
 
 class LocalRule(Protocol):
@@ -50,12 +51,6 @@ class LocalRule(Protocol):
 
     def predict(self, model: BlockModel, state: torch.Tensor) -> torch.Tensor:
         """The prediction from x(T) at inference."""
-
-
-def draws(seed: int, t: int, k: int) -> torch.Generator:
-    """The random stream of the k-th forward of block t (t = -1: the input transform), seeded by
-    (seed, t, k): the same noise and negatives whatever the stage layout."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{t}/{k}".encode()))
 
 
 class LocalEngine:
@@ -97,15 +92,18 @@ class LocalEngine:
         if self.first == 0:
             x = self.rule.inputs(x, targets, self._generator(-1))
         losses, logits = {}, None
+        factor = loss_factor(self.scale_loss, loss_scale)
         for t in range(self.first, self.last):
-            with self._hooks(), self._autocast():
+            with self._hooks(), self.compute.autocast():
                 step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))
             s = t + 1
             losses[s] = step.loss.detach() * loss_scale
-            updates[s] = lambda step=step: step.update(self._factor(loss_scale))
+            held = [self.memory.hold(h) for h in step.held] if self.memory is not None else []
+            # the update keeps its step (and the count of what it holds) alive until it runs
+            updates[s] = lambda step=step, held=held: step.update(factor)
             if s == self.plan.num_blocks:
                 logits = step.logits.detach()
-            x = self._state(step.output)
+            x = self.compute.state(step.output)
             if eager:
                 updates.pop(s)()
         if not updates:
@@ -138,11 +136,11 @@ class LocalEngine:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.compute.autocast():
             if self.first == 0:
                 x = self.rule.infer_inputs(x)
             for t in range(self.first, self.last):
-                x = self._state(self.model.block_forward(t, self.rule.block_input(t, x)))
+                x = self.compute.state(self.model.block_forward(t, self.rule.block_input(t, x)))
             return self.rule.predict(self.model, x) if self.last == self.plan.num_blocks else x
 
     @property
@@ -154,20 +152,5 @@ class LocalEngine:
         self._forwards[t] += 1
         return draws(self.seed, t, k)
 
-    def _factor(self, loss_scale: float) -> float:
-        if self.scale_loss is None:
-            return loss_scale
-        return float(self.scale_loss(torch.tensor(loss_scale, dtype=torch.float64)))
-
     def _hooks(self):
         return self.memory.hooks() if self.memory is not None else nullcontext()
-
-    def _autocast(self):
-        dtype = self.compute.autocast_dtype
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.compute.device_type, dtype=dtype)
-
-    def _state(self, out: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute.state_dtype
-        return out.detach() if dtype is None else out.detach().to(dtype)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models import BlockModel
+from .common import add_grad
 from .engine import LocalStep
 
 
@@ -106,17 +107,11 @@ class ForwardGradient:
                 torch.autograd.backward(loss * factor, inputs=head_params)
 
         last = t + 1 == model.num_blocks
-        return LocalStep(out, loss, logits if last else None, update)
+        kept = (*noise, *(inputs for inputs, _ in seen.values()))
+        return LocalStep(out, loss, logits if last else None, update, kept)
 
     def predict(self, model, state):
         return model.head(state)
-
-
-def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
-    if not param.requires_grad:
-        return
-    grad = grad.to(param.dtype)
-    param.grad = grad if param.grad is None else param.grad + grad
 
 
 class hooked(ExitStack):

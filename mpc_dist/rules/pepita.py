@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +23,8 @@ from torch import nn
 from ..config import ConfigError
 from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
 from ..models import BlockModel
-from .engine import draws
-from .forward_gradient import add_grad, hooked, linear_layers
+from .common import add_grad, draws, loss_factor
+from .forward_gradient import hooked, linear_layers
 
 FEEDBACK_SCALE = 0.05
 
@@ -54,7 +53,7 @@ def feedback_matrix(seed: int, inputs: int, classes: int) -> torch.Tensor:
 class _Held:
     """A microbatch between its two passes."""
 
-    outputs: list[torch.Tensor] = field(default_factory=list)  # h_l of the first pass
+    outputs: list = field(default_factory=list)  # h_l of the first pass (held: ``.tensor``)
     inputs: torch.Tensor | None = None  # x (first stage)
     targets: torch.Tensor | None = None  # y (last stage)
     scale: float = 1.0
@@ -97,13 +96,13 @@ class PepitaEngine:
         eager: bool = True,
     ) -> ForwardResult:
         """The first pass; on the last stage, the error it sends to the first."""
-        held = self._held[microbatch] = _Held(scale=self._factor(loss_scale))
+        held = self._held[microbatch] = _Held(scale=loss_factor(self.scale_loss, loss_scale))
         held.inputs = inputs if self.first == 0 else None
         x = inputs
-        with self._autocast():
+        with self.compute.autocast():
             for t in range(self.first, self.last):
                 x = self.model.block_forward(t, x)
-                held.outputs.append(x)
+                held.outputs.append(self.memory.hold(x) if self.memory is not None else x)
         if not self.is_last:
             return ForwardResult(x, None, {}, {})
         held.targets = targets
@@ -129,8 +128,9 @@ class PepitaEngine:
             x = message
         weight = held.scale / len(x)  # the update is a mean over the microbatch
         inputs: list[torch.Tensor] = []  # what each block's linear layer saw
-        with self._autocast():
+        with self.compute.autocast():
             for t, h in zip(range(self.first, self.last), held.outputs, strict=True):
+                h = h.tensor if self.memory is not None else h
                 (layer,) = linear_layers(self.model, t)
                 with hooked([layer], lambda module, i, o: inputs.append(i[0])):
                     modulated = self.model.block_forward(t, x)
@@ -158,7 +158,7 @@ class PepitaEngine:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.compute.autocast():
             for t in range(self.first, self.last):
                 x = self.model.block_forward(t, x)
             return self.model.head(x) if self.is_last else x
@@ -166,17 +166,6 @@ class PepitaEngine:
     @property
     def outstanding(self) -> int:
         return len(self._held)
-
-    def _factor(self, loss_scale: float) -> float:
-        if self.scale_loss is None:
-            return loss_scale
-        return float(self.scale_loss(torch.tensor(loss_scale, dtype=torch.float64)))
-
-    def _autocast(self):
-        dtype = self.compute.autocast_dtype
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.compute.device_type, dtype=dtype)
 
 
 def _accumulate(layer: nn.Linear, delta: torch.Tensor, inputs: torch.Tensor) -> None:
