@@ -337,3 +337,21 @@ def test_held_activations_are_counted_until_the_update(rule):
         for s in range(1, T + 1):
             engine.backward(0, s)
     assert engine.memory.current_bytes == 0 and engine.outstanding == 0
+
+
+def test_rules_study_at_a_small_size(tmp_path):
+    """The one command behind docs/rules.md: trains, measures, and rewrites only its results
+    block of the document."""
+    doc = tmp_path / "rules.md"
+    doc.write_text("# Rules\n\nnotes before\n<!-- results: mpc-dist rules-study -->\nold\n"
+                   "<!-- end of results -->\nnotes after\n")  # fmt: skip
+    result = mpc_dist("rules-study", "--out", str(tmp_path / "study"), "--doc", str(doc),
+                      "--networks", "mlp", "--datasets", "mnist", "--epochs", "1",
+                      "--max-steps", "3", timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = doc.read_text()
+    assert text.startswith("# Rules\n\nnotes before\n") and text.endswith("notes after\n")
+    assert "old" not in text
+    for label in ("ff", "forward_gradient", "pepita", "MPC h = 1", "back-propagation"):
+        assert f"| mlp | {label} |" in text
+    assert "| mlp | pepita | async |" in text and "| mlp | back-propagation | 1F1B |" in text

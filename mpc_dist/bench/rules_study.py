@@ -156,12 +156,12 @@ def block_costs(network: str, rule: str, horizon: int, head: str) -> tuple[float
     return forward / 10 / plan.num_blocks, after / 10 / plan.num_blocks
 
 
-def pipeline_rows() -> list[dict]:
+def pipeline_rows(networks: list[str]) -> list[dict]:
     """Each rule's step on a P = 4 pipeline (one block per stage), m = 16, from measured costs:
     local rules have no input-gradient work, BP's backward is split evenly into input and weight
     gradients (as the bubble bench does), PEPITA's second pass is a forward plus its updates."""
     rows = []
-    for network in ("mlp", "resnet"):
+    for network in [n for n in ("mlp", "resnet") if n in networks]:
         mine = []
         for rule, h, head, _ in RULES[network]:
             forward, after = block_costs(network, rule, h, head)
@@ -186,15 +186,27 @@ def pipeline_rows() -> list[dict]:
     return rows
 
 
+BEGIN, END = "<!-- results: mpc-dist rules-study -->", "<!-- end of results -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Replace the results between the markers, keeping what is written around them."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
+    else:
+        text = f"# Learning rules\n\n{BEGIN}\n{text}{END}\n"
+    path.write_text(text)
+
+
 def report(results: list[dict], rows: list[dict], args) -> str:
     lines = [
-        "# Learning rules: forward-forward, scalable forward-forward, forward gradient, PEPITA",
-        "",
         f"Produced by `mpc-dist rules-study` (one seed; the 4 x 500 MLP {args.epochs} epochs, "
         f"forward-forward's 4 x 2000 MLP {args.paper_epochs} epochs, the ResNet (4 basic blocks, "
         f"16/32 channels) {args.conv_epochs} epochs; 2-core CPU, no GPU).",
         "",
-        "## Test accuracy (%)",
+        "### Test accuracy (%)",
         "",
         "| network | rule | MNIST | Fashion-MNIST | other prediction (MNIST / F-MNIST) "
         "| train s (MNIST) | paper (MNIST test error) |",
@@ -218,7 +230,7 @@ def report(results: list[dict], rows: list[dict], args) -> str:
         "(the main column is its one-pass linear readout); scalable forward-forward's goodness "
         "averaged over the blocks (the main column is the last block's).",
         "",
-        "## In a pipeline (P = 4 stages, one block each, m = 16, simulated with costs measured "
+        "### In a pipeline (P = 4 stages, one block each, m = 16, simulated with costs measured "
         "here)",
         "",
         "| network | rule | schedule | forward ms/block | after the forward ms/block "
@@ -246,11 +258,11 @@ def main(args: argparse.Namespace) -> None:
             console.print(f"{result['network']} {result['dataset']} {result['rule']} "
                           f"h={result['horizon']}: {100 * result['accuracy']:.2f} % "
                           f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
-    rows = pipeline_rows()
+    rows = pipeline_rows(args.networks)
     text = report(results, rows, args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps({"runs": results, "pipeline": rows}))
-    Path(args.doc).write_text(text)
+    write_report(Path(args.doc), text)
     console.print(text)
 
 
