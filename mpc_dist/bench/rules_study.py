@@ -2,7 +2,8 @@
 networks (docs/rules.md).
 
 Forward-forward, forward gradient and PEPITA train a plain 4 x 500 ReLU MLP, forward-forward
-also its paper's 4 x 2000 (MNIST), scalable forward-forward a small ResNet; back-propagation
+also its paper's 4 x 2000 (MNIST) and PEPITA its 1 x 1024, scalable forward-forward a small
+ResNet; back-propagation
 (h = T) and MPC (receding h = 1, 2) train the same networks with the same heads. MNIST and
 Fashion-MNIST, one process per run, two at a time. Then each rule's per-block costs on this
 machine, and what they give a P = 4 pipeline (simulated with those costs) against BP-1F1B.
@@ -26,13 +27,14 @@ from ..core import Plan
 from ..models import build_model
 from ..parallel import Costs, generate, simulate, stage_ranges, uniform_partition
 from ..rules import make_engine, predict_by_average, predict_by_goodness
-from ..train import Checkpointer, build_optimizer, load_dataset, train
-from ..train.metrics import console
+from ..train import Checkpointer, TrainingError, build_optimizer, load_dataset, train
+from ..train.metrics import MetricsLogger, console
 
 NETWORKS = {  # network -> overrides of configs/quickstart.yaml
     "mlp": ["model.name=relu_mlp", "model.num_blocks=4", "model.width=500"],
     "mlp2000": ["model.name=relu_mlp", "model.num_blocks=4", "model.width=2000"],  # FF's
-    "resnet": ["model.name=resnet_small", "model.num_blocks=4", "model.width=16"],
+    "mlp1024": ["model.name=relu_mlp", "model.num_blocks=1", "model.width=1024"],  # PEPITA's
+    "resnet": ["model.name=resnet_small", "model.num_blocks=4", "model.width=8"],
 }
 ADAM_3E4 = ["optim.lr=0.0003"]  # forward gradients are noisy: 1e-3 learns worse (72 vs 47 %)
 PEPITA_SGD = [
@@ -48,7 +50,8 @@ RULES = {  # network -> (rule, horizon (4 = T: back-propagation), head, more ove
     "mlp": [("ff", 1, "shared", []), ("forward_gradient", 1, "aux", ADAM_3E4),
             ("pepita", 1, "shared", PEPITA_SGD), ("receding", 1, "aux", []),
             ("receding", 2, "aux", []), ("receding", 4, "aux", [])],
-    "mlp2000": [("ff", 1, "shared", [])],
+    "mlp2000": [("ff", 1, "shared", ["optim.lr=0.0001"])],  # 1e-3 collapses at 2000 units
+    "mlp1024": [("pepita", 1, "shared", PEPITA_SGD), ("receding", 1, "shared", [])],
     "resnet": [("sff", 1, "goodness", []), ("receding", 1, "goodness", []),
                ("receding", 2, "goodness", []), ("receding", 4, "goodness", [])],
 }  # fmt: skip
@@ -76,12 +79,17 @@ class Run:
     @property
     def label(self) -> str:
         if self.rule == "receding":
-            return "back-propagation" if self.horizon == 4 else f"MPC h = {self.horizon}"
+            bp = self.horizon == depth(self.network)
+            return "back-propagation" if bp else f"MPC h = {self.horizon}"
         return self.rule
 
 
+def depth(network: str) -> int:
+    return next(int(o.split("=")[1]) for o in NETWORKS[network] if "num_blocks" in o)
+
+
 def epochs(network: str, args) -> int:
-    return {"mlp": args.epochs, "mlp2000": args.paper_epochs, "resnet": args.conv_epochs}[network]
+    return {"mlp2000": args.paper_epochs, "resnet": args.conv_epochs}.get(network, args.epochs)
 
 
 def run_config(run: Run, args) -> Config:
@@ -100,14 +108,15 @@ def _train(item: tuple[Run, Config]) -> dict:
     if not done.exists():
         torch.set_num_threads(1)
         started = time.perf_counter()
-        summary = train(config)
-        result = {
-            **dataclasses.asdict(run),
-            "accuracy": summary["test accuracy"],
-            "seconds": time.perf_counter() - started,
-            **_other_predictions(run, config),
-        }
-        done.write_text(json.dumps(result))  # fmt: skip
+        try:
+            result = {"accuracy": train(config)["test accuracy"], **_other_predictions(run, config)}
+        except TrainingError as error:  # diverged: the last evaluation before it, and why
+            result = {"accuracy": 0.0, "diverged": str(error)}
+        evals = [r["accuracy"] for r in MetricsLogger.read(config.run_dir / "metrics.jsonl")
+                 if r["kind"] == "eval"]  # fmt: skip
+        result.update(dataclasses.asdict(run), seconds=time.perf_counter() - started,
+                      evals=evals, best=max(evals, default=0.0))  # fmt: skip
+        done.write_text(json.dumps(result))
     return json.loads(done.read_text())
 
 
@@ -200,11 +209,21 @@ def write_report(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _accuracy(result: dict) -> str:
+    """The final test accuracy, and the best epoch's where training collapsed after it."""
+    text = f"{100 * result['accuracy']:.2f}"
+    if "diverged" in result:
+        return f"{text} (diverged; best epoch {100 * result['best']:.2f})"
+    if result["best"] - result["accuracy"] > 0.05:
+        return f"{text} (collapsed; best epoch {100 * result['best']:.2f})"
+    return text
+
+
 def report(results: list[dict], rows: list[dict], args) -> str:
     lines = [
-        f"Produced by `mpc-dist rules-study` (one seed; the 4 x 500 MLP {args.epochs} epochs, "
-        f"forward-forward's 4 x 2000 MLP {args.paper_epochs} epochs, the ResNet (4 basic blocks, "
-        f"16/32 channels) {args.conv_epochs} epochs; 2-core CPU, no GPU).",
+        f"Produced by `mpc-dist rules-study` (one seed; the 4 x 500 MLP and PEPITA's 1 x 1024 "
+        f"{args.epochs} epochs, forward-forward's 4 x 2000 {args.paper_epochs} epochs, the ResNet "
+        f"(4 basic blocks, 8/16 channels) {args.conv_epochs} epochs; 2-core CPU, no GPU).",
         "",
         "### Test accuracy (%)",
         "",
@@ -216,7 +235,7 @@ def report(results: list[dict], rows: list[dict], args) -> str:
     for network, rules in RULES.items():
         for rule, h, head, _ in rules:
             got = [by.get((network, rule, h, d)) for d in ("mnist", "fashion_mnist")]
-            accuracy = [f"{100 * g['accuracy']:.2f}" if g else "-" for g in got]
+            accuracy = [_accuracy(g) if g else "-" for g in got]
             other = [g.get("goodness_accuracy", g.get("average_vote_accuracy")) if g else None
                      for g in got]  # fmt: skip
             other_text = " / ".join(f"{100 * o:.2f}" for o in other if o is not None) or "-"
