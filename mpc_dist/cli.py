@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .config import ConfigError, load_config
-from .core import RULES, Plan
+from .core import HORIZON_RULES, RULES, Plan
 from .horizon import OBJECTIVES
 from .launch.conventions import apply_launcher_settings
 from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
@@ -31,7 +31,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _schedule(args: argparse.Namespace) -> None:
     blocks = args.blocks or args.stages
-    horizon = args.horizon or blocks
+    horizon = args.horizon or (blocks if args.rule in HORIZON_RULES else 1)
     policy = "horizon" if args.policy == "auto" else args.policy
     ranges = stage_ranges(uniform_partition(blocks, args.stages))
     schedule = generate(
@@ -203,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--stages", type=int, required=True, help="P pipeline stages")
     sched.add_argument("--microbatches", type=int, required=True, help="m per minibatch")
     sched.add_argument("--blocks", type=int, default=0, help="T (default: one per stage)")
-    sched.add_argument("--horizon", type=int, default=0, help="h (default: T, i.e. BP)")
+    sched.add_argument(
+        "--horizon",
+        type=int,
+        default=0,
+        help="h (default: T, i.e. BP; 1 for the rules that are not horizons)",
+    )
     sched.add_argument("--rule", default="receding", choices=RULES)
     sched.add_argument("--mode", default="sync", choices=("sync", "async"))
     sched.add_argument("--policy", default="auto", choices=("auto", "1f1b", "gpipe"))

@@ -157,6 +157,9 @@ class Plan:
     def __str__(self) -> str:
         points = self.loss_points
         title = f"{self.rule} h={self.horizon} T={self.num_blocks}"
+        if self.top_down:
+            return (f"{title}: no backward streams; the error at x({self.num_blocks}) goes to the "
+                    f"input, and a second forward pass trains every block")  # fmt: skip
         lines = [f"{title}  (W = weight gradient taken here, · = passes through)"]
         lines.append("block " + "".join(f"{'l' + str(s):>4}" for s in points))
         for block in range(self.num_blocks):

@@ -101,6 +101,11 @@ def _validate_local_rule(config: Config, model) -> None:
         f"block's graph at a time; set train.activation_checkpointing=none",
     )
     need(
+        config.pipeline.sharding == "none",
+        f"pipeline.sharding={config.pipeline.sharding}: rule {rule} is not offered with sharded "
+        f"stages (its updates are formed on whole parameters); set pipeline.sharding=none",
+    )
+    need(
         rule not in ("forward_gradient", "pepita") or t.precision == "fp32",
         f"train.precision={t.precision}: rule {rule} forms its updates in the parameters' "
         f"dtype; set train.precision=fp32",
