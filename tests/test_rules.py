@@ -298,6 +298,7 @@ def test_each_rule_learns_mnist(rule, tmp_path):
         (["horizon.rule=forward_gradient", "horizon.horizon=1", "model.head=aux",
           "model.name=vit_tiny"], "outside linear layers"),
         (["horizon.rule=pepita", "horizon.horizon=1"], "model.name=relu_mlp"),
+        (["horizon.rule=ff", "horizon.horizon=auto"], "horizon.horizon=auto"),
         (["horizon.rule=ff", "horizon.horizon=1", "model.name=relu_mlp", "pipeline.stages=2",
           "pipeline.replicas=2", "pipeline.sharding=fsdp"], "pipeline.sharding=fsdp"),
     ],

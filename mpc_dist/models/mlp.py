@@ -75,15 +75,8 @@ def build_relu_mlp(spec: ModelConfig, input_shape, num_classes: int) -> BlockMod
     """Block t = ReLU(W_t x + b_t), no residual, no norm (forward-forward's 4 x 2000 network is
     ``num_blocks: 4, width: 2000``): the input is flattened, the head is linear."""
     widths = [math.prod(input_shape)] + [spec.width] * spec.num_blocks
-    blocks = [
-        nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:], strict=False)
-    ]
+    layers = zip(widths, widths[1:], strict=False)
+    blocks = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in layers]
     head = nn.Linear(spec.width, num_classes)
-    return assemble(
-        spec,
-        nn.Flatten(),
-        blocks,
-        head,
-        input_shape,
-        lambda shape: nn.Linear(shape[0], num_classes),
-    )
+    aux = lambda shape: nn.Linear(shape[0], num_classes)
+    return assemble(spec, nn.Flatten(), blocks, head, input_shape, aux)

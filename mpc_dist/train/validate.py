@@ -89,6 +89,11 @@ def _validate_horizon(config: Config, blocks: int) -> None:
 
 def _validate_local_rule(config: Config, model) -> None:
     rule, t = config.horizon.rule, config.train
+    need(
+        config.horizon.horizon != "auto",
+        f"horizon.horizon=auto: chooses among the horizon rules {HORIZON_RULES}, not rule "
+        f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
+    )
     check_rule(rule, model)
     need(
         not config.pipeline.defer_weights,
