@@ -311,11 +311,14 @@ def test_bad_rule_configs_fail_in_one_line(overrides, field):
 
 
 @pytest.mark.parametrize(
-    ("config", "mode"), [("configs/pepita_mnist.yaml", "async"), ("configs/ff_mnist.yaml", "sync")]
-)
+    ("config", "mode"),
+    [("pepita_mnist", "async"), ("ff_mnist", "sync"), ("forward_gradient_mnist", "async"),
+     ("sff_mnist", "sync")],
+)  # fmt: skip
 def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, tmp_path):
-    """`mpc-dist train --nproc 2`: PEPITA's top-down message and forward-forward's three
-    states per sample over real processes, the same weights as one process."""
+    """`mpc-dist train --nproc 2`: every rule (PEPITA's top-down message, forward-forward's
+    three states per sample) over real processes ends with one process's weights."""
+    config = f"configs/{config}.yaml"
     tiny = [*TINY, "model.width=16", "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
     single = mpc_dist("train", "--config", config, *sets(*tiny, "run.name=single"))
     assert single.returncode == 0, single.stderr[-3000:]
