@@ -212,8 +212,8 @@ def write_report(path: Path, text: str) -> None:
 def _accuracy(result: dict) -> str:
     """The final test accuracy, and the best epoch's where training collapsed after it."""
     text = f"{100 * result['accuracy']:.2f}"
-    if "diverged" in result:
-        return f"{text} (diverged; best epoch {100 * result['best']:.2f})"
+    if "diverged" in result:  # the weights went non-finite: training stopped there
+        return f"diverged (best evaluation before: {100 * result['best']:.2f})"
     if result["best"] - result["accuracy"] > 0.05:
         return f"{text} (collapsed; best epoch {100 * result['best']:.2f})"
     return text
