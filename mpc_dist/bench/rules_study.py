@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -140,29 +141,35 @@ def _other_predictions(run: Run, config: Config) -> dict:
     return {key: correct / len(test)}
 
 
-def block_costs(network: str, rule: str, horizon: int, head: str) -> tuple[float, float]:
-    """Seconds per block on this machine (one thread, a microbatch of 128): the forward action,
-    and everything after it (a local rule's updates, BP's backward, PEPITA's second pass)."""
+def block_costs(network: str) -> dict[tuple[str, int], tuple[float, float]]:
+    """Seconds per block of each rule of ``network`` on this machine (one thread, a microbatch
+    of 256, the median of 30 repetitions, the rules taking turns so drift hits all alike): the
+    forward action, and everything after it (a local rule's updates, BP's backward, PEPITA's
+    second pass)."""
     torch.set_num_threads(1)
-    spec = load_config(None, [*NETWORKS[network], f"model.head={head}"]).model
-    model = build_model(spec, (1, 28, 28), 10, seed=0)
-    plan = Plan(rule, horizon, model.num_blocks)
-    engine = make_engine(model, plan, track_memory=False)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    forward = after = 0.0
-    for i in range(12):
-        start = time.perf_counter()
-        result = engine.forward(i, x, y, eager=False)
-        middle = time.perf_counter()
-        if plan.top_down:
-            engine.second_pass(i, result.top_down)
-        for s in reversed(plan.loss_points):
-            engine.backward(i, s)
-        end = time.perf_counter()
-        if i >= 2:
-            forward, after = forward + middle - start, after + end - middle
-        model.zero_grad(set_to_none=True)
-    return forward / 10 / plan.num_blocks, after / 10 / plan.num_blocks
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    engines = {}
+    for rule, h, head, _ in RULES[network]:
+        spec = load_config(None, [*NETWORKS[network], f"model.head={head}"]).model
+        model = build_model(spec, (1, 28, 28), 10, seed=0)
+        engines[(rule, h)] = (model, make_engine(model, Plan(rule, h, model.num_blocks), False))
+    times: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in engines}
+    for i in range(33):
+        for key, (model, engine) in engines.items():
+            start = time.perf_counter()
+            result = engine.forward(i, x, y, eager=False)
+            middle = time.perf_counter()
+            if engine.plan.top_down:
+                engine.second_pass(i, result.top_down)
+            for s in reversed(engine.plan.loss_points):
+                engine.backward(i, s)
+            if i >= 3:  # warm-up
+                times[key].append((middle - start, time.perf_counter() - middle))
+            model.zero_grad(set_to_none=True)
+    T = depth(network)
+    median = lambda values: statistics.median(values) / T
+    return {key: (median([f for f, _ in got]), median([a for _, a in got]))
+            for key, got in times.items()}  # fmt: skip
 
 
 def pipeline_rows(networks: list[str]) -> list[dict]:
@@ -171,9 +178,9 @@ def pipeline_rows(networks: list[str]) -> list[dict]:
     gradients (as the bubble bench does), PEPITA's second pass is a forward plus its updates."""
     rows = []
     for network in [n for n in ("mlp", "resnet") if n in networks]:
-        mine = []
+        measured, mine = block_costs(network), []
         for rule, h, head, _ in RULES[network]:
-            forward, after = block_costs(network, rule, h, head)
+            forward, after = measured[(rule, h)]
             plan = Plan(rule, h, 4)
             if plan.is_local:
                 costs = Costs(forward=forward, input_grad=0.0, weight_grad=after)
