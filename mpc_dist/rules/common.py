@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -51,3 +52,12 @@ def accumulate(loss: torch.Tensor, params: list[torch.nn.Parameter], factor: flo
     """Add d(factor x loss)/d params into .grad, through this graph only."""
     if params:
         torch.autograd.backward(loss * factor, inputs=params)
+
+
+class hooked(ExitStack):
+    """Forward hooks on ``layers`` for the duration of a with-block."""
+
+    def __init__(self, layers: list[nn.Module], hook) -> None:
+        super().__init__()
+        for layer in layers:
+            self.callback(layer.register_forward_hook(hook).remove)

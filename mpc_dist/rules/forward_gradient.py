@@ -13,15 +13,13 @@ Blocks may hold trainable parameters in ``nn.Linear`` layers only.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
 from ..models import BlockModel
-from .common import add_grad
+from .common import accumulate, add_grad, hooked
 from .engine import LocalStep
 
 
@@ -103,8 +101,7 @@ class ForwardGradient:
                 add_grad(layer.weight, torch.einsum("...o,...i->oi", grad_z, inputs))
                 if layer.bias is not None:
                     add_grad(layer.bias, grad_z.reshape(-1, grad_z.shape[-1]).sum(0))
-            if head_params:
-                torch.autograd.backward(loss * factor, inputs=head_params)
+            accumulate(loss, head_params, factor)
 
         last = t + 1 == model.num_blocks
         kept = (*noise, *(inputs for inputs, _ in seen.values()))
@@ -112,12 +109,3 @@ class ForwardGradient:
 
     def predict(self, model, state):
         return model.head(state)
-
-
-class hooked(ExitStack):
-    """Forward hooks on ``layers`` for the duration of a with-block."""
-
-    def __init__(self, layers: list[nn.Module], hook) -> None:
-        super().__init__()
-        for layer in layers:
-            self.callback(layer.register_forward_hook(hook).remove)

@@ -23,8 +23,8 @@ from torch import nn
 from ..config import ConfigError
 from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
 from ..models import BlockModel
-from .common import add_grad, draws, loss_factor
-from .forward_gradient import hooked, linear_layers
+from .common import add_grad, draws, hooked, loss_factor
+from .forward_gradient import linear_layers
 
 FEEDBACK_SCALE = 0.05
 
