@@ -35,6 +35,14 @@ def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
     param.grad = grad if param.grad is None else param.grad + grad
 
 
+def add_linear_grads(layer: nn.Linear, delta: torch.Tensor, inputs: torch.Tensor) -> None:
+    """A linear layer's gradient from its output's estimated gradient ``delta`` (samples, ...,
+    out) and its inputs: weight += delta^T inputs, bias += the sum of delta."""
+    add_grad(layer.weight, torch.einsum("...o,...i->oi", delta, inputs))
+    if layer.bias is not None:
+        add_grad(layer.bias, delta.reshape(-1, delta.shape[-1]).sum(0))
+
+
 def normalise_length(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(mean(x^2)) per sample: the next block sees the state's orientation only."""
     dims = tuple(range(1, x.ndim))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -53,7 +54,66 @@ class LocalRule(Protocol):
         """The prediction from x(T) at inference."""
 
 
-class LocalEngine:
+class PlainRule:
+    """A local rule's defaults: one state per sample, inputs as they are, the head predicts."""
+
+    samples_per_input = 1
+
+    def inputs(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return x
+
+    def infer_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def block_input(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def predict(self, model: BlockModel, state: torch.Tensor) -> torch.Tensor:
+        return model.head(state)
+
+
+class RuleEngine:
+    """What the engines of the rules beyond the horizon share: the run of blocks a stage holds,
+    compute options, memory accounting, and training a whole model one microbatch at a time
+    (with the subclass's ``forward``)."""
+
+    samples_per_input = 1
+
+    def __init__(
+        self,
+        model: BlockModel,
+        plan: Plan,
+        track_memory: bool = True,
+        compute: ComputeOptions | None = None,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.plan = model, plan
+        self.compute = compute or ComputeOptions()
+        self.scale_loss, self.seed = scale_loss, seed
+        blocks = model.block_indices
+        self.first, self.last = blocks[0], blocks[-1] + 1
+        self.is_last = self.last == plan.num_blocks
+        self.memory = ActivationMemory(model.parameters) if track_memory else None
+
+    def train_microbatch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
+    ) -> ForwardResult:
+        if self.first != 0 or not self.is_last:
+            raise RuntimeError("train_microbatch needs the whole model; use the pipeline")
+        return self.forward(0, inputs, targets, loss_scale, eager=True)
+
+    def hold(self, tensor: torch.Tensor):
+        """Keep ``tensor`` (``.tensor`` of the handle) and count it as held activations."""
+        return (
+            self.memory.hold(tensor) if self.memory is not None else SimpleNamespace(tensor=tensor)
+        )
+
+    def _hooks(self):
+        return self.memory.hooks() if self.memory is not None else nullcontext()
+
+
+class LocalEngine(RuleEngine):
     def __init__(
         self,
         model: BlockModel,
@@ -66,12 +126,8 @@ class LocalEngine:
     ) -> None:
         if not plan.is_local:
             raise ValueError(f"LocalEngine runs block-local rules, not {plan.rule}")
-        self.model, self.plan, self.rule = model, plan, rule
-        self.compute = compute or ComputeOptions()
-        self.scale_loss, self.seed = scale_loss, seed
-        blocks = model.block_indices
-        self.first, self.last = blocks[0], blocks[-1] + 1
-        self.memory = ActivationMemory(model.parameters) if track_memory else None
+        super().__init__(model, plan, track_memory, compute, scale_loss, seed)
+        self.rule = rule
         self._updates: dict[int, dict[int, Callable[[], None]]] = {}
         self._forwards = dict.fromkeys(range(-1, self.last), 0)  # -1: the input transform
 
@@ -98,7 +154,7 @@ class LocalEngine:
                 step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))
             s = t + 1
             losses[s] = step.loss.detach() * loss_scale
-            held = [self.memory.hold(h) for h in step.held] if self.memory is not None else []
+            held = [self.hold(h) for h in step.held]
             # the update keeps its step (and the count of what it holds) alive until it runs
             updates[s] = lambda step=step, held=held: step.update(factor)
             if s == self.plan.num_blocks:
@@ -108,8 +164,7 @@ class LocalEngine:
                 updates.pop(s)()
         if not updates:
             del self._updates[microbatch]
-        output = x if self.last < self.plan.num_blocks else None
-        return ForwardResult(output, logits, losses, {})
+        return ForwardResult(None if self.is_last else x, logits, losses, {})
 
     def backward(
         self,
@@ -127,13 +182,6 @@ class LocalEngine:
     def weight_backward(self, microbatch: int, loss_point: int) -> None:
         """Nothing is deferred: a local rule's update is all weight gradient."""
 
-    def train_microbatch(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
-    ) -> ForwardResult:
-        if self.first != 0 or self.last != self.plan.num_blocks:
-            raise RuntimeError("train_microbatch needs the whole model; use forward/backward")
-        return self.forward(0, inputs, targets, loss_scale, eager=True)
-
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         with self.compute.autocast():
@@ -141,7 +189,7 @@ class LocalEngine:
                 x = self.rule.infer_inputs(x)
             for t in range(self.first, self.last):
                 x = self.compute.state(self.model.block_forward(t, self.rule.block_input(t, x)))
-            return self.rule.predict(self.model, x) if self.last == self.plan.num_blocks else x
+            return self.rule.predict(self.model, x) if self.is_last else x
 
     @property
     def outstanding(self) -> int:
@@ -151,6 +199,3 @@ class LocalEngine:
         k = self._forwards[t]
         self._forwards[t] += 1
         return draws(self.seed, t, k)
-
-    def _hooks(self):
-        return self.memory.hooks() if self.memory is not None else nullcontext()

@@ -19,8 +19,8 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models import BlockModel
-from .common import accumulate, add_grad, hooked
-from .engine import LocalStep
+from .common import accumulate, add_linear_grads, hooked
+from .engine import LocalStep, PlainRule
 
 
 def linear_layers(model: BlockModel, t: int) -> list[nn.Linear]:
@@ -50,18 +50,8 @@ def relu_follows(model: BlockModel, t: int) -> set[int]:
     return found
 
 
-class ForwardGradient:
+class ForwardGradient(PlainRule):
     name = "forward_gradient"
-    samples_per_input = 1
-
-    def inputs(self, x, y, generator):
-        return x
-
-    def infer_inputs(self, x):
-        return x
-
-    def block_input(self, t, x):
-        return x
 
     def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
         linears = linear_layers(model, t)
@@ -97,15 +87,9 @@ class ForwardGradient:
             weight = directional * (factor / len(y))  # the loss is the mean over the microbatch
             for layer, u in zip(linears, noise, strict=True):
                 inputs = seen[id(layer)][0]
-                grad_z = weight.view(-1, *[1] * (u.ndim - 1)) * u
-                add_grad(layer.weight, torch.einsum("...o,...i->oi", grad_z, inputs))
-                if layer.bias is not None:
-                    add_grad(layer.bias, grad_z.reshape(-1, grad_z.shape[-1]).sum(0))
+                add_linear_grads(layer, weight.view(-1, *[1] * (u.ndim - 1)) * u, inputs)
             accumulate(loss, head_params, factor)
 
         last = t + 1 == model.num_blocks
         kept = (*noise, *(inputs for inputs, _ in seen.values()))
         return LocalStep(out, loss, logits if last else None, update, kept)
-
-    def predict(self, model, state):
-        return model.head(state)

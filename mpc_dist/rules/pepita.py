@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
+from ..core import ComputeOptions, ForwardResult, Plan
 from ..models import BlockModel
-from .common import add_grad, draws, hooked, loss_factor
+from .common import add_linear_grads, draws, hooked, loss_factor
+from .engine import RuleEngine
 from .forward_gradient import linear_layers
 
 FEEDBACK_SCALE = 0.05
@@ -53,15 +54,13 @@ def feedback_matrix(seed: int, inputs: int, classes: int) -> torch.Tensor:
 class _Held:
     """A microbatch between its two passes."""
 
-    outputs: list = field(default_factory=list)  # h_l of the first pass (held: ``.tensor``)
+    outputs: list = field(default_factory=list)  # h_l of the first pass (handles: ``.tensor``)
     inputs: torch.Tensor | None = None  # x (first stage)
     targets: torch.Tensor | None = None  # y (last stage)
     scale: float = 1.0
 
 
-class PepitaEngine:
-    samples_per_input = 1
-
+class PepitaEngine(RuleEngine):
     def __init__(
         self,
         model: BlockModel,
@@ -72,12 +71,7 @@ class PepitaEngine:
         seed: int = 0,
     ) -> None:
         check_pepita(model)
-        self.model, self.plan, self.compute = model, plan, compute or ComputeOptions()
-        self.scale_loss = scale_loss
-        blocks = model.block_indices
-        self.first, self.last = blocks[0], blocks[-1] + 1
-        self.is_last = self.last == plan.num_blocks
-        self.memory = ActivationMemory(model.parameters) if track_memory else None
+        super().__init__(model, plan, track_memory, compute, scale_loss, seed)
         self.feedback = None
         if self.first == 0:
             d_in = math.prod(model.input_shape)
@@ -102,7 +96,7 @@ class PepitaEngine:
         with self.compute.autocast():
             for t in range(self.first, self.last):
                 x = self.model.block_forward(t, x)
-                held.outputs.append(self.memory.hold(x) if self.memory is not None else x)
+                held.outputs.append(self.hold(x))
         if not self.is_last:
             return ForwardResult(x, None, {}, {})
         held.targets = targets
@@ -130,17 +124,16 @@ class PepitaEngine:
         inputs: list[torch.Tensor] = []  # what each block's linear layer saw
         with self.compute.autocast():
             for t, h in zip(range(self.first, self.last), held.outputs, strict=True):
-                h = h.tensor if self.memory is not None else h
                 (layer,) = linear_layers(self.model, t)
                 with hooked([layer], lambda module, i, o: inputs.append(i[0])):
                     modulated = self.model.block_forward(t, x)
-                _accumulate(layer, (h - modulated) * weight, inputs[-1])
+                add_linear_grads(layer, (h.tensor - modulated) * weight, inputs[-1])
                 x = modulated
             if not self.is_last:
                 return x
             logits = self.model.head(x)
             error = logits.softmax(-1) - F.one_hot(held.targets, logits.shape[-1]).to(logits.dtype)
-            _accumulate(self.model.head, error * weight, x)
+            add_linear_grads(self.model.head, error * weight, x)
         return None
 
     def backward(self, *args, **kwargs) -> None:
@@ -148,13 +141,6 @@ class PepitaEngine:
 
     def weight_backward(self, *args, **kwargs) -> None:
         raise RuntimeError("pepita has no backward pass; its schedule has none")
-
-    def train_microbatch(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
-    ) -> ForwardResult:
-        if self.first != 0 or not self.is_last:
-            raise RuntimeError("train_microbatch needs the whole model; use the pipeline")
-        return self.forward(0, inputs, targets, loss_scale, eager=True)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,12 +152,3 @@ class PepitaEngine:
     @property
     def outstanding(self) -> int:
         return len(self._held)
-
-
-def _accumulate(layer: nn.Linear, delta: torch.Tensor, inputs: torch.Tensor) -> None:
-    """layer.weight.grad += delta^T inputs, layer.bias.grad += sum of delta (over samples)."""
-    grads = [(layer.weight, torch.einsum("...o,...i->oi", delta, inputs))]
-    if layer.bias is not None:
-        grads.append((layer.bias, delta.reshape(-1, delta.shape[-1]).sum(0)))
-    for param, grad in grads:
-        add_grad(param, grad)

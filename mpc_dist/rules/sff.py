@@ -12,18 +12,11 @@ import torch.nn.functional as F
 
 from ..models import BlockModel
 from .common import accumulate, block_and_head_parameters
-from .engine import LocalStep
+from .engine import LocalStep, PlainRule
 
 
-class ScalableForwardForward:
+class ScalableForwardForward(PlainRule):
     name = "sff"
-    samples_per_input = 1
-
-    def inputs(self, x, y, generator):
-        return x
-
-    def infer_inputs(self, x):
-        return x
 
     def block_input(self, t, x):
         return x if t == 0 else F.layer_norm(x, x.shape[1:])
@@ -36,9 +29,6 @@ class ScalableForwardForward:
         logits = goodness if t + 1 == model.num_blocks else None
         params = block_and_head_parameters(model, t)
         return LocalStep(out, loss, logits, lambda factor: accumulate(loss, params, factor))
-
-    def predict(self, model, state):
-        return model.head(state)
 
 
 @torch.no_grad()
