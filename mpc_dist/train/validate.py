@@ -24,7 +24,8 @@ def validate(config: Config) -> None:
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
     if config.horizon.rule not in HORIZON_RULES:
-        _validate_local_rule(config, build_model(config.model, input_shape, num_classes, "meta"))
+        model = build_model(config.model, input_shape, num_classes, device="meta")
+        _validate_non_horizon_rule(config, model)
     need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
@@ -87,7 +88,7 @@ def _validate_horizon(config: Config, blocks: int) -> None:
     )
 
 
-def _validate_local_rule(config: Config, model) -> None:
+def _validate_non_horizon_rule(config: Config, model) -> None:
     rule, t = config.horizon.rule, config.train
     need(
         config.horizon.horizon != "auto",
