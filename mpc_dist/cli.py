@@ -17,10 +17,17 @@ import torch
 from .config import ConfigError, load_config
 from .core import HORIZON_RULES, RULES, Plan
 from .horizon import OBJECTIVES
-from .launch.conventions import apply_launcher_settings
-from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
-from .parallel import validate as validate_schedule
-from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate
+from .launchers.conventions import apply_launcher_settings
+from .parallel import (
+    ScheduleError,
+    ScheduleSpec,
+    bubble_fraction,
+    generate,
+    stage_ranges,
+    uniform_partition,
+    validate_schedule,
+)
+from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate_config
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError)
 
@@ -32,12 +39,9 @@ def _plan(args: argparse.Namespace) -> None:
 def _schedule(args: argparse.Namespace) -> None:
     blocks = args.blocks or args.stages
     horizon = args.horizon or (blocks if args.rule in HORIZON_RULES else 1)
-    policy = "horizon" if args.policy == "auto" else args.policy
     ranges = stage_ranges(uniform_partition(blocks, args.stages))
-    schedule = generate(
-        Plan(args.rule, horizon, blocks), ranges, args.microbatches, args.minibatches,
-        args.mode, policy,
-    )  # fmt: skip
+    spec = ScheduleSpec(args.microbatches, args.mode, args.policy)
+    schedule = generate(Plan(args.rule, horizon, blocks), ranges, spec, args.minibatches)
     events = validate_schedule(schedule)
     print(schedule)
     makespan = max(e.end for e in events)
@@ -63,7 +67,7 @@ def _train(args: argparse.Namespace) -> None:
         dry_run(config)
         return
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        validate(config)  # fail here, once, rather than in every process
+        validate_config(config)  # fail here, once, rather than in every process
         if config.world_size != args.nproc:
             raise ConfigError(
                 f"--nproc {args.nproc}: pipeline.stages x pipeline.replicas is "
@@ -101,7 +105,7 @@ def _measured_setup(args: argparse.Namespace):
     from .train import load_dataset
 
     config = load_config(args.config, args.set)
-    validate(config)
+    validate_config(config)
     d = config.data
     dataset = load_dataset(d.dataset, "train", d.root, d.synthetic_size, config.train.seed)
     torch.manual_seed(config.train.seed)
@@ -114,7 +118,7 @@ def _probe(args: argparse.Namespace) -> None:
 
     from .horizon import candidate_horizons
     from .train.checkpoint import Checkpointer
-    from .train.horizon import probe_checkpoints, write_probe
+    from .train.selection import probe_checkpoints, write_probe
 
     if args.run_dir and not args.config:  # the run's own config
         args.config = str(Path(args.run_dir) / "config.yaml")
@@ -133,7 +137,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _select_horizon(args: argparse.Namespace) -> None:
-    from .train.horizon import choose_plan, report
+    from .train.selection import choose_plan, report
 
     if args.objective:
         args.set.append(f"horizon.objective={args.objective}")
@@ -143,7 +147,7 @@ def _select_horizon(args: argparse.Namespace) -> None:
 
 
 def _ray(args: argparse.Namespace) -> None:
-    from .launch.ray_train import main as ray_main
+    from .launchers.ray_job import main as ray_main
 
     ray_main(args)
 

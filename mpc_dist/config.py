@@ -19,6 +19,16 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field and the fix."""
 
 
+# Names with a fixed set of values. Loading refuses any other value in one line; the owners of
+# the names (core for rules, horizon for objectives) read their lists from these types.
+HorizonRule = Literal["receding", "shrinking"]  # the paper's g_h | greedy groups of h blocks
+LocalRule = Literal["ff", "sff", "forward_gradient"]  # block-local rules (docs/rules.md)
+TopDownRule = Literal["pepita"]  # a second forward pass carries the updates
+Rule = Literal[HorizonRule, LocalRule, TopDownRule]
+Objective = Literal["memory", "speed", "tradeoff"]
+HeadMode = Literal["shared", "aux", "goodness"]
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters in the blocks (through peft); the base weights are frozen."""
@@ -38,7 +48,7 @@ class ModelConfig:
     num_blocks: int = 8  # T for deep_linear, residual_mlp, relu_mlp, vit_tiny, resnet_small
     width: int = 256  # state width (hidden_dim for vit_tiny, first channels for resnet_small)
     hidden: int = 512  # MLP hidden width inside a block
-    head: str = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
+    head: HeadMode = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
     # goodness (scalable forward-forward's: a 1x1 convolution, a class's goodness = mean square)
     patch_size: int = 7  # vit_tiny
     num_heads: int = 4  # vit_tiny
@@ -51,11 +61,11 @@ class ModelConfig:
 
 @dataclass
 class HorizonConfig:
-    rule: str = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
-    # | ff | sff | forward_gradient (block-local rules, horizon 1; see docs/rules.md)
+    rule: Rule = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
+    # | ff | sff | forward_gradient (block-local rules, horizon 1) | pepita (docs/rules.md)
     horizon: int | Literal["auto"] = 4  # h, 1 <= h <= T (T: back-propagation), or auto (h, rule)
     # horizon: auto chooses by measuring every rule and h on the model, data and device:
-    objective: str = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |
+    objective: Objective = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |
     # tradeoff (penalty)
     memory_budget_mib: float = 0.0  # memory: the most per device
     min_alignment: float = 0.5  # speed: cos^2(theta_h) with back-propagation at least
@@ -79,11 +89,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | constant (per step, after warmup)
+    schedule: Literal["cosine", "constant"] = "cosine"  # per step, after warmup
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
 
@@ -92,10 +102,11 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 3
     seed: int = 0
-    dtype: str = "float32"  # of the parameters: float32 | float64 | bfloat16
-    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (autocast; fp32 master weights)
-    activation_checkpointing: str = "none"  # none | blocks (recompute each block in backward)
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"  # of the parameters
+    # autocast in bf16 or fp16 with fp32 master weights, or plain fp32
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
+    activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends
@@ -116,22 +127,26 @@ class RunConfig:
 class PipelineConfig:
     stages: int = 1  # P pipeline stages (processes per replica); 1 = single-process training
     replicas: int = 1  # D data-parallel copies of the pipeline; world size = P * D
-    mode: str = "sync"  # sync (flush + step together per minibatch) | async (spec section 4)
-    schedule: str = "auto"  # auto (horizon schedule) | 1f1b | gpipe (back-propagation only)
+    mode: Literal["sync", "async"] = "sync"  # flush + step together per minibatch | spec sec. 4
+    # auto (the horizon schedule) | 1f1b | gpipe (the last two for back-propagation only)
+    schedule: Literal["auto", "1f1b", "gpipe"] = "auto"
     defer_weights: bool = False  # zero-bubble: weight gradients deferred to fill idle time
-    partition: str = "uniform"  # uniform | params | time (profiled) | explicit (blocks_per_stage)
+    # uniform | params | time (profiled) | explicit (blocks_per_stage)
+    partition: Literal["uniform", "params", "time", "explicit"] = "uniform"
     blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
     async_window: int = 64  # minibatches per async schedule; it drains between them (< 1% time)
     timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-    sharding: str = "none"  # none | fsdp (FSDP2: parameters, gradients, optimizer state) over D
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+    # fsdp: FSDP2 shards parameters, gradients and optimizer state over the D replicas
+    sharding: Literal["none", "fsdp"] = "none"
 
 
 @dataclass
 class RayConfig:
     """How ``mpc-dist ray`` runs the job on a Ray cluster (one Ray Train worker per rank)."""
 
-    placement: str = "PACK"  # PACK (pipelines on as few nodes as possible) | STRICT_PACK | SPREAD
+    # PACK: pipelines on as few nodes as possible
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
     cpus_per_worker: float = 1.0  # also the worker's torch threads
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has enough
     max_failures: int = 0  # restarts of the worker group after a failure (-1: unlimited)
@@ -182,7 +197,8 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{where}={value!r}: expected {names}")
     if get_origin(kind) is Literal:
         if value not in get_args(kind):
-            raise ConfigError(f"{where}={value!r}: expected {_name(kind)}")
+            fix = _HINTS.get(f"{where}={value}", f"use one of {', '.join(get_args(kind))}")
+            raise ConfigError(f"{where}={value}: {fix}")
         return value
     if dataclasses.is_dataclass(kind):  # a nested section, e.g. model.lora
         if not isinstance(value, dict):
@@ -205,6 +221,13 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}={value!r}: expected {kind.__name__}")
     return value
+
+
+_HINTS = {  # a value users reach for that we refuse on purpose: why, and what instead
+    "pipeline.sharding=zero1": "not offered (torch's ZeroRedundancyOptimizer cannot be "
+    "checkpointed with DCP, DeepSpeed's ZeRO-1 takes over the step); use pipeline.sharding="
+    "fsdp, which also shards parameters and gradients",
+}
 
 
 def _name(kind: Any) -> str:

@@ -14,7 +14,7 @@ import ray.autoscaler
 import yaml
 
 from mpc_dist.config import Config, load_config
-from mpc_dist.train import validate
+from mpc_dist.train import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -22,7 +22,7 @@ CLUSTER = ROOT / "cluster"
 
 def run_config(path: str) -> Config:
     config = load_config(ROOT / path)
-    validate(config)
+    validate_config(config)
     return config
 
 

@@ -85,7 +85,7 @@ def selection_run(tmp_path, *extra: str):
 def test_select_horizon_objectives_and_their_constraints(tmp_path):
     from mpc_dist.models import build_model
     from mpc_dist.train import load_dataset
-    from mpc_dist.train.horizon import select_horizon, starting_model
+    from mpc_dist.train.selection import select_horizon, starting_model
 
     config = selection_run(tmp_path, "train.dtype=float32")
     data = load_dataset("synthetic", "train", None, config.data.synthetic_size, 0)

@@ -11,23 +11,24 @@ from launching import TINY, assert_same_weights, mpc_dist, sets
 from multiprocess import run
 
 from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
-from mpc_dist.core import Plan
+from mpc_dist.core import EngineOptions, Plan
 from mpc_dist.models import build_model
 from mpc_dist.parallel import (
     Groups,
     RuntimeOptions,
+    ScheduleSpec,
     Topology,
     check_rendezvous,
     generate,
     stage_ranges,
     uniform_partition,
-    validate,
+    validate_schedule,
 )
-from mpc_dist.parallel.schedule import peer
+from mpc_dist.parallel.actions import peer
 from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
 from mpc_dist.rules.common import draws
 from mpc_dist.train import build_stage, train
-from mpc_dist.train.validate import validate as validate_config
+from mpc_dist.train.validate import validate_config
 
 SHAPE, CLASSES, T = (1, 8, 8), 5, 4
 SPECS = {
@@ -49,7 +50,9 @@ def batch(n: int = 6, seed: int = 1):
 
 
 def engine_grads(rule: str, model, x, y, seed: int = 0):
-    make_engine(model, Plan(rule, 1, T), track_memory=False, seed=seed).train_microbatch(x, y)
+    make_engine(
+        model, Plan(rule, 1, T), EngineOptions(track_memory=False, seed=seed)
+    ).train_microbatch(x, y)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -181,7 +184,7 @@ def test_forward_gradient_is_unbiased():
     x, y = batch(16)
     exact = engine_grads("receding", make("forward_gradient"), x, y)  # h = 1: block-local BP
     model = make("forward_gradient")
-    engine = make_engine(model, Plan("forward_gradient", 1, T), track_memory=False)
+    engine = make_engine(model, Plan("forward_gradient", 1, T), EngineOptions(track_memory=False))
     draws_ = 3000
     for _ in range(draws_):
         engine.train_microbatch(x, y, loss_scale=1 / draws_)
@@ -209,8 +212,8 @@ def test_no_backward_messages(rule):
     one top-down message per microbatch, from the last stage to the first)."""
     plan = Plan(rule, 1, 8)
     for mode in ("sync", "async"):
-        schedule = generate(plan, stage_ranges([2, 2, 2, 2]), 4, 3, mode)
-        validate(schedule)
+        schedule = generate(plan, stage_ranges([2, 2, 2, 2]), ScheduleSpec(4, mode), 3)
+        validate_schedule(schedule)
         check_rendezvous(schedule)
         actions = [a for stage in schedule.actions for a in stage]
         kinds = {a.kind for a in actions}
@@ -224,7 +227,7 @@ STEPS, M = 3, 2
 
 def single_process(rule: str, data):
     model = make(rule)
-    engine = make_engine(model, Plan(rule, 1, T), track_memory=False)
+    engine = make_engine(model, Plan(rule, 1, T), EngineOptions(track_memory=False))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for x, y in data:
         for xs, ys in zip(x.chunk(M), y.chunk(M), strict=True):
@@ -241,9 +244,11 @@ def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
     for rule in rules:
         want = single_process(rule, data)
         for mode in ("sync", "async"):
-            options = RuntimeOptions(M, mode, dtype=torch.float64)
-            stage = build_stage(make(rule), Plan(rule, 1, T), ranges, groups,
-                                OptimConfig("adam", lr=0.01), options, seed=3)  # fmt: skip
+            options = RuntimeOptions(schedule=ScheduleSpec(M, mode), dtype=torch.float64)
+            stage = build_stage(
+                model=make(rule), plan=Plan(rule, 1, T), ranges=ranges, groups=groups,
+                optim=OptimConfig("adam", lr=0.01), runtime=options,
+            )  # fmt: skip
             if mode == "async":
                 stage.runtime.run(data, [0.01] * STEPS)
             else:
@@ -334,7 +339,7 @@ def test_held_activations_are_counted_until_the_update(rule):
     """What a microbatch keeps between its forward and its update (autograd's graphs, or the
     tensors forward gradient and PEPITA keep themselves) is activation memory, then freed."""
     x, y = batch()
-    engine = make_engine(make(rule), Plan(rule, 1, T), track_memory=True)
+    engine = make_engine(make(rule), Plan(rule, 1, T))
     result = engine.forward(0, x, y, eager=False)
     assert engine.memory.current_bytes > 0
     if rule == "pepita":

@@ -40,6 +40,7 @@ from ..parallel import (
     Costs,
     Groups,
     RuntimeOptions,
+    ScheduleSpec,
     Topology,
     action_costs,
     busy_time,
@@ -160,9 +161,12 @@ def _run_ours(case: Case, args, groups: Groups, recorder: emulate.Recorder) -> d
     model = _our_model(case, args, recorder)
     plan = Plan(case.rule, case.horizon or T, T)
     frozen = OptimConfig(name="sgd", lr=0.0, momentum=0.0)  # timing only: weights stay put
-    options = RuntimeOptions(m, case.mode, case.policy, trace=True, defer_weights=case.defer)
+    spec = ScheduleSpec(m, case.mode, case.policy, case.defer)
     ranges = stage_ranges([args.blocks_per_stage] * P)
-    runtime = build_stage(model, plan, ranges, groups, frozen, options).runtime
+    options = RuntimeOptions(schedule=spec, trace=True)
+    runtime = build_stage(
+        model=model, plan=plan, ranges=ranges, groups=groups, optim=frozen, runtime=options
+    ).runtime
     batch = _batch(args, m)
     total = args.warmup + args.steps
     step_times, windows = [], []
@@ -361,9 +365,8 @@ def _simulated_schedule(case: Case, args):
         return None, None
     minibatches = args.warmup + args.steps if case.mode == "async" else 1
     ranges = stage_ranges([args.blocks_per_stage] * args.stages)
-    return generate(
-        plan, ranges, case.microbatches, minibatches, case.mode, policy, case.defer
-    ), minibatches
+    spec = ScheduleSpec(case.microbatches, case.mode, policy, case.defer)
+    return generate(plan, ranges, spec, minibatches), minibatches
 
 
 def _simulate_case(result: Result, args, P: int, overhead: tuple[float, ...]) -> None:

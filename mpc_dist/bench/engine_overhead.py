@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..core import ActivationMemory, HorizonEngine, Plan
+from ..core import ActivationMemory, EngineOptions, HorizonEngine, Plan
 from ..models import build_model
 from ..train.metrics import console
 
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     steps = {"plain autograd BP": plain_step}
     engines = {}
     for rule, h in _configurations(args.blocks):
-        engine = HorizonEngine(model, Plan(rule, h, args.blocks), track_memory=False)
+        engine = HorizonEngine(model, Plan(rule, h, args.blocks), EngineOptions(track_memory=False))
         engines[(rule, h)] = engine
 
         def engine_step(engine: HorizonEngine = engine) -> None:
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _peak_activation_mib(plan: Plan, model, x, y) -> float:
-    engine = HorizonEngine(model, plan, track_memory=True)
+    engine = HorizonEngine(model, plan)
     engine.train_microbatch(x, y)
     model.zero_grad(set_to_none=True)
     assert isinstance(engine.memory, ActivationMemory)

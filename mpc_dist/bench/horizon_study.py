@@ -27,10 +27,10 @@ from ..config import Config, load_config
 from ..core import HorizonEngine, Plan
 from ..horizon import choose, middle_block_costs, step_seconds
 from ..models import build_model
-from ..parallel import stage_ranges, uniform_partition
+from ..parallel import ScheduleSpec, stage_ranges, uniform_partition
 from ..train import load_dataset, train
-from ..train.horizon import select_horizon, starting_model
 from ..train.metrics import MetricsLogger, console
+from ..train.selection import select_horizon, starting_model
 
 MODELS = {  # name -> overrides of configs/quickstart.yaml
     "mlp8": ["model.num_blocks=8"],
@@ -193,10 +193,10 @@ def costs(model: str, dataset: str, args) -> dict:
     out = {}
     for rule, h in settings(T):
         plan = Plan(rule, h, T)
-        engine = HorizonEngine(whole, plan, track_memory=True)
+        engine = HorizonEngine(whole, plan)
         engine.train_microbatch(x, y)
         whole.zero_grad(set_to_none=True)
-        step = step_seconds(plan, stage_ranges(uniform_partition(T, T)), T, "sync", block)
+        step = step_seconds(plan, stage_ranges(uniform_partition(T, T)), ScheduleSpec(T), block)
         out[rule, h] = {"peak_mib": engine.memory.peak_bytes / 2**20, "step_ms": 1000 * step}
     return out
 

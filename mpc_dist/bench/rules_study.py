@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
-from ..core import Plan
+from ..core import EngineOptions, Plan
 from ..models import build_model
-from ..parallel import Costs, generate, simulate, stage_ranges, uniform_partition
+from ..parallel import Costs, ScheduleSpec, generate, simulate, stage_ranges, uniform_partition
 from ..rules import make_engine, predict_by_average, predict_by_goodness
 from ..train import Checkpointer, TrainingError, build_optimizer, load_dataset, train
 from ..train.metrics import MetricsLogger, console
@@ -152,7 +152,10 @@ def block_costs(network: str) -> dict[tuple[str, int], tuple[float, float]]:
     for rule, h, head, _ in RULES[network]:
         spec = load_config(None, [*NETWORKS[network], f"model.head={head}"]).model
         model = build_model(spec, (1, 28, 28), 10, seed=0)
-        engines[(rule, h)] = (model, make_engine(model, Plan(rule, h, model.num_blocks), False))
+        engines[(rule, h)] = (
+            model,
+            make_engine(model, Plan(rule, h, model.num_blocks), EngineOptions(track_memory=False)),
+        )
     times: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in engines}
     for i in range(33):
         for key, (model, engine) in engines.items():
@@ -190,8 +193,9 @@ def pipeline_rows(networks: list[str]) -> list[dict]:
                 costs = Costs(forward=forward, input_grad=after / 2, weight_grad=after / 2)
             policy = "1f1b" if h == 4 and rule == "receding" else "horizon"
             for mode in ("sync", "async") if policy == "horizon" else ("sync",):
-                schedule = generate(plan, stage_ranges(uniform_partition(4, 4)), 16,
-                                    8 if mode == "async" else 1, mode, policy)  # fmt: skip
+                ranges = stage_ranges(uniform_partition(4, 4))
+                minibatches = 8 if mode == "async" else 1
+                schedule = generate(plan, ranges, ScheduleSpec(16, mode, policy), minibatches)
                 step = max(e.end for e in simulate(schedule, costs)) / schedule.num_minibatches
                 mine.append({"network": network, "rule": Run(network, "", rule, h, head).label,
                              "mode": mode if policy == "horizon" else "1F1B",

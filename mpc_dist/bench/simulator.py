@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from ..core import Plan
-from ..parallel import Costs, bubble_fraction, generate, simulate, stage_ranges, steady_state
+from ..parallel import (
+    Costs,
+    ScheduleSpec,
+    bubble_fraction,
+    generate,
+    simulate,
+    stage_ranges,
+    steady_state,
+)
 from ..train.metrics import console
 
 
@@ -34,7 +42,7 @@ def project(
     """(time per minibatch, bubble) of one configuration over a few minibatches."""
     plan = Plan(rule, horizon, stages)
     ranges = stage_ranges([1] * stages)
-    schedule = generate(plan, ranges, microbatches, minibatches, mode, policy, defer)
+    schedule = generate(plan, ranges, ScheduleSpec(microbatches, mode, policy, defer), minibatches)
     events = simulate(schedule, costs)
     if mode == "sync":
         return max(e.end for e in events) / minibatches, bubble_fraction(events)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..config import ConfigError
+from ..devices import resolve_device
 from .topology import Topology, pack_pipelines, spanning_pipelines
 
 BUCKET_BYTES = 25 * 2**20
@@ -31,15 +31,10 @@ def device_and_backend(
 ) -> tuple[torch.device, str]:
     """This rank's device and process-group backend: ``device`` auto means CUDA when a GPU is
     present (the local rank's GPU), else CPU; ``backend`` auto means NCCL on CUDA, gloo on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda: no CUDA device is visible; use train.device=auto")
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if chosen.type == "cuda" else "gloo"
     return chosen, backend

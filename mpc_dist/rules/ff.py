@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..models import BlockModel
 from .common import accumulate, block_and_head_parameters, normalise_length
-from .engine import LocalStep
+from .local import LocalStep
 
 
 class ForwardForward:

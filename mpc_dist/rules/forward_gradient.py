@@ -20,7 +20,7 @@ from torch import nn
 from ..config import ConfigError
 from ..models import BlockModel
 from .common import accumulate, add_linear_grads, hooked
-from .engine import LocalStep, PlainRule
+from .local import LocalStep, PlainRule
 
 
 def linear_layers(model: BlockModel, t: int) -> list[nn.Linear]:

@@ -7,13 +7,12 @@ with x_err), the output layer from the modulated error, dW_L = e_err (h_{L-1}_er
 likewise. F ~ U[-1, 1] x 0.05 sqrt(6 / d_in), the original code's scale.
 
 Blocks are single linear layers with their nonlinearity (``model.name: relu_mlp``), the head
-one linear layer. The engine has the horizon engine's interface plus ``second_pass``.
+one linear layer. The engine implements the contract's ``forward``, ``second_pass`` and ``infer``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,10 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..core import ComputeOptions, ForwardResult, Plan
+from ..core import Engine, EngineOptions, ForwardResult, Plan
 from ..models import BlockModel
 from .common import add_linear_grads, draws, hooked, loss_factor
-from .engine import RuleEngine
 from .forward_gradient import linear_layers
 
 FEEDBACK_SCALE = 0.05
@@ -60,18 +58,11 @@ class _Held:
     scale: float = 1.0
 
 
-class PepitaEngine(RuleEngine):
-    def __init__(
-        self,
-        model: BlockModel,
-        plan: Plan,
-        track_memory: bool = True,
-        compute: ComputeOptions | None = None,
-        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        seed: int = 0,
-    ) -> None:
+class PepitaEngine(Engine):
+    def __init__(self, model: BlockModel, plan: Plan, options: EngineOptions | None = None) -> None:
         check_pepita(model)
-        super().__init__(model, plan, track_memory, compute, scale_loss, seed)
+        super().__init__(model, plan, options)
+        seed = self.options.seed
         self.feedback = None
         if self.first == 0:
             d_in = math.prod(model.input_shape)
@@ -90,7 +81,9 @@ class PepitaEngine(RuleEngine):
         eager: bool = True,
     ) -> ForwardResult:
         """The first pass; on the last stage, the error it sends to the first."""
-        held = self._held[microbatch] = _Held(scale=loss_factor(self.scale_loss, loss_scale))
+        held = self._held[microbatch] = _Held(
+            scale=loss_factor(self.options.scale_loss, loss_scale)
+        )
         held.inputs = inputs if self.first == 0 else None
         x = inputs
         with self.compute.autocast():
@@ -135,12 +128,6 @@ class PepitaEngine(RuleEngine):
             error = logits.softmax(-1) - F.one_hot(held.targets, logits.shape[-1]).to(logits.dtype)
             add_linear_grads(self.model.head, error * weight, x)
         return None
-
-    def backward(self, *args, **kwargs) -> None:
-        raise RuntimeError("pepita has no backward pass; its schedule has none")
-
-    def weight_backward(self, *args, **kwargs) -> None:
-        raise RuntimeError("pepita has no backward pass; its schedule has none")
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:

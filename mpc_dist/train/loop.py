@@ -15,14 +15,15 @@ import torch
 
 from ..config import Config, ConfigError
 from ..models import build_model
+from .bootstrap import Job, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .data import Dataset, load_dataset, minibatches, num_batches
-from .horizon import Reselect, plan_chooser, report
 from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
-from .runner import Runner, make_runner
+from .runner import PipelineRunner, Runner, SingleRunner
+from .selection import Reselect, report, run_plan
 from .step import TrainingError, learning_rate
-from .validate import validate
+from .validate import validate_config
 
 
 @dataclass
@@ -41,19 +42,17 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` hook
     into the loop (``mpc_dist.train.Callback``).
     """
-    validate(config)
+    validate_config(config)
     data, seed = config.data, config.train.seed
     train_set = load_dataset(data.dataset, "train", data.root, data.synthetic_size, seed)
     test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, seed)
     torch.manual_seed(seed)
     # on the meta device: each process allocates only what it holds (all of it, or its stage)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes, device="meta")
-    choose, selected = plan_chooser(config, model, train_set, resume)
     callbacks = list(callbacks)
-    prepare = lambda write: prepare_run_dir(config, resume, write)  # noqa: E731
-    runner = make_runner(config, model, choose, prepare, callbacks)
-    for selection in selected:
-        report(selection, config.run_dir)
+    check_world_size(config)
+    job = join_job(config) if config.world_size > 1 else None
+    runner = _start(config, model, train_set, resume, job, callbacks)
     if config.horizon.reselect_every:
         steps_per_epoch = num_batches(train_set, config.data.batch_size)
         callbacks.append(Reselect(config, runner, train_set, steps_per_epoch))
@@ -64,6 +63,29 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
         raise
     runner.close()
     return result
+
+
+def _start(
+    config: Config,
+    model,
+    train_set: Dataset,
+    resume: bool,
+    job: Job | None,
+    callbacks: list[Callback],
+) -> Runner:
+    """The plan, the run directory (written by one rank) and the runner of this process."""
+    try:
+        plan, selections = run_plan(config, model, train_set, resume, job)
+        prepare_run_dir(config, resume, write=job is None or job.is_rank_zero)
+        for selection in selections:
+            report(selection, config.run_dir)
+        if job is None:
+            return SingleRunner(config, model, plan, callbacks)
+        return PipelineRunner(config, model, plan, job, callbacks)
+    except BaseException as error:
+        if job is not None:
+            job.watchdog.fail(error)
+        raise
 
 
 def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:

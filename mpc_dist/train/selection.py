@@ -9,21 +9,25 @@ import csv
 import dataclasses
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..core import Plan
+from ..devices import dtype_of, resolve_device
 from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
+from .bootstrap import Job
 from .callbacks import Callback
 from .data import Dataset, minibatches
 from .metrics import console
-from .runner import DTYPES, resolve_device
+from .stage import schedule_spec
 from .step import build_optimizer
+
+SELECTION_TIMEOUT_S = 4 * 3600  # the longest horizon selection a pipeline waits for
 
 
 def measurement_batches(
@@ -47,7 +51,7 @@ def measurement_batches(
 def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
     """The run's starting weights, whole, on ``device`` (a copy of the meta-device ``model``)."""
     m = config.model
-    return instantiate(copy.deepcopy(model), device, DTYPES[config.train.dtype],
+    return instantiate(copy.deepcopy(model), device, dtype_of(config.train.dtype),
                        config.train.seed, m.weights, m.lora)  # fmt: skip
 
 
@@ -61,9 +65,10 @@ def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple
     steps = h.progress_steps  # a held-out set after the training stream, 8 minibatches
     held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, like, True))
     setting = Setting(
-        stages=p.stages, microbatches=config.data.num_microbatches, mode=p.mode,
-        defer_weights=p.defer_weights, static_mib_per_device=static_mib(config, whole) / p.stages,
-    )  # fmt: skip
+        stages=p.stages,
+        schedule=schedule_spec(config),
+        static_mib_per_device=static_mib(config, whole) / p.stages,
+    )
     candidates, alignments, law, memory_laws = measure_candidates(
         whole, batches, middle_block_costs(whole, batches[0][0]), setting,
         lambda net: build_optimizer(config.optim, net.parameters()),
@@ -80,7 +85,7 @@ def static_mib(config: Config, model: BlockModel) -> float:
     o = config.optim
     states = 2 if o.name.startswith("adam") else int(o.momentum > 0)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    size = torch.empty((), dtype=DTYPES[config.train.dtype]).element_size()
+    size = torch.empty((), dtype=dtype_of(config.train.dtype)).element_size()
     return size * (sum(q.numel() for q in model.parameters()) + (1 + states) * trainable) / 2**20
 
 
@@ -114,25 +119,28 @@ def choose_plan(config: Config, model: BlockModel, dataset: Dataset) -> tuple[Pl
     return select_horizon(config, starting_model(config, model, device), dataset)
 
 
-def plan_chooser(
-    config: Config, model: BlockModel, dataset: Dataset, resume: bool
-) -> tuple[Callable[[], Plan], list[Selection]]:
-    """``choose()`` gives the run's plan when the runner asks for it: the configured one, or for
-    ``horizon: auto`` the measured choice (appended to the list, to be reported) or, resuming,
-    the run's last choice."""
+def run_plan(
+    config: Config, model: BlockModel, dataset: Dataset, resume: bool, job: Job | None = None
+) -> tuple[Plan, list[Selection]]:
+    """The run's plan: the configured one, or for ``horizon: auto`` the measured choice (rank 0
+    of a ``job`` measures, heartbeating meanwhile; the others wait for its choice) or,
+    resuming, the run's last choice. Returns the selections made, to be reported."""
+    T = model.num_blocks
+    if config.horizon.horizon != "auto":
+        return Plan(config.horizon.rule, config.horizon.horizon, T), []
+    if resume and (previous := chosen_before(config.run_dir, T)):
+        return previous, []
+    if job is None:
+        plan, selection = choose_plan(config, model, dataset)
+        return plan, [selection]
     selected: list[Selection] = []
 
-    def choose() -> Plan:
-        T = model.num_blocks
-        if config.horizon.horizon != "auto":
-            return Plan(config.horizon.rule, config.horizon.horizon, T)
-        if resume and (previous := chosen_before(config.run_dir, T)):
-            return previous
+    def measure() -> Plan:
         plan, selection = choose_plan(config, model, dataset)
         selected.append(selection)
         return plan
 
-    return choose, selected
+    return job.from_rank_zero(measure, timeout_s=SELECTION_TIMEOUT_S), selected
 
 
 def chosen_before(run_dir: Path, num_blocks: int) -> Plan | None:
