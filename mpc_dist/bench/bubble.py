@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import OptimConfig
+from ..console import console
 from ..core import ActivationMemory, Plan
 from ..horizon import costs as block_costs
 from ..models import pipeline_model
@@ -49,7 +50,6 @@ from ..parallel import (
     steady_state,
 )
 from ..train import build_stage
-from ..train.metrics import console
 from . import emulate
 
 # --systems names -> torch.distributed.pipelining schedule classes (the rest: two stages per rank)

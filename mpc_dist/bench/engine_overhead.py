@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..console import console
 from ..core import ActivationMemory, HorizonEngine, Plan
 from ..models import build_model
-from ..train.metrics import console
 
 # Issue targets for the ratio to plain BP (a benchmark, read from the output).
 TARGETS = {"bp": 1.10, "receding-2": 1.30, "shrinking": 1.15}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..console import console
 from ..core import Plan
 from ..parallel import Costs, bubble_fraction, generate, simulate, stage_ranges, steady_state
-from ..train.metrics import console
 
 
 def project(

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
+from ..console import console
 from ..core import HorizonEngine, Plan
 from ..horizon import choose, middle_block_costs, step_seconds
 from ..models import build_model
 from ..parallel import stage_ranges, uniform_partition
 from ..train import load_dataset, train
 from ..train.horizon import select_horizon, starting_model
-from ..train.metrics import MetricsLogger, console
+from ..train.metrics import MetricsLogger
 
 MODELS = {  # name -> overrides of configs/quickstart.yaml
     "mlp8": ["model.num_blocks=8"],

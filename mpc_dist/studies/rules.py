@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
+from ..console import console
 from ..core import Plan
 from ..models import build_model
 from ..parallel import Costs, generate, simulate, stage_ranges, uniform_partition
 from ..rules import make_engine, predict_by_average, predict_by_goodness
 from ..train import Checkpointer, TrainingError, build_optimizer, load_dataset, train
-from ..train.metrics import MetricsLogger, console
+from ..train.metrics import MetricsLogger
 
 NETWORKS = {  # network -> overrides of configs/quickstart.yaml
     "mlp": ["model.name=relu_mlp", "model.num_blocks=4", "model.width=500"],

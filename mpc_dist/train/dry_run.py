@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
 from .data import SHAPES
-from .metrics import console
 from .precision import AUTOCAST
 from .runner import DTYPES
 from .validate import validate

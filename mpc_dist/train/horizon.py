@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
 from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
 from .callbacks import Callback
 from .data import Dataset, minibatches
-from .metrics import console
 from .runner import DTYPES, resolve_device
 from .step import build_optimizer
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from ..console import console, print_summary, progress_bar
 from ..models import build_model
 from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .data import Dataset, load_dataset, minibatches, num_batches
 from .horizon import Reselect, plan_chooser, report
-from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
+from .metrics import MetricsLogger, StepLog, plot_run
 from .runner import Runner, make_runner
 from .step import TrainingError, learning_rate
 from .validate import validate
