@@ -33,7 +33,7 @@ from torch import nn
 from ..config import OptimConfig
 from ..console import console
 from ..core import ActivationMemory, Plan
-from ..horizon import costs as block_costs
+from ..core.costs import measure_block
 from ..models import pipeline_model
 from ..models.mlp import MLPBlock, NormLinearHead
 from ..parallel import (
@@ -150,7 +150,8 @@ def _costs(args) -> Costs:
     if dist.get_rank() == 0:
         block = _real_block(args, 0)
         sample = torch.randn(args.microbatch_size, args.width)
-        measured = [block_costs.measure_block(block, list(block.parameters()), sample, repeats=10)]
+        block_costs = measure_block(block, list(block.parameters()), sample, repeats=10)
+        measured = [Costs(**asdict(block_costs))]
     dist.broadcast_object_list(measured, src=0)
     return measured[0]
 

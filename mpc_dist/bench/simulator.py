@@ -69,7 +69,7 @@ def costs_from(args: argparse.Namespace) -> Costs:
         latency = recorded["latency_ms"]
     if args.model:
         from ..config import ModelConfig
-        from ..horizon.costs import model_block_costs
+        from ..core.costs import model_block_costs
 
         spec = ModelConfig(name=args.model, image_size=args.image_size)
         size = (3, args.image_size, args.image_size)

@@ -26,9 +26,10 @@ import torch
 from ..config import Config, load_config
 from ..console import console
 from ..core import HorizonEngine, Plan
-from ..horizon import choose, middle_block_costs, step_seconds
+from ..core.costs import middle_block_costs
+from ..horizon import choose, step_seconds
 from ..models import build_model
-from ..parallel import stage_ranges, uniform_partition
+from ..parallel import Costs, stage_ranges, uniform_partition
 from ..train import load_dataset, train
 from ..train.horizon import select_horizon, starting_model
 from ..train.metrics import MetricsLogger
@@ -190,7 +191,7 @@ def costs(model: str, dataset: str, args) -> dict:
     )
     T = whole.num_blocks
     x, y = data.inputs[:128], data.targets[:128]
-    block = dataclasses.replace(middle_block_costs(whole, x[: 128 // T]), latency=2e-5)
+    block = Costs(**dataclasses.asdict(middle_block_costs(whole, x[: 128 // T])), latency=2e-5)
     out = {}
     for rule, h in settings(T):
         plan = Plan(rule, h, T)

@@ -255,9 +255,10 @@ class PipelineRunner:
         """Blocks per stage; rank 0 decides (a timed partition must be the same everywhere)."""
         counts = [None]
         if self.topology.rank == 0:
-            data = config.data
-            sample = torch.randn(data.batch_size // data.num_microbatches, *model.input_shape)
-            counts = [partition(config.pipeline, model, sample, device, dtype)]
+            data, compute = config.data, compute_options(config.train, device)
+            microbatch = data.batch_size // (data.num_microbatches * config.pipeline.replicas)
+            sample = torch.randn(microbatch, *model.input_shape)
+            counts = [partition(config.pipeline, model, sample, device, dtype, compute)]
         dist.broadcast_object_list(counts, src=0)
         return counts[0]
 
