@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,8 +28,15 @@ from ..core import Plan
 from ..models import build_model
 from ..parallel import Costs, generate, simulate, stage_ranges, uniform_partition
 from ..rules import make_engine, predict_by_average, predict_by_goodness
-from ..train import Checkpointer, TrainingError, build_optimizer, load_dataset, train
-from ..train.metrics import MetricsLogger
+from ..train import TrainingError, load_dataset, train
+from .common import (
+    evaluations,
+    in_processes,
+    load_final_weights,
+    num_blocks,
+    study_config,
+    train_once,
+)
 
 NETWORKS = {  # network -> overrides of configs/quickstart.yaml
     "mlp": ["model.name=relu_mlp", "model.num_blocks=4", "model.width=500"],
@@ -87,7 +93,7 @@ class Run:
 
 
 def depth(network: str) -> int:
-    return next(int(o.split("=")[1]) for o in NETWORKS[network] if "num_blocks" in o)
+    return num_blocks(NETWORKS[network])
 
 
 def epochs(network: str, args) -> int:
@@ -95,31 +101,30 @@ def epochs(network: str, args) -> int:
 
 
 def run_config(run: Run, args) -> Config:
-    return load_config("configs/quickstart.yaml", [
+    settings = [
         *NETWORKS[run.network], f"model.head={run.head}", f"data.dataset={run.dataset}",
         f"horizon.rule={run.rule}", f"horizon.horizon={run.horizon}",
         f"train.epochs={epochs(run.network, args)}", f"train.max_steps={args.max_steps}",
-        f"run.out_dir={args.out}/runs", f"run.name={run.name}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false", *run.extra,
-    ])  # fmt: skip
+    ]  # fmt: skip
+    return study_config(settings, args.out, run.name, run.extra)
 
 
 def _train(item: tuple[Run, Config]) -> dict:
+    """Train one run (or read back its result when an earlier study finished it)."""
     run, config = item
-    done = config.run_dir / "study.json"
-    if not done.exists():
-        torch.set_num_threads(1)
+
+    def record() -> dict:
         started = time.perf_counter()
         try:
             result = {"accuracy": train(config)["test accuracy"], **_other_predictions(run, config)}
         except TrainingError as error:  # diverged: the last evaluation before it, and why
             result = {"accuracy": 0.0, "diverged": str(error)}
-        evals = [r["accuracy"] for r in MetricsLogger.read(config.run_dir / "metrics.jsonl")
-                 if r["kind"] == "eval"]  # fmt: skip
+        evals = [r["accuracy"] for r in evaluations(config)]
         result.update(dataclasses.asdict(run), seconds=time.perf_counter() - started,
                       evals=evals, best=max(evals, default=0.0))  # fmt: skip
-        done.write_text(json.dumps(result))
-    return json.loads(done.read_text())
+        return result
+
+    return train_once(config, record)
 
 
 def _other_predictions(run: Run, config: Config) -> dict:
@@ -128,8 +133,7 @@ def _other_predictions(run: Run, config: Config) -> dict:
         return {}
     test = load_dataset(config.data.dataset, "test")
     model = build_model(config.model, test.input_shape, test.num_classes)
-    checkpoints = Checkpointer(config.run_dir / "checkpoints")
-    checkpoints.load(checkpoints.latest(), model, build_optimizer(config.optim, model.parameters()))
+    load_final_weights(config, model)
     model.eval()
     correct = 0
     for x, y in zip(test.inputs.split(1000), test.targets.split(1000), strict=True):
@@ -277,14 +281,13 @@ def main(args: argparse.Namespace) -> None:
             if n != "mlp2000" or d == "mnist"]  # fmt: skip
     runs.sort(key=lambda run: run.network != "mlp2000")  # the longest first
     items = [(run, run_config(run, args)) for run in runs]
-    started = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for result in pool.map(_train, items):
-            results.append(result)
-            console.print(f"{result['network']} {result['dataset']} {result['rule']} "
-                          f"h={result['horizon']}: {100 * result['accuracy']:.2f} % "
-                          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    for _, result, seconds in in_processes(_train, items, args.workers):
+        results.append(result)
+        console.print(
+            f"{result['network']} {result['dataset']} {result['rule']} h={result['horizon']}: "
+            f"{100 * result['accuracy']:.2f} % ({seconds:.0f} s)"
+        )
     rows = pipeline_rows(args.networks)
     text = report(results, rows, args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
