@@ -23,8 +23,11 @@ def gantt(
     fig, ax = plt.subplots(figsize=(12, 0.45 * num_stages + 1.2))
     for kind, colour in COLOURS.items():
         for stage in range(num_stages):
-            bars = [(1000 * (s - start), 1000 * (e - s)) for k, c, s, e in trace
-                    if k == stage and c == kind]  # fmt: skip
+            bars = [
+                (1000 * (s - start), 1000 * (e - s))
+                for k, c, s, e in trace
+                if k == stage and c == kind
+            ]
             if bars:
                 ax.broken_barh(bars, (stage - 0.4, 0.8), facecolors=colour, linewidth=0)
     ax.set_yticks(range(num_stages), [f"stage {k}" for k in range(num_stages)])
@@ -82,8 +85,11 @@ def throughput_vs_memory(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     for system, (marker, colour) in styles.items():
         ax.scatter([], [], marker=marker, color=colour, label=system)
-    ax.set(xlabel="peak activation memory of the busiest rank (MiB)", ylabel="samples / s",
-           title=title or "throughput against memory")  # fmt: skip
+    ax.set(
+        xlabel="peak activation memory of the busiest rank (MiB)",
+        ylabel="samples / s",
+        title=title or "throughput against memory",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -30,8 +30,9 @@ def study_config(settings: Sequence[str], out: str, name: str, more: Sequence[st
     """The quickstart config with ``settings``, run ``name`` under ``out``/runs, without progress
     bar, TensorBoard or plot; ``more`` overrides come last (they may replace settings)."""
     quiet = ["run.progress=false", "run.tensorboard=false", "run.plot=false"]
-    return load_config(BASE, [*settings, f"run.out_dir={out}/runs", f"run.name={name}", *quiet,
-                              *more])  # fmt: skip
+    return load_config(
+        BASE, [*settings, f"run.out_dir={out}/runs", f"run.name={name}", *quiet, *more]
+    )
 
 
 def train_once(config: Config, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:

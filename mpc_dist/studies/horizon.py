@@ -110,16 +110,25 @@ def study_runs(args) -> list[Run]:
 def puzzle_runs() -> list[Run]:
     """The quickstart network on MNIST, receding, h = 1, 2, 3, 4, 8, seeds 0 and 1, under each
     variant (the shared-head one is the puzzle as reported, and shares the study's runs)."""
-    return [Run("mlp8", "mnist", "receding", h, seed, "" if variant == "shared" else variant)
-            for variant in VARIANTS for h in PUZZLE_HORIZONS for seed in (0, 1)]  # fmt: skip
+    return [
+        Run("mlp8", "mnist", "receding", h, seed, "" if variant == "shared" else variant)
+        for variant in VARIANTS
+        for h in PUZZLE_HORIZONS
+        for seed in (0, 1)
+    ]
 
 
 def run_config(run: Run, args) -> Config:
     settings = [
-        *MODELS[run.model], f"data.dataset={run.dataset}", f"horizon.rule={run.rule}",
-        f"horizon.horizon={run.horizon}", f"train.seed={run.seed}", f"train.epochs={args.epochs}",
-        f"train.max_steps={args.max_steps}", f"train.eval_every={args.eval_every}",
-    ]  # fmt: skip
+        *MODELS[run.model],
+        f"data.dataset={run.dataset}",
+        f"horizon.rule={run.rule}",
+        f"horizon.horizon={run.horizon}",
+        f"train.seed={run.seed}",
+        f"train.epochs={args.epochs}",
+        f"train.max_steps={args.max_steps}",
+        f"train.eval_every={args.eval_every}",
+    ]
     return study_config(settings, args.out, run.name, VARIANTS.get(run.variant, []))
 
 
@@ -192,12 +201,16 @@ def summarise(results: list[dict], cost: dict, model: str, dataset: str) -> list
     time (median over seeds; a seed that never gets there counts as never) to the target: the
     worst setting's mean final accuracy, rounded down to a whole percent."""
     runs = {
-        key: [r for r in results if not r["variant"]
-              and (r["model"], r["dataset"], r["rule"], r["horizon"]) == (model, dataset, *key)]
+        key: [
+            r
+            for r in results
+            if not r["variant"]
+            and (r["model"], r["dataset"], r["rule"], r["horizon"]) == (model, dataset, *key)
+        ]
         for key in cost
-    }  # fmt: skip
-    target = math.floor(min(statistics.fmean(r["accuracy"] for r in rs) for rs in runs.values())
-                        * 100) / 100  # fmt: skip
+    }
+    worst = min(statistics.fmean(r["accuracy"] for r in rs) for rs in runs.values())
+    target = math.floor(worst * 100) / 100
     rows, bp = [], cost["receding", depth(model)]
     for (rule, h), c in cost.items():
         accuracies = [r["accuracy"] for r in runs[rule, h]]

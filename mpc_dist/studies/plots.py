@@ -22,11 +22,23 @@ def horizon_accuracy_memory(rows: list[dict], path: Path, title: str = "") -> Pa
         if not mine:
             continue
         x = [hs.index(r["horizon"]) for r in mine]
-        ax_mem.bar([p + (i - 0.5) * width for p in x], [r["peak_mib"] for r in mine], width,
-                   color=colour, alpha=0.25, label=f"{rule} memory")  # fmt: skip
-        ax_acc.errorbar(x, [100 * r["accuracy_mean"] for r in mine],
-                        [100 * r["accuracy_std"] for r in mine], fmt="o-", color=colour,
-                        capsize=3, label=f"{rule} accuracy")  # fmt: skip
+        ax_mem.bar(
+            [p + (i - 0.5) * width for p in x],
+            [r["peak_mib"] for r in mine],
+            width,
+            color=colour,
+            alpha=0.25,
+            label=f"{rule} memory",
+        )
+        ax_acc.errorbar(
+            x,
+            [100 * r["accuracy_mean"] for r in mine],
+            [100 * r["accuracy_std"] for r in mine],
+            fmt="o-",
+            color=colour,
+            capsize=3,
+            label=f"{rule} accuracy",
+        )
     ax_acc.set_xticks(range(len(hs)), [str(h) for h in hs])
     ax_acc.set(xlabel="horizon h", ylabel="test accuracy (%)", title=title)
     ax_mem.set_ylabel("peak activation memory (MiB)")
@@ -51,12 +63,19 @@ def time_to_accuracy(
         if run is None:
             continue
         seconds = [step * row["step_ms"] / 1000 for step, _ in run["evals"]]
-        ax.plot(seconds, [100 * a for _, a in run["evals"]],
-                "-" if row["rule"] == "receding" else "--",
-                label=f"{row['rule']} h={row['horizon']}")  # fmt: skip
+        ax.plot(
+            seconds,
+            [100 * a for _, a in run["evals"]],
+            "-" if row["rule"] == "receding" else "--",
+            label=f"{row['rule']} h={row['horizon']}",
+        )
     ax.axhline(100 * target, color="grey", ls=":", label=f"target {100 * target:.0f}%")
-    ax.set(xlabel="simulated pipeline time (s, P = T stages)", ylabel="test accuracy (%)",
-           title=title, ylim=(100 * target - 10, 100))  # fmt: skip
+    ax.set(
+        xlabel="simulated pipeline time (s, P = T stages)",
+        ylabel="test accuracy (%)",
+        title=title,
+        ylim=(100 * target - 10, 100),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
