@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..core import Plan
 from ..parallel import (
@@ -21,9 +20,32 @@ from ..parallel import (
     steady_state,
 )
 from .cases import BenchOptions, Case
+from .emulate import Sleep
 
-if TYPE_CHECKING:
-    from .worker import RankMeasurement, RankOutcome
+
+@dataclass
+class RankMeasurement:
+    """What one rank measured of one case (seconds from ``time.perf_counter``)."""
+
+    step_times: list[float]  # sync: every measured step
+    windows: list[tuple[float, float]]  # (start, end) of every measured step (async: the run)
+    peak_bytes: int  # activations held at most
+    step_ends: list[float] = field(default_factory=list)  # ours: the end of every S action
+    first_forward: float | None = None  # ours: the start of the first F action
+    actions: list[tuple[float, float]] = field(default_factory=list)  # ours: F, B, W actions
+    overhead: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ours: framework s per F, B, W
+    # ours: every S action's duration; the stage that reaches a step last waits least, so its
+    # duration is the step's own cost
+    step_durations: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RankOutcome:
+    """One rank's part of one case, gathered on rank 0."""
+
+    measured: RankMeasurement | None  # None: the case failed here
+    trace: list[Sleep]  # the emulated blocks' sleeps
+    error: str | None = None
 
 
 @dataclass(frozen=True)

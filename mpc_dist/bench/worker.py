@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -24,32 +24,7 @@ from ..train import build_stage
 from . import emulate
 from .cases import BenchOptions, Case, cases
 from .report import print_row, write_reports
-from .summary import Calibration, summarize
-
-
-@dataclass
-class RankMeasurement:
-    """What one rank measured of one case (seconds from ``time.perf_counter``)."""
-
-    step_times: list[float]  # sync: every measured step
-    windows: list[tuple[float, float]]  # (start, end) of every measured step (async: the run)
-    peak_bytes: int  # activations held at most
-    step_ends: list[float] = field(default_factory=list)  # ours: the end of every S action
-    first_forward: float | None = None  # ours: the start of the first F action
-    actions: list[tuple[float, float]] = field(default_factory=list)  # ours: F, B, W actions
-    overhead: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ours: framework s per F, B, W
-    # ours: every S action's duration; the stage that reaches a step last waits least, so its
-    # duration is the step's own cost
-    step_durations: list[float] = field(default_factory=list)
-
-
-@dataclass
-class RankOutcome:
-    """One rank's part of one case, gathered on rank 0."""
-
-    measured: RankMeasurement | None  # None: the case failed here
-    trace: list[emulate.Sleep]  # the emulated blocks' sleeps
-    error: str | None = None
+from .summary import Calibration, RankMeasurement, RankOutcome, summarize
 
 
 def worker(options: BenchOptions) -> None:
