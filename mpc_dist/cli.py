@@ -176,13 +176,13 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _horizon_study(args: argparse.Namespace) -> None:
-    from .bench.horizon_study import main as study
+    from .studies.horizon import main as study
 
     study(args)
 
 
 def _rules_study(args: argparse.Namespace) -> None:
-    from .bench.rules_study import main as study
+    from .studies.rules import main as study
 
     study(args)
 
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_arguments(simulate)
     simulate.set_defaults(run=_simulate)
 
-    from .bench.horizon_study import add_arguments as study_arguments
+    from .studies.horizon import add_arguments as study_arguments
 
     study = commands.add_parser(
         "horizon-study", help="accuracy, memory and time against h (docs/horizon-study.md)"
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_arguments(study)
     study.set_defaults(run=_horizon_study)
 
-    from .bench.rules_study import add_arguments as rules_arguments
+    from .studies.rules import add_arguments as rules_arguments
 
     rules = commands.add_parser(
         "rules-study", help="forward-forward, forward gradient and friends next to BP and MPC "

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..console import console
 from ..core import ActivationMemory, EngineOptions, HorizonEngine, Plan
 from ..models import build_model
-from ..train.metrics import console
 
 # Issue targets for the ratio to plain BP (a benchmark, read from the output).
 TARGETS = {"bp": 1.10, "receding-2": 1.30, "shrinking": 1.15}
@@ -63,16 +64,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
         steps[f"{rule} h={h}"] = engine_step
 
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            for _ in range(3):  # warm-up
-                step()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-
+    times = _interleaved_times(steps, args.repeats, args.steps)
     base = statistics.median(times["plain autograd BP"])
     console.print(
         f"residual MLP T={args.blocks} width={args.width} hidden={args.hidden} "
@@ -95,6 +87,23 @@ def main(args: argparse.Namespace) -> dict[str, float]:
             mib = f"{_peak_activation_mib(engines[(rule, int(h))].plan, model, x, y):.1f}"
         console.print(f"{name:<22}{ms:>9.2f}{ratio:>8.2f}{target:>9}{mib:>10}{verdict}")
     return ratios
+
+
+def _interleaved_times(
+    steps: dict[str, Callable[[], None]], repeats: int, count: int
+) -> dict[str, list[float]]:
+    """Seconds per step of every configuration in each of ``repeats`` rounds (a round times
+    ``count`` steps of each after 3 warm-up steps), so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            for _ in range(3):  # warm-up
+                step()
+            start = time.perf_counter()
+            for _ in range(count):
+                step()
+            times[name].append((time.perf_counter() - start) / count)
+    return times
 
 
 def _peak_activation_mib(plan: Plan, model, x, y) -> float:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import get_args
 
 import torch
 
 from ..config import ConfigError, Objective
 from ..core import EngineOptions, HorizonEngine, Plan
+from ..core.costs import BlockCosts
 from ..models import BlockModel
 from ..parallel import (
     Costs,
@@ -196,7 +197,7 @@ class Setting:
 def measure(
     model: BlockModel,
     batches: Sequence[Batch],
-    costs: Costs,
+    block: BlockCosts,
     setting: Setting,
     make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
     stream: Callable[[], Iterable[Batch]] = lambda: (),
@@ -204,8 +205,10 @@ def measure(
 ) -> tuple[list[Candidate], list[Alignment], AlignmentLaw, dict[str, LinearLaw]]:
     """Measure every candidate (see the module's docstring) on microbatches like ``batches``:
     alignment on ``batches``; progress (when there are ``held_out`` batches) by training on
-    ``stream()`` (a fresh iterator per candidate) and scoring on ``held_out``."""
+    ``stream()`` (a fresh iterator per candidate) and scoring on ``held_out``; time by
+    simulating with the measured ``block``'s costs for every block."""
     T = model.num_blocks
+    costs = Costs(**asdict(block))
     model = off_zero(model, batches, make_optimizer)
     horizons = list(setting.horizons or candidate_horizons(T))
     alignments = probe(model, batches, horizons, setting.rules)

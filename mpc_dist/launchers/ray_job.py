@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, from_dict
+from ..console import print_summary
 from ..parallel import Topology, pack_pipelines, spanning_pipelines
 from ..train import Callback, Checkpointer, prepare_run_dir, train, validate_config
-from ..train.metrics import MetricsLogger, print_summary
+from ..train.metrics import MetricsLogger
 
 ATTEMPTS = "attempts.jsonl"  # one line per start of the worker group, written by rank 0
 

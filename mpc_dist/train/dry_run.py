@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
 from ..devices import dtype_of
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
 from .data import SHAPES
-from .metrics import console
 from .precision import AUTOCAST
 from .stage import schedule_spec
 from .validate import validate_config

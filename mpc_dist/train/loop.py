@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
+from ..console import console, print_summary, progress_bar
 from ..models import build_model
 from .bootstrap import Job, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .data import Dataset, load_dataset, minibatches, num_batches
-from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
+from .metrics import MetricsLogger, StepLog, plot_run
 from .runner import PipelineRunner, Runner, SingleRunner
 from .selection import Reselect, report, run_plan
 from .step import TrainingError, learning_rate

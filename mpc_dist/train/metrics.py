@@ -1,4 +1,5 @@
-"""Metrics: JSONL (always), TensorBoard (when installed), a progress bar, a summary and a plot."""
+"""Metrics: JSONL (always), TensorBoard (when installed), the progress lines and a plot. The
+console, the progress bar and the summary table are in ``mpc_dist.console``."""
 
 from __future__ import annotations
 
@@ -7,18 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-
-console = Console(stderr=True)
+from rich.progress import Progress
 
 
 class MetricsLogger:
@@ -61,20 +51,6 @@ class MetricsLogger:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     """Train loss against step and test accuracy against step, side by side."""
     import matplotlib
@@ -97,15 +73,6 @@ def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path
-
-
-def print_summary(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
 
 
 class StepLog:

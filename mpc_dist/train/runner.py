@@ -200,8 +200,9 @@ class PipelineRunner:
     def _partition(config: Config, model: BlockModel, job: Job, compute) -> list[int]:
         """Blocks per stage (rank 0 decides: a timed partition must be the same everywhere)."""
         d, dtype = config.data, dtype_of(config.train.dtype)
-        sample = torch.randn(d.batch_size // d.num_microbatches, *model.input_shape)
-        return partition(config.pipeline, model, sample, job.device, dtype)
+        microbatch = d.batch_size // (d.num_microbatches * config.pipeline.replicas)
+        sample = torch.randn(microbatch, *model.input_shape)
+        return partition(config.pipeline, model, sample, job.device, dtype, compute)
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         share = self.config.data.batch_size // self.topology.replicas

@@ -15,15 +15,17 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
+from ..core.costs import middle_block_costs
 from ..devices import dtype_of, resolve_device
-from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
+from ..horizon import Alignment, Selection, Setting, choose, measure_candidates
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
 from .bootstrap import Job
 from .callbacks import Callback
 from .data import Dataset, minibatches
-from .metrics import console
+from .precision import compute_options
 from .stage import schedule_spec
 from .step import build_optimizer
 
@@ -61,6 +63,7 @@ def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple
     h, p = config.horizon, config.pipeline
     whole = copy.deepcopy(whole)
     like = next(whole.parameters())
+    compute = compute_options(config.train, like.device)  # blocks timed as the run computes
     batches = list(measurement_batches(config, dataset, h.probe_batches, like=like))
     steps = h.progress_steps  # a held-out set after the training stream, 8 minibatches
     held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, like, True))
@@ -70,7 +73,7 @@ def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple
         static_mib_per_device=static_mib(config, whole) / p.stages,
     )
     candidates, alignments, law, memory_laws = measure_candidates(
-        whole, batches, middle_block_costs(whole, batches[0][0]), setting,
+        whole, batches, middle_block_costs(whole, batches[0][0], compute), setting,
         lambda net: build_optimizer(config.optim, net.parameters()),
         lambda: measurement_batches(config, dataset, steps, like=like, whole=True), held_out,
     )  # fmt: skip
