@@ -1,9 +1,9 @@
 """Training: the loop and its parts (step, optimizer and learning rate, runners, stage wiring,
 checkpoints, metrics, data, config validation)."""
 
+from ..data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
 from .callbacks import Callback
 from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
-from .data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
 from .loop import Progress, prepare_run_dir, train
 from .runner import PipelineRunner, Runner, SingleRunner, evaluate
 from .stage import Stage, build_stage

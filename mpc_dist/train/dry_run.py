@@ -8,9 +8,9 @@ import torch
 
 from ..config import Config
 from ..core import Plan
+from ..data import SHAPES
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
-from .data import SHAPES
 from .metrics import console
 from .precision import AUTOCAST
 from .runner import DTYPES

@@ -16,11 +16,11 @@ import torch
 
 from ..config import Config
 from ..core import Plan
+from ..data import Dataset, minibatches
 from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
 from .callbacks import Callback
-from .data import Dataset, minibatches
 from .metrics import console
 from .runner import DTYPES, resolve_device
 from .step import build_optimizer
