@@ -254,6 +254,8 @@ class Loader:
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0,
                 prefetch_factor=self.data.prefetch_factor if workers > 0 else None,
+                # its own generator: the workers' base seed is not drawn from the trainer's
+                generator=torch.Generator().manual_seed(self.seed),
             )
         return self._loader
 

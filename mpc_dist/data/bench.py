@@ -1,0 +1,110 @@
+"""``mpc-dist bench-data``: decoded + augmented images/s of our Loader next to timm's own
+``create_loader`` on the same image folder and the same timm transforms, in one run, interleaved
+(ours, timm's, ours, ...) so both see the same machine load; the median round is reported."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterable
+
+from ..config import AugmentConfig, DataConfig
+from .loader import Loader
+from .sources import open_source
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="an image folder (root/train/<class>/...)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (each side)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=10, help="timed batches per round")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per side")
+    parser.add_argument(
+        "--auto-augment",
+        default="rand-m9-mstd0.5-inc1",
+        help="timm's policy string; 'none' for none",
+    )
+    parser.add_argument("--re-prob", type=float, default=0.25, help="random erasing")
+
+
+def _rate(batches: Iterable, count: int, batch_size: int) -> float:
+    """Images/s over ``count`` batches after the first (which pays for the workers' start)."""
+    iterator = iter(batches)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(count):
+        next(iterator)
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> float:
+    data = DataConfig(
+        dataset="folder",
+        root=args.root,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+    )
+    loader = Loader(open_source(data, "train"), data, augment, "train", seed=epoch)
+    return _rate(loader.epoch(epoch), args.batches, args.batch_size)
+
+
+def _timm(args: argparse.Namespace, augment: AugmentConfig) -> float:
+    from timm.data import create_dataset, create_loader
+
+    from .augment import IMAGENET_MEAN, IMAGENET_STD, install_posterize_fix
+
+    install_posterize_fix()  # the same RandAugment ops on both sides
+    dataset = create_dataset("", root=args.root, split="train", is_training=True)
+    loader = create_loader(
+        dataset,
+        input_size=(3, args.image_size, args.image_size),
+        batch_size=args.batch_size,
+        is_training=True,
+        scale=tuple(augment.scale),
+        ratio=tuple(augment.ratio),
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter,
+        auto_augment=augment.auto_augment,
+        interpolation=augment.interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        re_prob=augment.re_prob,
+        re_mode=augment.re_mode,
+        num_workers=args.workers,
+        use_prefetcher=False,
+        device="cpu",
+        persistent_workers=False,
+    )
+    return _rate(loader, args.batches, args.batch_size)
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    policy = None if args.auto_augment in ("", "none") else args.auto_augment
+    augment = AugmentConfig(
+        enabled=True, auto_augment=policy, re_prob=args.re_prob, interpolation="bicubic"
+    )
+    rates: dict[str, list[float]] = {"mpc_dist Loader": [], "timm create_loader": []}
+    for round_ in range(args.repeats):
+        rates["mpc_dist Loader"].append(_ours(args, augment, round_))
+        rates["timm create_loader"].append(_timm(args, augment))
+    workers = max(1, args.workers)
+    print(
+        f"{args.root}: {args.image_size} px, batch {args.batch_size}, {args.workers} workers, "
+        f"auto_augment={policy}, re_prob={args.re_prob}; median of {args.repeats} rounds of "
+        f"{args.batches} batches"
+    )
+    result = {}
+    for name, values in rates.items():
+        median = statistics.median(values)
+        result[name] = median / workers
+        rounds = " ".join(f"{v:.0f}" for v in values)
+        print(
+            f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker  "
+            f"(rounds: {rounds})"
+        )
+    ratio = result["mpc_dist Loader"] / result["timm create_loader"]
+    print(f"ours / timm's: {ratio:.3f}")
+    return result
