@@ -323,6 +323,8 @@ def open_tar(root: Path, split: str, size: int) -> FileSource:
                 f"data.root={root}: cannot index {path} ({exc}); replace the truncated or "
                 "corrupt tar with an intact copy"
             ) from exc
+    for name, reader in readers.items():
+        _check_tar_ends(reader, tar_split_path(root, name), root)
     classes = sorted(readers["train"].class_name_to_idx, key=readers["train"].class_name_to_idx.get)
     reader = readers[split]
     own = sorted(reader.class_name_to_idx, key=reader.class_name_to_idx.get)
@@ -331,6 +333,23 @@ def open_tar(root: Path, split: str, size: int) -> FileSource:
     return FileSource(
         "tar", TarReader(reader, str(tar_split_path(root, split))), classes, targets, size
     )
+
+
+def _check_tar_ends(reader: Any, path: Path, root: Path) -> None:
+    """A tar read as a stream ends quietly where it was cut: refuse one whose last member runs
+    past the end of the file or that lacks the end-of-archive blocks."""
+    ends: dict[str, int] = {}
+    for info, parent, child in reader.samples:
+        if child is None:  # members of a tar inside a tar are checked when read
+            end = info.offset_data + -(-info.size // 512) * 512
+            ends[parent or ""] = max(ends.get(parent or "", 0), end)
+    for parent, end in ends.items():
+        file = path / parent if parent else path
+        if os.path.getsize(file) < end + 1024:
+            raise DataError(
+                f"data.root={root}: cannot index {file} (truncated: it ends inside or right "
+                "after its last image); replace the truncated or corrupt tar with an intact copy"
+            )
 
 
 def tar_split_path(root: Path, split: str) -> Path:
