@@ -195,3 +195,32 @@ def test_in_memory_evaluation_at_own_size_stays_the_tensors() -> None:
     x, y = next(loader.epoch(0))
     test = load_dataset("mnist", "test")
     assert torch.equal(x, test.inputs[:500]) and torch.equal(y, test.targets[:500])
+
+
+def test_tiny_cpu_recipe_feeds_its_model_a_training_step() -> None:
+    """configs/vit_tiny_folder_cpu.yaml on exported images: validated, loaded with augmentation
+    and mixup, and its model takes a step on the soft targets (torch's cross-entropy takes
+    class probabilities)."""
+    from mpc_dist.config import load_config
+    from mpc_dist.models import build_model
+    from mpc_dist.train import validate
+
+    root = exported("folder")
+    config = load_config("configs/vit_tiny_folder_cpu.yaml", [f"data.root={root}"])
+    validate(config)
+    d = config.data
+    source = open_source(d, "train", config.train.seed)
+    loader = Loader(
+        source, d, config.augment, "train", config.train.seed, Shard(), d.num_microbatches
+    )
+    model = build_model(config.model, source.input_shape, source.num_classes, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
+    losses = []
+    for x, y in itertools.islice(loader.epoch(0), 2):
+        assert x.shape == (64, 3, 32, 32) and y.shape == (64, 10)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and loader.stats()["batches"] == 2
