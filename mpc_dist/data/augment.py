@@ -25,6 +25,7 @@ from ..config import AugmentConfig
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
+_MASK64 = 2**64 - 1
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -45,9 +46,15 @@ def install_posterize_fix() -> None:
 
 
 def seed_of(*keys: int) -> int:
-    """A 63-bit seed mixed from integer keys (numpy's SeedSequence: nearby keys, far seeds)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2)
-    return int(state[0]) << 31 ^ int(state[1])
+    """A 63-bit seed mixed from integer keys with SplitMix64's finalizer (nearby keys, unrelated
+    seeds; ~2 us, where numpy's SeedSequence takes ~100 us, per decoded image)."""
+    x = 0
+    for key in keys:
+        x = (x ^ (int(key) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 31
+    return x >> 1
 
 
 def seed_all(seed: int) -> None:

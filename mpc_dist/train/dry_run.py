@@ -8,7 +8,7 @@ import torch
 
 from ..config import Config
 from ..core import Plan
-from ..data import SHAPES
+from ..data import check_data
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
 from .metrics import console
@@ -41,7 +41,7 @@ def saved_bytes_per_sample(model: BlockModel, t: int) -> int:
 def dry_run(config: Config) -> list[dict]:
     """Print the stage map; returns its rows (for tests)."""
     validate(config)
-    input_shape, num_classes = SHAPES[config.data.dataset]
+    input_shape, num_classes = check_data(config)  # disk sources too
     model = build_model(config.model, input_shape, num_classes, device="meta")
     p, t, d = config.pipeline, config.train, config.data
     h = config.horizon.horizon
