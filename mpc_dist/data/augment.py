@@ -66,21 +66,27 @@ def seed_all(seed: int) -> None:
 
 
 @contextmanager
-def seeded(seed: int, restore: bool = True) -> Iterator[None]:
-    """Run a block with Python's, numpy's and torch's CPU generators seeded; with ``restore``
-    their previous states come back after it, so the trainer's own random stream is untouched."""
-    if not restore:
-        seed_all(seed)
+def kept_generators(keep: bool = True) -> Iterator[None]:
+    """With ``keep``, Python's, numpy's and torch's CPU generator states come back after the
+    block, so the trainer's own random stream is untouched by what the block draws."""
+    if not keep:
         yield
         return
     states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-    seed_all(seed)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.default_generator.set_state(states[2])
+
+
+@contextmanager
+def seeded(seed: int, restore: bool = True) -> Iterator[None]:
+    """Run a block with the three generators seeded (and, with ``restore``, kept)."""
+    with kept_generators(restore):
+        seed_all(seed)
+        yield
 
 
 def normalization(

@@ -29,17 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--re-prob", type=float, default=0.25, help="random erasing")
 
 
-def _rate(batches: Iterable, count: int, batch_size: int) -> float:
-    """Images/s over ``count`` batches after the first (which pays for the workers' start)."""
+def _rate(batches: Iterable, count: int, batch_size: int) -> tuple[float, float]:
+    """Images per second of wall-clock time, and per second of this process's CPU time (all the
+    work when there are no workers: a measure that other load on the machine leaves alone),
+    over ``count`` batches after the first (which pays for the workers' start)."""
     iterator = iter(batches)
     next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(iterator)
-    return count * batch_size / (time.perf_counter() - start)
+    images = count * batch_size
+    return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
 
 
-def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> float:
+def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> tuple[float, float]:
     data = DataConfig(
         dataset="folder",
         root=args.root,
@@ -51,7 +54,7 @@ def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> float
     return _rate(loader.epoch(epoch), args.batches, args.batch_size)
 
 
-def _timm(args: argparse.Namespace, augment: AugmentConfig) -> float:
+def _timm(args: argparse.Namespace, augment: AugmentConfig) -> tuple[float, float]:
     from timm.data import create_dataset, create_loader
 
     from .augment import IMAGENET_MEAN, IMAGENET_STD, install_posterize_fix
@@ -86,7 +89,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     augment = AugmentConfig(
         enabled=True, auto_augment=policy, re_prob=args.re_prob, interpolation="bicubic"
     )
-    rates: dict[str, list[float]] = {"mpc_dist Loader": [], "timm create_loader": []}
+    rates: dict[str, list[tuple[float, float]]] = {"mpc_dist Loader": [], "timm create_loader": []}
     for round_ in range(args.repeats):
         rates["mpc_dist Loader"].append(_ours(args, augment, round_))
         rates["timm create_loader"].append(_timm(args, augment))
@@ -98,13 +101,18 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     )
     result = {}
     for name, values in rates.items():
-        median = statistics.median(values)
+        median = statistics.median(wall for wall, _ in values)
         result[name] = median / workers
-        rounds = " ".join(f"{v:.0f}" for v in values)
-        print(
-            f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker  "
-            f"(rounds: {rounds})"
-        )
+        rounds = " ".join(f"{wall:.0f}" for wall, _ in values)
+        line = f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker"
+        if args.workers == 0:  # all the work in this process: its CPU time is the cost
+            cpu = statistics.median(c for _, c in values)
+            result[f"{name} cpu"] = cpu
+            line += f"  {cpu:8.1f} per CPU second"
+        print(f"{line}  (rounds: {rounds})")
     ratio = result["mpc_dist Loader"] / result["timm create_loader"]
     print(f"ours / timm's: {ratio:.3f}")
+    if args.workers == 0:
+        cpu_ratio = result["mpc_dist Loader cpu"] / result["timm create_loader cpu"]
+        print(f"ours / timm's per CPU second: {cpu_ratio:.3f}")
     return result

@@ -23,7 +23,15 @@ import torch
 from PIL import Image
 
 from ..config import AugmentConfig, DataConfig
-from .augment import MicrobatchMixup, build_transform, mixes, normalization, seed_of, seeded
+from .augment import (
+    MicrobatchMixup,
+    build_transform,
+    kept_generators,
+    mixes,
+    normalization,
+    seed_all,
+    seed_of,
+)
 from .batches import WHOLE, Shard, batch_rows, count_batches, epoch_order, minibatches
 from .errors import DataError
 from .plans import ShardPlan
@@ -46,6 +54,15 @@ class Items(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, item: tuple) -> tuple[torch.Tensor | None, int, str | None]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple]) -> list[tuple[torch.Tensor | None, int, str | None]]:
+        """A batch's items (the DataLoader asks for them together). In a worker process the
+        generators are its own; in the trainer's their states come back once per batch."""
+        with kept_generators(torch.utils.data.get_worker_info() is None):
+            return [self._one(item) for item in items]
+
+    def _one(self, item: tuple) -> tuple[torch.Tensor | None, int, str | None]:
         epoch, index = item[0], item[1]
         name, target = (item[2], item[4]) if len(item) > 2 else (None, -1)
         try:
@@ -54,10 +71,8 @@ class Items(torch.utils.data.Dataset):
             else:
                 raw, target, name = self.source.read(index)
                 image = raw if isinstance(raw, Image.Image) else _decode(raw, self.mode)
-            # In a worker process the generators are its own; in the trainer's they come back.
-            restore = torch.utils.data.get_worker_info() is None
-            with seeded(seed_of(self.seed, epoch, index), restore=restore):
-                return self.transform(image), target, None
+            seed_all(seed_of(self.seed, epoch, index))
+            return self.transform(image), target, None
         except DECODE_ERRORS as exc:
             return None, target, f"{name}: {type(exc).__name__}: {exc}".replace("\n", " ")
 
