@@ -5,9 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from ..config import AugmentConfig, DataConfig
 from .loader import Loader
@@ -29,17 +32,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--re-prob", type=float, default=0.25, help="random erasing")
 
 
-def _rate(batches: Iterable, count: int, batch_size: int) -> tuple[float, float]:
-    """Images per second of wall-clock time, and per second of this process's CPU time (all the
-    work when there are no workers: a measure that other load on the machine leaves alone),
-    over ``count`` batches after the first (which pays for the workers' start)."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of these processes (Linux /proc; 0 where it cannot be read)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _rate(
+    batches: Iterable, count: int, batch_size: int, workers: Callable[[Any], list]
+) -> tuple[float, float]:
+    """Images per second of wall-clock time, and per CPU second of this process and its loader
+    workers together (a cost that other load on the machine leaves nearly alone), over
+    ``count`` batches after the first (which pays for the workers' start)."""
     iterator = iter(batches)
     next(iterator)
-    start, cpu = time.perf_counter(), time.process_time()
+    pids = [w.pid for w in workers(iterator)]
+    start, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
     for _ in range(count):
         next(iterator)
     images = count * batch_size
-    return images / (time.perf_counter() - start), images / (time.process_time() - cpu)
+    used = time.process_time() + _cpu_seconds(pids) - cpu
+    return images / (time.perf_counter() - start), images / used
 
 
 def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> tuple[float, float]:
@@ -51,7 +70,8 @@ def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> tuple
         num_workers=args.workers,
     )
     loader = Loader(open_source(data, "train"), data, augment, "train", seed=epoch)
-    return _rate(loader.epoch(epoch), args.batches, args.batch_size)
+    workers = lambda _: loader._loader._iterator._workers if args.workers else []  # noqa: E731
+    return _rate(loader.epoch(epoch), args.batches, args.batch_size, workers)
 
 
 def _timm(args: argparse.Namespace, augment: AugmentConfig) -> tuple[float, float]:
@@ -81,7 +101,8 @@ def _timm(args: argparse.Namespace, augment: AugmentConfig) -> tuple[float, floa
         device="cpu",
         persistent_workers=False,
     )
-    return _rate(loader, args.batches, args.batch_size)
+    workers = lambda iterator: iterator._workers if args.workers else []  # noqa: E731
+    return _rate(loader, args.batches, args.batch_size, workers)
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
@@ -102,17 +123,14 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     result = {}
     for name, values in rates.items():
         median = statistics.median(wall for wall, _ in values)
-        result[name] = median / workers
-        rounds = " ".join(f"{wall:.0f}" for wall, _ in values)
-        line = f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker"
-        if args.workers == 0:  # all the work in this process: its CPU time is the cost
-            cpu = statistics.median(c for _, c in values)
-            result[f"{name} cpu"] = cpu
-            line += f"  {cpu:8.1f} per CPU second"
-        print(f"{line}  (rounds: {rounds})")
+        cpu = statistics.median(c for _, c in values)
+        result[name], result[f"{name} cpu"] = median / workers, cpu
+        rounds = " ".join(f"{wall:.0f}/{c:.0f}" for wall, c in values)
+        print(
+            f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker  "
+            f"{cpu:8.1f} per CPU second  (rounds, images/s / per CPU s: {rounds})"
+        )
     ratio = result["mpc_dist Loader"] / result["timm create_loader"]
-    print(f"ours / timm's: {ratio:.3f}")
-    if args.workers == 0:
-        cpu_ratio = result["mpc_dist Loader cpu"] / result["timm create_loader cpu"]
-        print(f"ours / timm's per CPU second: {cpu_ratio:.3f}")
+    cpu_ratio = result["mpc_dist Loader cpu"] / result["timm create_loader cpu"]
+    print(f"ours / timm's: {ratio:.3f} per worker, {cpu_ratio:.3f} per CPU second")
     return result

@@ -95,7 +95,8 @@ def collate(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, list
         k if items[k][0] is not None else min((g for g in good if g > k), default=good[0])
         for k in range(len(items))
     ]
-    images = torch.stack([items[k][0] for k in rows])
+    # default_collate stacks straight into shared memory in a worker: no copy on the way out
+    images = torch.utils.data.default_collate([items[k][0] for k in rows])
     targets = torch.tensor([int(items[k][1]) for k in rows], dtype=torch.int64)
     return images, targets, errors
 
@@ -219,9 +220,10 @@ class Loader:
         for b, (inputs, targets, errors) in enumerate(self._data_loader(), start_batch):
             self._handle(errors)
             if inputs is None:
+                reason = errors[0] if errors else "none left: a shard was cut short"
                 raise DataError(
-                    f"data.root={self.data.root}: every image of batch {b} failed "
-                    f"({errors[0]}); replace the files"
+                    f"data.root={self.data.root}: no image of batch {b} could be read "
+                    f"({reason}); replace the files"
                 )
             if self.mixup is not None:
                 inputs, targets = self._mix(inputs, targets, epoch, b)
