@@ -19,6 +19,7 @@ from .sources import (
     hf_split,
     open_shards,
     open_tar,
+    require_package,
     tar_split_path,
 )
 
@@ -148,6 +149,7 @@ def _check_mixup_batches(config: Config) -> None:
 def _disk_classes(d: DataConfig, replicas: int) -> int:
     """The number of classes of a disk source, from listings and metadata only."""
     root = disk_root(d)
+    require_package(d.dataset)
     if d.dataset == "folder":
         return len(check_folder_classes(root))
     if d.dataset == "tar":

@@ -11,6 +11,7 @@ the evaluation split must hold the same classes.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from ..config import DataConfig
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError
 from .memory import DATASETS as MEMORY_DATASETS
-from .memory import SHAPES, Dataset, load_dataset
+from .memory import Dataset, load_dataset
 
 DISK_DATASETS: tuple[str, ...] = ("folder", "tar", "wds", "hf")
 DATASETS: tuple[str, ...] = (*MEMORY_DATASETS, *DISK_DATASETS)
@@ -205,6 +206,11 @@ def open_source(
         raise DataError(f"data.dataset={data.dataset!r}: unknown; use one of {', '.join(DATASETS)}")
     root = disk_root(data)
     size = data.image_size or DEFAULT_IMAGE_SIZE
+    needs = {"hf": "datasets", "wds": "webdataset"}.get(data.dataset)
+    if needs and importlib.util.find_spec(needs) is None:
+        raise DataError(
+            f"data.dataset={data.dataset}: needs the {needs} package; pip install {needs}"
+        )
     if data.dataset == "folder":
         return open_folder(root, split, size)
     if data.dataset == "tar":
@@ -212,6 +218,14 @@ def open_source(
     if data.dataset == "hf":
         return open_hf(root, split, size)
     return open_shards(root, split, size)
+
+
+def require_package(dataset: str) -> None:
+    """hf needs ``datasets``, wds ``webdataset`` (dependencies of mpc-dist; a trimmed
+    environment may lack them)."""
+    needs = {"hf": "datasets", "wds": "webdataset"}.get(dataset)
+    if needs and importlib.util.find_spec(needs) is None:
+        raise DataError(f"data.dataset={dataset}: needs the {needs} package; pip install {needs}")
 
 
 def disk_root(data: DataConfig) -> Path:
@@ -452,8 +466,3 @@ def open_shards(root: Path, split: str, size: int) -> ShardSource:
             "restore it or rewrite _info.json"
         )
     return ShardSource(shards, [int(n) for n in entry["shard_lengths"]], classes, size)
-
-
-def native_shape(dataset: str) -> tuple[tuple[int, int, int], int] | None:
-    """(input shape, classes) of an in-memory set, known without reading it; None for disk."""
-    return SHAPES.get(dataset)
