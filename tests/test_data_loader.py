@@ -224,3 +224,22 @@ def test_tiny_cpu_recipe_feeds_its_model_a_training_step() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert all(np.isfinite(losses)) and loader.stats()["batches"] == 2
+
+
+def test_in_memory_mixup_without_augmentation_is_layout_independent() -> None:
+    """Mixup on the held tensors (no image path): the same per-global-microbatch rule."""
+    mixing = AugmentConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    one = batches("mnist", mixing, count=2, m=4, batch_size=32)
+    parts = [
+        batches("mnist", mixing, count=2, m=2, shard=Shard(d, 2), batch_size=32) for d in range(2)
+    ]
+    joined = [
+        (torch.cat([p[b][0] for p in parts]), torch.cat([p[b][1] for p in parts])) for b in range(2)
+    ]
+    assert_same(one, joined)
+    plain = batches("mnist", NO_AUGMENT, count=1, batch_size=32)
+    assert one[0][1].shape == (32, 10) and not torch.equal(one[0][0], plain[0][0])
+    off_stage = Loader(
+        open_source(DataConfig(), "train"), DataConfig(), mixing, "train", 7, Shard(0, 1, False)
+    )
+    assert next(off_stage.epoch(0)) == (None, None)
