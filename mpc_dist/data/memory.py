@@ -257,6 +257,11 @@ def load_dataset(
     seed: int = 0,
 ) -> Dataset:
     """Load one split of a dataset in DATASETS into memory (cached per name, split and root)."""
+    if name in ("folder", "tar", "wds", "hf"):
+        raise DataError(
+            f"data.dataset={name}: images on disk are not held in memory; read them with "
+            "mpc_dist.data.open_source and Loader"
+        )
     if name not in DATASETS:
         raise DataError(f"data.dataset={name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
     if split not in SPLITS:
