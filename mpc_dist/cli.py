@@ -1,5 +1,5 @@
 """``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-horizon-study, rules-study, bench-engine.
+horizon-study, rules-study, bench-engine, export-data, bench-data.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -193,6 +193,22 @@ def _bench_engine(args: argparse.Namespace) -> None:
     bench(args)
 
 
+def _export_data(args: argparse.Namespace) -> None:
+    from .data.export import export_data
+
+    written = export_data(
+        args.dataset, args.format, args.out, args.limit, args.ext, args.shard_size, args.root
+    )
+    counts = ", ".join(f"{split} {n} images" for split, n in written.items())
+    print(f"{args.out}: {args.dataset} as {args.format}, {counts}")
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    from .data.bench import main as bench
+
+    bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpc-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     bench.set_defaults(run=_bench_engine)
+
+    export = commands.add_parser(
+        "export-data", help="write MNIST / Fashion-MNIST to disk: image folder, tar, wds or hf"
+    )
+    export.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        choices=("mnist", "fashion_mnist", "cifar10", "cifar100"),
+    )
+    export.add_argument("--format", default="folder", choices=("folder", "tar", "wds", "hf"))
+    export.add_argument("--out", required=True, help="the folder to write (data.root)")
+    export.add_argument("--limit", type=int, help="about this many images per split, balanced")
+    export.add_argument("--ext", default="png", choices=("png", "jpg"))
+    export.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
+    export.add_argument("--root", help="where the in-memory set's files are (data.root)")
+    export.set_defaults(run=_export_data)
+
+    from .data.bench import add_arguments as bench_data_arguments
+
+    bench_data = commands.add_parser(
+        "bench-data", help="decoded + augmented images/s: our Loader next to timm's create_loader"
+    )
+    bench_data_arguments(bench_data)
+    bench_data.set_defaults(run=_bench_data)
     return parser
 
 

@@ -79,12 +79,56 @@ class HorizonConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 | cifar100 | synthetic
-    root: str | None = None  # folder with dataset files (CIFAR; optional for MNIST variants)
+    # In memory: mnist | fashion_mnist | cifar10 | cifar100 | synthetic. From disk (data.root):
+    # folder (ImageNet layout: root/train and root/val of class folders of images) | tar (root/
+    # train.tar and root/val.tar of class folders, or root/train/ and root/val/ of per-class
+    # tars) | wds (WebDataset shards root/*.tar with timm's _info.json) | hf (a Hugging Face
+    # dataset saved with save_to_disk). See docs/data.md.
+    dataset: str = "mnist"
+    root: str | None = (
+        None  # folder with dataset files (CIFAR, the disk sources; optional for MNIST)
+    )
     batch_size: int = 128  # minibatch (one optimizer step)
     num_microbatches: int = 1  # microbatches per minibatch; must divide batch_size
     eval_batch_size: int = 1000
     synthetic_size: int = 2048  # samples per split of the synthetic set
+    image_size: int | None = None  # side of the images fed to the model; None: the in-memory
+    # set's own (28, 32), 224 for disk sources. In memory, a size other than the set's own
+    # resizes through the image path (timm's transforms), like augment.enabled does
+    num_workers: int = 0  # DataLoader worker processes decoding images (0: in the trainer's)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle: bool = True  # shuffle the training split each epoch (the evaluation split never)
+    shuffle_buffer: int = 2048  # wds: samples in the seeded shuffle buffer across shards
+    on_error: str = "fail"  # a corrupt or truncated image or shard: fail (stop, naming the
+    # file) | skip (count it, report it at the end; its row takes the batch's next good one)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation through timm (create_transform, Mixup); off by default. Values and
+    their meaning are timm's (train.py's arguments of the same names); docs/data.md."""
+
+    enabled: bool = False  # the training split's per-image transform: random resized crop, flip,
+    # auto_augment, color_jitter, random erasing; false: the evaluation transform (resize + crop)
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT); None: none
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # its aspect ratios
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.4  # timm applies it only without auto_augment
+    re_prob: float = 0.0  # random erasing probability (DeiT: 0.25)
+    re_mode: str = "pixel"  # random erasing fill: const | rand | pixel
+    re_count: int = 1  # random erasing regions
+    interpolation: str = "bilinear"  # training resize: bilinear | bicubic | random
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, centre crop
+    mean: list[float] | None = None  # normalization; None: the in-memory set's own, or
+    std: list[float] | None = None  # ImageNet's (timm's default) for images from disk
+    # Batch-level, on each microbatch (soft targets (N, C); on without augment.enabled too):
+    mixup: float = 0.0  # mixup alpha; 0: off (DeiT: 0.8)
+    cutmix: float = 0.0  # cutmix alpha; 0: off (DeiT: 1.0)
+    mixup_prob: float = 1.0  # probability of mixing a microbatch (or element, see mixup_mode)
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  # batch | pair | elem: one draw per microbatch, pair or sample
+    label_smoothing: float = 0.0  # (DeiT: 0.1)
 
 
 @dataclass
@@ -158,6 +202,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)

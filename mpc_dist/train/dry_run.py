@@ -9,10 +9,10 @@ import torch
 from ..config import Config
 from ..console import console
 from ..core import Plan
+from ..data import check_data
 from ..devices import dtype_of
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
-from .data import SHAPES
 from .precision import AUTOCAST
 from .stage import schedule_spec
 from .validate import validate_config
@@ -42,7 +42,7 @@ def saved_bytes_per_sample(model: BlockModel, t: int) -> int:
 def dry_run(config: Config) -> list[dict]:
     """Print the stage map; returns its rows (for tests)."""
     validate_config(config)
-    input_shape, num_classes = SHAPES[config.data.dataset]
+    input_shape, num_classes = check_data(config)  # disk sources too
     model = build_model(config.model, input_shape, num_classes, device="meta")
     p, t, d = config.pipeline, config.train, config.data
     h = config.horizon.horizon

@@ -18,13 +18,13 @@ from ..config import Config
 from ..console import console
 from ..core import Plan
 from ..core.costs import middle_block_costs
+from ..data import Dataset, minibatches
 from ..devices import dtype_of, resolve_device
 from ..horizon import Alignment, Selection, Setting, choose, measure_candidates
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
 from .bootstrap import Job
 from .callbacks import Callback
-from .data import Dataset, minibatches
 from .precision import compute_options
 from .stage import schedule_spec
 from .step import build_optimizer

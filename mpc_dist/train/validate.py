@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from ..core import HORIZON_RULES, Plan, check_horizon
+from ..data import check_data
 from ..models import build_model, check_model
 from ..rules import check_rule
-from .data import DATASETS, SHAPES
 
 
 def need(ok: bool, message: str) -> None:
@@ -21,13 +21,12 @@ def need(ok: bool, message: str) -> None:
 def validate_config(config: Config) -> None:
     """Check every field that can be checked before data is read or processes start."""
     d, o, t = config.data, config.optim, config.train
-    input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
+    input_shape, num_classes = check_data(config)  # data and augment, and what is on disk
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
     if config.horizon.rule not in HORIZON_RULES:
         model = build_model(config.model, input_shape, num_classes, device="meta")
         _validate_non_horizon_rule(config, model)
-    need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
     suggestion = d.num_microbatches * max(1, d.batch_size // d.num_microbatches)
