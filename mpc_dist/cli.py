@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from .config import ConfigError, load_config
 from .core import HORIZON_RULES, RULES, Plan
 from .horizon import OBJECTIVES
@@ -101,16 +99,12 @@ def _spawn(args: argparse.Namespace) -> None:
 
 def _measured_setup(args: argparse.Namespace):
     """Config, meta-device model and training data, as `train` would have them."""
-    from .models import build_model
-    from .train import load_dataset
+    from .train import open_run
 
     config = load_config(args.config, args.set)
     validate_config(config)
-    d = config.data
-    dataset = load_dataset(d.dataset, "train", d.root, d.synthetic_size, config.train.seed)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, device="meta")
-    return config, model, dataset
+    model, train_source, _ = open_run(config)
+    return config, model, train_source
 
 
 def _probe(args: argparse.Namespace) -> None:

@@ -203,7 +203,7 @@ def test_tiny_cpu_recipe_feeds_its_model_a_training_step() -> None:
     class probabilities)."""
     from mpc_dist.config import load_config
     from mpc_dist.models import build_model
-    from mpc_dist.train import validate
+    from mpc_dist.train import validate_config
 
     root = exported("folder")
     config = load_config("configs/vit_tiny_folder_cpu.yaml", [f"data.root={root}"])

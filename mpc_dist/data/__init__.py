@@ -2,13 +2,27 @@
 shards, Hugging Face datasets on disk) through timm's readers and transforms, minibatches that
 depend only on (seed, epoch), and the checks, export and benchmark around them (docs/data.md)."""
 
-from .augment import MicrobatchMixup, build_transform, install_posterize_fix, safe_posterize
+from .augment import (
+    MicrobatchMixup,
+    build_transform,
+    install_posterize_fix,
+    mixes,
+    safe_posterize,
+)
 from .batches import WHOLE, Shard, count_batches, epoch_order, minibatches, num_batches
 from .checks import check_data, check_num_classes
 from .errors import DataError
 from .loader import Loader
 from .memory import SHAPES, Dataset, load_dataset, read_idx
-from .sources import DATASETS, DISK_DATASETS, FileSource, MemorySource, ShardSource, open_source
+from .sources import (
+    DATASETS,
+    DISK_DATASETS,
+    FileSource,
+    MemorySource,
+    ShardSource,
+    Source,
+    open_source,
+)
 
 __all__ = [
     "DATASETS",
@@ -23,6 +37,7 @@ __all__ = [
     "MicrobatchMixup",
     "Shard",
     "ShardSource",
+    "Source",
     "build_transform",
     "check_data",
     "check_num_classes",
@@ -31,6 +46,7 @@ __all__ = [
     "install_posterize_fix",
     "load_dataset",
     "minibatches",
+    "mixes",
     "num_batches",
     "open_source",
     "read_idx",

@@ -194,9 +194,10 @@ class HfReader:
 # ----------------------------------------------------------------------------- open
 
 
-def open_source(
-    data: DataConfig, split: str, seed: int = 0
-) -> MemorySource | FileSource | ShardSource:
+Source = MemorySource | FileSource | ShardSource
+
+
+def open_source(data: DataConfig, split: str, seed: int = 0) -> Source:
     """List one split of ``data.dataset`` (cheap: reads no image; in-memory sets load whole)."""
     split = split_name(split)
     if data.dataset in MEMORY_DATASETS:
