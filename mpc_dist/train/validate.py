@@ -6,9 +6,11 @@ their own sections."""
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Config, ConfigError
 from ..core import HORIZON_RULES, Plan, check_horizon
-from ..data import check_data
+from ..data import check_data, check_num_classes, mixes
 from ..models import build_model, check_model
 from ..rules import check_rule
 
@@ -24,8 +26,12 @@ def validate_config(config: Config) -> None:
     input_shape, num_classes = check_data(config)  # data and augment, and what is on disk
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
-    if config.horizon.rule not in HORIZON_RULES:
+    m = config.model
+    if config.horizon.rule not in HORIZON_RULES or m.kwargs or ":" in m.name:
         model = build_model(config.model, input_shape, num_classes, device="meta")
+        state = torch.zeros(1, *model.state_shapes[model.num_blocks], device="meta")
+        check_num_classes(num_classes, model.head(state).shape[-1], "model.name=" + m.name)
+    if config.horizon.rule not in HORIZON_RULES:
         _validate_non_horizon_rule(config, model)
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
@@ -85,6 +91,11 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
     )
     check_rule(rule, model)
+    need(
+        not mixes(config.augment),
+        f"augment.mixup/cutmix/label_smoothing: rule {rule} trains on class labels, not on "
+        f"soft targets; set augment.mixup=0, augment.cutmix=0, augment.label_smoothing=0",
+    )
     need(
         not config.pipeline.defer_weights,
         f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "
