@@ -42,14 +42,17 @@ sys.addaudithook(_hook)
 """
 
 
-def config(tmp_path: Path, name: str, *extra: str):
-    root = exported("folder")
-    items = [*STREAMING, f"data.root={root}", f"run.out_dir={tmp_path}", f"run.name={name}"]
-    return load_config(None, [*items, *extra])
+def config(tmp_path: Path, name: str, *extra: str, source: str = "folder"):
+    root = exported(source)
+    items = [*STREAMING, f"data.dataset={source}", f"data.root={root}", f"run.out_dir={tmp_path}"]
+    return load_config(None, [*items, f"run.name={name}", *extra])
 
 
-def single(tmp_path: Path, name: str, *extra: str, resume: bool = False) -> Path:
-    train(config(tmp_path, name, "data.num_microbatches=4", *extra), resume=resume)
+def single(
+    tmp_path: Path, name: str, *extra: str, resume: bool = False, source: str = "folder"
+) -> Path:
+    run = config(tmp_path, name, "data.num_microbatches=4", *extra, source=source)
+    train(run, resume=resume)
     return tmp_path / name
 
 
@@ -96,3 +99,16 @@ def test_loader_workers_and_a_mid_epoch_resume_equal_the_uninterrupted_run(tmp_p
     single(tmp_path, "resumed", *first)
     resumed = single(tmp_path, "resumed", "run.checkpoint_every=3", resume=True)
     assert_same_weights(resumed, reference)
+
+
+def test_webdataset_shards_train_like_the_image_folder(tmp_path):
+    """Unshuffled, shards of the same images give the folder's weights; shuffled (the order a
+    function of the seed, the epoch and the shard list), two runs give the same weights."""
+    folder = single(tmp_path, "folder", "data.shuffle=false")
+    shards = single(tmp_path, "shards", "data.shuffle=false", source="wds")
+    assert_same_weights(shards, folder)
+    first = single(tmp_path, "shuffled_a", source="wds")
+    second = single(tmp_path, "shuffled_b", source="wds")
+    assert_same_weights(first, second)
+    with pytest.raises(AssertionError):  # shuffling changed the order: the weights differ
+        assert_same_weights(first, shards)
