@@ -179,7 +179,10 @@ class PipelineConfig:
     partition: Literal["uniform", "params", "time", "explicit"] = "uniform"
     blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
     async_window: int = 64  # minibatches per async schedule; it drains between them (< 1% time)
-    timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
+    timeout: float = 45.0  # seconds a rank waits for a message or a silent peer before failing
+    # seconds a collective may take (checkpoint barriers on slow storage, rank 0 profiling or
+    # choosing the horizon while the others wait): the process groups' timeout
+    collective_timeout: float = 1800.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     # fsdp: FSDP2 shards parameters, gradients and optimizer state over the D replicas
     sharding: Literal["none", "fsdp"] = "none"

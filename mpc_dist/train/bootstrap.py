@@ -59,7 +59,7 @@ def join_job(config: Config) -> Job:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device, backend = device_and_backend(local_rank, p.backend, config.train.device)
-    init_process_group(backend, p.timeout)
+    init_process_group(backend, p.collective_timeout, device)
     topology = place_ranks(p.stages, p.replicas)
     watchdog = Watchdog(topology, p.timeout).start()
     try:

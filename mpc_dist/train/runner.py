@@ -170,7 +170,8 @@ class PipelineRunner:
         p, topology = config.pipeline, job.topology
         self.topology, self.watchdog = topology, job.watchdog
         try:
-            groups = Groups.create(topology)
+            groups = Groups.create(topology, p.timeout, p.collective_timeout)
+            groups.warm_up(job.device)
             dtype = dtype_of(config.train.dtype)
             compute = compute_options(config.train, job.device)
             counts = job.from_rank_zero(lambda: self._partition(config, model, job, compute))

@@ -159,6 +159,11 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(
+        p.collective_timeout >= p.timeout,
+        f"pipeline.collective_timeout={p.collective_timeout}: must be at least pipeline.timeout"
+        f"={p.timeout} (collectives wait for the slowest rank's checkpoint or measurement)",
+    )
+    need(
         not (p.sharding == "fsdp" and copies_head),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
@@ -166,6 +171,13 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(
         not (p.backend == "nccl" and config.train.device == "cpu"),
         "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
+    )
+    device = config.train.device
+    on_gpus = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    need(
+        not (p.backend == "gloo" and on_gpus and config.world_size > 1),
+        "pipeline.backend=gloo: gloo cannot send CUDA tensors between stages; use "
+        "pipeline.backend=auto (NCCL on GPUs) or train.device=cpu",
     )
 
 
