@@ -85,9 +85,7 @@ class DataConfig:
     # tars) | wds (WebDataset shards root/*.tar with timm's _info.json) | hf (a Hugging Face
     # dataset saved with save_to_disk). See docs/data.md.
     dataset: str = "mnist"
-    root: str | None = (
-        None  # folder with dataset files (CIFAR, the disk sources; optional for MNIST)
-    )
+    root: str | None = None  # dataset files (CIFAR, the disk sources; optional for MNIST)
     batch_size: int = 128  # minibatch (one optimizer step)
     num_microbatches: int = 1  # microbatches per minibatch; must divide batch_size
     eval_batch_size: int = 1000
@@ -99,8 +97,9 @@ class DataConfig:
     prefetch_factor: int = 2  # batches each worker prepares ahead
     shuffle: bool = True  # shuffle the training split each epoch (the evaluation split never)
     shuffle_buffer: int = 2048  # wds: samples in the seeded shuffle buffer across shards
-    on_error: str = "fail"  # a corrupt or truncated image or shard: fail (stop, naming the
-    # file) | skip (count it, report it at the end; its row takes the batch's next good one)
+    # a corrupt or truncated image or shard: fail (stop, naming the file) | skip (count it,
+    # report it at the end; its row takes the batch's next good one)
+    on_error: Literal["fail", "skip"] = "fail"
 
 
 @dataclass
@@ -116,9 +115,9 @@ class AugmentConfig:
     hflip: float = 0.5  # horizontal flip probability
     color_jitter: float = 0.4  # timm applies it only without auto_augment
     re_prob: float = 0.0  # random erasing probability (DeiT: 0.25)
-    re_mode: str = "pixel"  # random erasing fill: const | rand | pixel
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"  # random erasing fill
     re_count: int = 1  # random erasing regions
-    interpolation: str = "bilinear"  # training resize: bilinear | bicubic | random
+    interpolation: Literal["bilinear", "bicubic", "nearest", "random"] = "bilinear"  # resize
     crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, centre crop
     mean: list[float] | None = None  # normalization; None: the in-memory set's own, or
     std: list[float] | None = None  # ImageNet's (timm's default) for images from disk
@@ -127,7 +126,8 @@ class AugmentConfig:
     cutmix: float = 0.0  # cutmix alpha; 0: off (DeiT: 1.0)
     mixup_prob: float = 1.0  # probability of mixing a microbatch (or element, see mixup_mode)
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    mixup_mode: str = "batch"  # batch | pair | elem: one draw per microbatch, pair or sample
+    # one draw per microbatch, per pair or per sample
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
     label_smoothing: float = 0.0  # (DeiT: 0.1)
 
 
