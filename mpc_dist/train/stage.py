@@ -15,7 +15,7 @@ from ..models import BlockModel, instantiate
 from ..parallel import Groups, PipelineRuntime, RuntimeOptions, all_reduce_gradients
 from ..parallel.fsdp import reduce_gradients, shard_stage
 from .callbacks import Callback
-from .precision import grad_scaler
+from .precision import pipeline_grad_scaler
 from .step import OptimizerStep, build_optimizer
 
 
@@ -62,6 +62,8 @@ def build_stage(
         reduce_gradients=reduce,
         norm_group=norm_group,
         callbacks=callbacks,
-        scaler=grad_scaler(options.compute, options.device, norm_group),
+        scaler=pipeline_grad_scaler(
+            options.compute, options.device, groups, options.mode, sharding
+        ),
     )
     return Stage(part, optimizer, PipelineRuntime(part, plan, ranges, groups, step, options))
