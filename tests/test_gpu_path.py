@@ -4,6 +4,8 @@ gradients, the RNG state in checkpoints, TF32, the rules' noise drawn on the dev
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 from multiprocess import run
@@ -63,3 +65,101 @@ def check_overflow_on_one_shard(rank: int, world: int) -> None:
 
 def test_fp16_sharded_replicas_share_one_loss_scale():
     run(check_overflow_on_one_shard, 4, timeout=240)
+
+
+def frozen_front(model):
+    """``model`` with its stem and blocks 0 and 1 frozen (stage 0 of two has nothing to train)."""
+    for p in [*model.stem.parameters(), *model.block_parameters(0), *model.block_parameters(1)]:
+        p.requires_grad_(False)
+    return model
+
+
+def check_frozen_stage(rank: int, world: int) -> None:
+    """A sync P = 2 pipeline whose first stage has no trainable parameter steps, and the second
+    stage's weights equal one process's with the same blocks frozen."""
+    from mpc_dist.core import HorizonEngine
+    from mpc_dist.train import build_optimizer
+
+    spec = ModelConfig(name="residual_mlp", num_blocks=4, width=8, hidden=12, head="shared")
+    plan, optim, m = Plan("receding", 4, 4), OptimConfig("sgd", lr=0.05, momentum=0.9), 2
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
+             torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]  # fmt: skip
+    single = frozen_front(build_model(spec, SHAPE, 5, seed=0).double())
+    engine = HorizonEngine(single, plan, track_memory=False)
+    optimizer = build_optimizer(optim, single.parameters())
+    for x, y in data:
+        for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
+            engine.train_microbatch(xs, ys, loss_scale=1 / m)
+        optimizer.step()
+        optimizer.zero_grad()
+    groups = Groups.create(Topology(2, 1, rank))
+    options = RuntimeOptions(m, "sync", dtype=torch.float64)
+    meta = frozen_front(build_model(spec, SHAPE, 5, device="meta"))
+    stage = build_stage(meta, plan, stage_ranges([2, 2]), groups, optim, options, spec=spec)
+    assert bool(stage.runtime.step.params) == (rank == 1)
+    for batch in data:
+        stage.runtime.run([batch], [optim.lr])
+    expected = dict(single.named_parameters())
+    for name, p in stage.model.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_a_stage_without_trainable_parameters_steps_in_a_sync_pipeline():
+    run(check_frozen_stage, 2, timeout=120)
+
+
+def test_the_norm_of_a_stage_without_gradients_is_on_its_device():
+    from mpc_dist.train import OptimizerStep, build_optimizer
+
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    optimizer = build_optimizer(OptimConfig("adamw"), frozen.parameters())
+    meta = torch.device("meta")  # stands in for a CUDA device: anything but the CPU
+    assert OptimizerStep(optimizer, device=meta).grad_norm().device == meta
+    linear = torch.nn.Linear(2, 2, device=meta)
+    step = OptimizerStep(build_optimizer(OptimConfig("sgd"), linear.parameters()))
+    assert step.device == meta and step.grad_norm().device == meta  # default: the parameters'
+
+
+def test_checkpoints_hold_the_rng_state_and_old_ones_still_load(tmp_path):
+    from mpc_dist.train import Checkpointer, build_optimizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = torch.nn.Linear(3, 2, device=device)
+    optimizer = build_optimizer(OptimConfig("adamw"), model.parameters())
+    checkpointer = Checkpointer(tmp_path)
+    torch.manual_seed(11)
+    path = checkpointer.save(1, model, optimizer, {"step": 1})
+    expected = torch.rand(4), torch.rand(4, device=device)
+    saved = torch.load(path / "rng_rank0.pt")
+    assert torch.is_tensor(saved["cpu"]) and saved["cpu"].dtype == torch.uint8
+    if device == "cuda":  # the generator of the device the model is on, no other
+        assert list(saved["cuda"]) == [torch.cuda.current_device()]
+    else:
+        assert set(saved) == {"cpu"}
+    torch.rand(100), torch.rand(100, device=device)  # move the generators on
+    assert checkpointer.load(path, model, optimizer) == {"step": 1}
+    assert torch.equal(torch.rand(4), expected[0])
+    assert torch.equal(torch.rand(4, device=device), expected[1])
+    # older checkpoints hold the CPU state alone, as a bare tensor
+    torch.save(saved["cpu"], path / "rng_rank0.pt")
+    manifest = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.suffix != ".json"}
+    manifest["trainer.json"] = (path / "trainer.json").stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    torch.rand(100)
+    checkpointer.load(path, model, optimizer)
+    assert torch.equal(torch.rand(4), expected[0])
+
+
+def test_a_frozen_stage_is_checkpointed_without_optimizer_state(tmp_path):
+    from mpc_dist.train import Checkpointer, build_optimizer
+
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    optimizer = build_optimizer(OptimConfig("adamw"), model.parameters())
+    checkpointer = Checkpointer(tmp_path)
+    path = checkpointer.save(1, model, optimizer, {"step": 1})
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    checkpointer.load(path, model, optimizer)
+    assert torch.equal(model.weight, before)

@@ -62,6 +62,7 @@ def build_stage(
         reduce_gradients=reduce,
         norm_group=norm_group,
         callbacks=callbacks,
+        device=options.device,
         scaler=pipeline_grad_scaler(
             options.compute, options.device, groups, options.mode, sharding
         ),
