@@ -163,3 +163,35 @@ def test_a_frozen_stage_is_checkpointed_without_optimizer_state(tmp_path):
         model.weight.zero_()
     checkpointer.load(path, model, optimizer)
     assert torch.equal(model.weight, before)
+
+
+def test_the_loss_factor_is_the_share_times_the_loss_scale_read_on_its_device():
+    from mpc_dist.rules.common import loss_factor
+    from mpc_dist.train.precision import grad_scaler
+
+    scaler = grad_scaler(FP16, torch.device("cpu"))
+    scaler.scale(torch.zeros(()))
+    assert loss_factor(scaler.scale, 0.25, torch.device("cpu")) == 0.25 * scaler.get_scale()
+    assert loss_factor(None, 0.25, torch.device("cpu")) == 0.25
+    seen = []
+
+    def scale_loss(share: torch.Tensor) -> torch.Tensor:
+        seen.append(share.device)
+        return torch.tensor(3.0)
+
+    meta = torch.device("meta")  # stands in for the CUDA device the scale is on
+    assert loss_factor(scale_loss, 0.25, meta) == 3.0 and seen == [meta]
+
+
+def test_rule_noise_on_the_cpu_is_drawn_from_the_generator_itself():
+    """On the CPU the rules draw from ``draws()`` exactly as before (the references of
+    tests/test_rules.py check the numbers); on CUDA a generator there with the same seed."""
+    from mpc_dist.rules.common import draws, on_device
+
+    generator = draws(0, 2, 1)
+    assert on_device(generator, torch.device("cpu")) is generator
+    expected = torch.randn(5, generator=draws(0, 2, 1)).to("cpu")  # the old: drawn, then moved
+    assert torch.equal(torch.randn(5, generator=generator, device="cpu"), expected)
+    if torch.cuda.is_available():
+        cuda = on_device(draws(0, 2, 1), torch.device("cuda"))
+        assert cuda.device.type == "cuda" and cuda.initial_seed() == generator.initial_seed()
