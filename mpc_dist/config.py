@@ -96,6 +96,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (autocast; fp32 master weights)
     activation_checkpointing: str = "none"  # none | blocks (recompute each block in backward)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends

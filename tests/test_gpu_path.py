@@ -195,3 +195,24 @@ def test_rule_noise_on_the_cpu_is_drawn_from_the_generator_itself():
     if torch.cuda.is_available():
         cuda = on_device(draws(0, 2, 1), torch.device("cuda"))
         assert cuda.device.type == "cuda" and cuda.initial_seed() == generator.initial_seed()
+
+
+def test_tf32_is_switched_for_cuda_only_and_can_be_turned_off():
+    from mpc_dist.config import load_config
+    from mpc_dist.train.precision import configure_tf32
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert load_config(None).train.tf32  # on by default
+        assert not configure_tf32(True, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # the CPU's matmuls untouched
+        assert configure_tf32(True, torch.device("cuda", 0))  # flags only: no GPU needed
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not configure_tf32(False, torch.device("cuda", 0))
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -73,3 +73,16 @@ def pipeline_grad_scaler(
     if mode != "sync" and groups.topology.stages > 1:
         raise ValueError("fp16 needs one loss scale for every stage: use a sync pipeline")
     return grad_scaler(compute, device, loss_scale_group(groups, mode, sharding))
+
+
+def configure_tf32(enabled: bool, device: torch.device) -> bool:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (``train.tf32``, on by
+    default): torch's "high" matmul precision, several times the fp32 rate on Ampere and later
+    (fp32 accumulation, 10-bit mantissa products). ``enabled=False`` asks for full fp32
+    ("highest", cuDNN's TF32 off). Process-wide: call it once at start, before any CUDA work.
+    Nothing changes on the CPU. Returns whether TF32 is on."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
