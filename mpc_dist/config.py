@@ -126,6 +126,8 @@ class PipelineConfig:
     timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     sharding: str = "none"  # none | fsdp (FSDP2: parameters, gradients, optimizer state) over D
+    fsdp_param_dtype: str = "float32"  # fsdp under bf16-mixed: bfloat16 gathers parameters and
+    # accumulates gradients in bf16 (half the all-gather; shards and reduction stay float32)
 
 
 @dataclass

@@ -216,3 +216,48 @@ def test_tf32_is_switched_for_cuda_only_and_can_be_turned_off():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def check_bf16_fsdp_parameters(rank: int, world: int) -> None:
+    """pipeline.fsdp_param_dtype=bfloat16: blocks compute with bf16 gathered parameters, the
+    optimizer keeps float32 shards, and 3 SGD steps land near the float32-parameter run."""
+    groups = Groups.create(Topology(1, world, rank))
+    options = RuntimeOptions(2, "sync", compute=ComputeOptions(autocast_dtype=torch.bfloat16))
+    results = {}
+    for param_dtype in (None, torch.bfloat16):
+        stage = build_stage(build_model(SPEC, SHAPE, 5, device="meta"), Plan("receding", 2, 4),
+                            stage_ranges([4]), groups, OptimConfig("sgd", lr=0.05), options,
+                            spec=SPEC, seed=0, sharding="fsdp",
+                            fsdp_param_dtype=param_dtype)  # fmt: skip
+        initial = {k: v.full_tensor() for k, v in stage.model.named_parameters()}
+        seen = []
+        block = stage.model.blocks["1"]
+        block.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.append(next(m.parameters()).dtype)
+        )
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(8, *SHAPE, generator=g)
+            stage.runtime.run([(x, torch.randint(0, 5, (8,), generator=g))], [0.05])
+        assert set(seen) == {param_dtype or torch.float32}, seen
+        shards = [p for group in stage.optimizer.param_groups for p in group["params"]]
+        assert all(p.dtype == torch.float32 and hasattr(p, "full_tensor") for p in shards)
+        results[param_dtype] = {k: v.full_tensor() for k, v in stage.model.named_parameters()}
+    moved = max((results[None][k] - initial[k]).abs().max() for k in initial)
+    worst = max((results[torch.bfloat16][k] - results[None][k]).abs().max() for k in initial)
+    assert worst < 0.1 * moved, (float(worst), float(moved))  # measured: 1.0e-3 vs 6.9e-2
+
+
+def test_fsdp_gathers_bf16_parameters_and_keeps_float32_shards():
+    run(check_bf16_fsdp_parameters, 2, timeout=200)
+
+
+def test_fsdp_param_groups_of_older_and_newer_torch():
+    from types import SimpleNamespace
+
+    from mpc_dist.parallel.fsdp import param_groups
+
+    a, b = object(), object()
+    assert param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]  # torch >= 2.12
+    assert param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]  # torch < 2.12
+    assert param_groups(SimpleNamespace(_fsdp_param_group=None)) == []  # a unit with no params

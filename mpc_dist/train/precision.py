@@ -11,6 +11,7 @@ from ..core import ComputeOptions
 from ..parallel import Groups
 
 AUTOCAST = {"fp32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+FSDP_PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # pipeline.fsdp_param_dtype
 
 
 def compute_options(config: TrainConfig, device: torch.device) -> ComputeOptions:

@@ -33,7 +33,7 @@ from ..parallel import (
 from ..rules import make_engine
 from .callbacks import Callback
 from .data import WHOLE, Dataset, Shard, minibatches
-from .precision import compute_options, grad_scaler
+from .precision import FSDP_PARAM_DTYPES, compute_options, grad_scaler
 from .stage import build_stage
 from .step import OptimizerStep, build_optimizer
 
@@ -224,7 +224,8 @@ class PipelineRunner:
                 compute_options(config.train, device), p.defer_weights, seed=config.train.seed,
             )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
-                                config.model, config.train.seed, p.sharding)  # fmt: skip
+                                config.model, config.train.seed, p.sharding,
+                                FSDP_PARAM_DTYPES[p.fsdp_param_dtype])  # fmt: skip
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)

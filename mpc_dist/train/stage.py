@@ -37,11 +37,13 @@ def build_stage(
     spec: ModelConfig | None = None,
     seed: int = 0,
     sharding: str = "none",
+    fsdp_param_dtype: torch.dtype | None = None,
 ) -> Stage:
     """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``. A model built on the
     meta device is allocated here, this part only (``spec``: its weights file and LoRA).
     ``sharding``: ``fsdp`` shards the part over its data-parallel replicas (FSDP2); otherwise
-    replicas hold whole copies and sum their gradients before the step."""
+    replicas hold whole copies and sum their gradients before the step; ``fsdp_param_dtype``:
+    the dtype FSDP gathers parameters in (None: theirs)."""
     first, last = ranges[groups.topology.stage]
     head_copy = plan.reads_shared_head_below_top(model.head_mode)
     weights, lora = (spec.weights, spec.lora) if spec is not None else (None, None)
@@ -49,7 +51,7 @@ def build_stage(
     part = instantiate(part, options.device, options.dtype, seed, weights, lora)
     reduce = None
     if groups.data_parallel is not None and sharding == "fsdp":
-        shard_stage(part, groups.data_parallel, options.device)
+        shard_stage(part, groups.data_parallel, options.device, fsdp_param_dtype)
         reduce = functools.partial(reduce_gradients, part)
     optimizer = build_optimizer(optim, part.owned_parameters())
     if groups.data_parallel is not None and sharding != "fsdp":
