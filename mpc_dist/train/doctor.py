@@ -434,7 +434,8 @@ def report(config: Config, everyone: list[list[Check]]) -> None:
             f"[{style[status]}]{status}[/]",
         )
         if status == "fail":
-            failures.append(f"mpc-dist doctor: FAIL {name} (rank {label}): {result}; {fix}")
+            who = "every rank" if label == "all" else f"rank {label}"
+            failures.append(f"mpc-dist doctor: FAIL {name} ({who}): {result}; {fix}")
     Console(width=160).print(table)
     for line in failures:
         print(line, file=sys.stderr)
