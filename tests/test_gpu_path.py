@@ -261,3 +261,22 @@ def test_fsdp_param_groups_of_older_and_newer_torch():
     assert param_groups(SimpleNamespace(_fsdp_param_groups=[a, b])) == [a, b]  # torch >= 2.12
     assert param_groups(SimpleNamespace(_fsdp_param_group=a)) == [a]  # torch < 2.12
     assert param_groups(SimpleNamespace(_fsdp_param_group=None)) == []  # a unit with no params
+
+
+def test_bf16_fsdp_parameters_need_fsdp_and_bf16_mixed():
+    import pytest
+
+    from mpc_dist.config import ConfigError, load_config
+    from mpc_dist.train import validate
+
+    base = ["pipeline.stages=1", "pipeline.replicas=2", "pipeline.sharding=fsdp",
+            "train.precision=bf16-mixed"]  # fmt: skip
+    validate(load_config(None, [*base, "pipeline.fsdp_param_dtype=bfloat16"]))
+    for bad in (
+        ["pipeline.sharding=none"],
+        ["train.precision=fp32"],
+        ["pipeline.fsdp_param_dtype=fp8"],
+    ):
+        overrides = [*base, "pipeline.fsdp_param_dtype=bfloat16", *bad]
+        with pytest.raises(ConfigError, match="pipeline.fsdp_param_dtype"):
+            validate(load_config(None, overrides))
