@@ -31,9 +31,8 @@ def shard_stage(
     gradients they accumulate until the step, are in that dtype; the shards, the optimizer and
     the reduce-scatter stay in float32 (FSDP2's MixedPrecisionPolicy). None: all float32."""
     mesh = DeviceMesh.from_group(group, device.type)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if param_dtype is None:
-        policy = MixedPrecisionPolicy()
+    reduce_dtype = torch.float32 if param_dtype is not None else None
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     units: list[nn.Module] = [*part.blocks.values(), *part.aux_heads.values()]
     units += [m for m in (part.stem, part.head) if m is not None]
     for module in units:

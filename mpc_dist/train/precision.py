@@ -45,9 +45,9 @@ def loss_scale_group(groups: Groups, mode: str, sharding: str) -> dist.ProcessGr
     validation). FSDP replicas unscale different shards of the gradients, so one may see an
     overflow the others do not: the check spans the stages and the replicas. With several stages
     that is the whole job (WORLD: P x D ranks, a sync pipeline), with one stage the stage's
-    data-parallel group (sync or async: one stage steps alone either way). (torch >= 2.5 also
-    reduces the check over an FSDP gradient's mesh when it unscales DTensors; the group here
-    does not rely on that, and adds the stages.)"""
+    data-parallel group (sync or async: one stage steps alone either way). (torch 2.6 and later
+    also reduce the check over an FSDP gradient's mesh when they unscale DTensors; the group
+    here does not rely on that, and adds the stages.)"""
     topology = groups.topology
     if sharding != "fsdp" or groups.data_parallel is None:
         return groups.pipeline if mode == "sync" else None
@@ -78,8 +78,8 @@ def pipeline_grad_scaler(
 
 def configure_tf32(enabled: bool, device: torch.device) -> bool:
     """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (``train.tf32``, on by
-    default): torch's "high" matmul precision, several times the fp32 rate on Ampere and later
-    (fp32 accumulation, 10-bit mantissa products). ``enabled=False`` asks for full fp32
+    default): torch's "high" matmul precision (Ampere and later GPUs: 10-bit mantissa products,
+    fp32 accumulation). ``enabled=False`` asks for full fp32
     ("highest", cuDNN's TF32 off). Process-wide: call it once at start, before any CUDA work.
     Nothing changes on the CPU. Returns whether TF32 is on."""
     if device.type != "cuda":
