@@ -1,5 +1,5 @@
-"""``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-horizon-study, rules-study, bench-engine, export-data, bench-data.
+"""``mpc-dist``: plan, schedule, train, ray, doctor, probe, select-horizon, compare, bench,
+simulate, horizon-study, rules-study, bench-engine, export-data, bench-data.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -93,6 +93,21 @@ def _spawn(args: argparse.Namespace) -> None:
         command += ["--deepspeed_config", args.deepspeed_config]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     code = subprocess.call(command, env=env)
+    if code:
+        raise SystemExit(code)
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    """Check a node or a job before a run; exits 1 when something blocks it."""
+    config = load_config(args.config, args.set)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.doctor import spawned
+
+        code = spawned(args.nproc, args.config, args.set)
+    else:
+        from .train.doctor import run_doctor
+
+        code = run_doctor(config)
     if code:
         raise SystemExit(code)
 
@@ -258,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--workers-per-node", type=int, default=0,
                      help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
     ray.set_defaults(run=_ray)
+
+    doctor = commands.add_parser("doctor", help="check a node or a job before a run")
+    _config_arguments(doctor, resume=False)
+    doctor.add_argument(
+        "--nproc", type=int, default=1, help="check as N local ranks under torchrun"
+    )
+    doctor.set_defaults(run=_doctor)
 
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     probe = commands.add_parser(

@@ -151,6 +151,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
     activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
+    tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends
@@ -186,6 +187,9 @@ class PipelineConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     # fsdp: FSDP2 shards parameters, gradients and optimizer state over the D replicas
     sharding: Literal["none", "fsdp"] = "none"
+    # fsdp under bf16-mixed: bfloat16 gathers parameters and accumulates gradients in bf16
+    # (half the all-gather; shards and reduction stay float32)
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass

@@ -17,10 +17,11 @@ from ..config import Config, ConfigError
 from ..console import console, print_summary, progress_bar
 from ..data import Loader, Source, open_source
 from ..models import BlockModel, build_model
-from .bootstrap import Job, check_world_size, join_job
+from .bootstrap import Job, check_shared_directory, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
 from .metrics import MetricsLogger, StepLog, plot_run
+from .precision import configure_tf32
 from .runner import PipelineRunner, Runner, SingleRunner
 from .selection import Reselect, report, run_plan
 from .step import TrainingError, learning_rate
@@ -50,6 +51,7 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     check_world_size(config)
     job = join_job(config) if config.world_size > 1 else None
     runner = _start(config, model, train_source, resume, job, callbacks)
+    configure_tf32(config.train.tf32, runner.device)
     train_data, test_data = (
         Loader(source, config.data, config.augment, split, seed, runner.shard,
                config.data.num_microbatches, runner.device)
@@ -91,6 +93,8 @@ def _start(
     try:
         plan, selections = run_plan(config, model, train_source, resume, job)
         prepare_run_dir(config, resume, write=job is None or job.is_rank_zero)
+        if job is not None:  # every rank writes its shards of a checkpoint there
+            check_shared_directory(config.run_dir)
         for selection in selections:
             report(selection, config.run_dir)
         if job is None:

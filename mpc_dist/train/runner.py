@@ -21,7 +21,7 @@ from ..parallel import Groups, RuntimeOptions, partition, stage_ranges
 from ..rules import make_engine
 from .bootstrap import Job
 from .callbacks import Callback
-from .precision import compute_options, grad_scaler
+from .precision import FSDP_PARAM_DTYPES, compute_options, grad_scaler
 from .stage import build_stage, schedule_spec
 from .step import OptimizerStep, build_optimizer
 
@@ -184,6 +184,7 @@ class PipelineRunner:
                 model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
                 runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
                 sharding=p.sharding, callbacks=callbacks,
+                fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
             )  # fmt: skip
             dist.barrier()
         except BaseException as error:

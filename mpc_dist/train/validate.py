@@ -169,6 +169,16 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
     )
     need(
+        p.fsdp_param_dtype in ("float32", "bfloat16"),
+        f"pipeline.fsdp_param_dtype={p.fsdp_param_dtype!r}: use float32 or bfloat16",
+    )
+    need(
+        p.fsdp_param_dtype == "float32"
+        or (p.sharding == "fsdp" and config.train.precision == "bf16-mixed"),
+        "pipeline.fsdp_param_dtype=bfloat16: bf16 parameters are for pipeline.sharding=fsdp "
+        "with train.precision=bf16-mixed; set those or pipeline.fsdp_param_dtype=float32",
+    )
+    need(
         not (p.backend == "nccl" and config.train.device == "cpu"),
         "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
     )
