@@ -49,7 +49,7 @@ class StageTimes:
     wall: float = 0.0  # seconds inside run()
 
 
-class _Clock:
+class EventClock:
     """Start and end of compute actions, in seconds of the host clock. On GPUs kernels run
     asynchronously, so actions are timed with CUDA events (resolved once per chunk)."""
 
@@ -164,7 +164,7 @@ class PipelineRuntime:
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
-        started, clock = time.perf_counter(), _Clock(device)
+        started, clock = time.perf_counter(), EventClock(device)
         for action in schedule.actions[self.stage]:
             tick = clock.now()
             self.handlers[action.kind](action, chunk)
