@@ -17,15 +17,21 @@ from mpc_dist.studies import torch_bp
 from mpc_dist.studies.common import load_final_weights
 from mpc_dist.train import open_run, train
 
-SCHEDULES = ("Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble")
+MODELS = {  # network -> overrides, and torch's schedules it is checked under
+    "mlp": (["model.num_blocks=4", "model.width=32", "model.hidden=64"],
+            ("Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleZBVZeroBubble")),
+    # its blocks' outputs are not contiguous: the stage makes them so for gloo
+    "vit": (["model.name=vit_tiny", "model.num_blocks=4", "model.width=16", "model.hidden=32",
+             "model.num_heads=2", "model.patch_size=4"], ("Schedule1F1B",)),
+}  # fmt: skip
 
 
-def tiny_config(out, name: str) -> Config:
-    """A 4-block residual MLP, back-propagation, 16 px Fashion-MNIST from disk with
-    RandAugment, mixup and label smoothing, float64, 3 steps of 40 images in 4 microbatches."""
+def tiny_config(out, name: str, model: list[str]) -> Config:
+    """A 4-block network with auxiliary heads, back-propagation, 16 px Fashion-MNIST from disk
+    with RandAugment, mixup and label smoothing, float64, 3 steps of 40 images in 4
+    microbatches."""
     return load_config(None, [
-        "model.num_blocks=4", "model.width=32", "model.hidden=64", "model.head=aux",
-        "horizon.rule=receding", "horizon.horizon=4",
+        *model, "model.head=aux", "horizon.rule=receding", "horizon.horizon=4",
         "data.dataset=folder", f"data.root={exported('folder')}", "data.image_size=16",
         "data.batch_size=40", "data.num_microbatches=4", "data.eval_batch_size=100",
         "augment.enabled=true", "augment.auto_augment=rand-m6-n1-mstd0.5-inc1",
@@ -37,8 +43,9 @@ def tiny_config(out, name: str) -> Config:
 
 
 def _torch_ranks(rank: int, world: int, out) -> None:
-    for schedule in SCHEDULES:
-        torch_bp.run(tiny_config(out, schedule), [schedule], 0, 0)
+    for network, (model, schedules) in MODELS.items():
+        for schedule in schedules:
+            torch_bp.run(tiny_config(out, f"{network}_{schedule}", model), [schedule], 0, 0)
 
 
 @pytest.mark.slow
@@ -46,18 +53,22 @@ def _torch_ranks(rank: int, world: int, out) -> None:
 def test_back_propagation_under_torch_schedules_is_ours(tmp_path):
     """1F1B, looped and V-shaped layouts (two stages per rank, rank 0 holding the first and the
     last) end with the single-process trainer's weights, and evaluate at the same steps."""
-    single = tiny_config(tmp_path, "single")
-    train(single)
-    meta, _, _ = open_run(single)
-    start = torch_bp.fresh_model(single, meta.input_shape, 10).state_dict()
-    ours = load_final_weights(single, torch_bp.fresh_model(single, meta.input_shape, 10))
-    assert not torch.equal(ours.state_dict()["blocks.2.fc1.weight"], start["blocks.2.fc1.weight"])
     run(_torch_ranks, 2, tmp_path, timeout=300)
-    for schedule in SCHEDULES:
-        theirs = torch.load(tmp_path / schedule / "final.pt")
-        torch.testing.assert_close(theirs, ours.state_dict(), rtol=0, atol=1e-12)
-        steps = [r["step"] for r in evaluations(tmp_path / schedule)]
-        assert steps == [r["step"] for r in evaluations(tmp_path / "single")] == [2, 3]
+    for network, (model, schedules) in MODELS.items():
+        single = tiny_config(tmp_path, f"{network}_single", model)
+        train(single)
+        meta, _, _ = open_run(single)
+        start = torch_bp.fresh_model(single, meta.input_shape, 10).state_dict()
+        ours = load_final_weights(single, torch_bp.fresh_model(single, meta.input_shape, 10))
+        moved = [k for k, v in ours.state_dict().items() if not torch.equal(v, start[k])]
+        assert any(k.startswith("blocks.2.") for k in moved) and any(
+            k.startswith("head.") for k in moved
+        )
+        for schedule in schedules:
+            theirs = torch.load(tmp_path / f"{network}_{schedule}" / "final.pt")
+            torch.testing.assert_close(theirs, ours.state_dict(), rtol=0, atol=1e-12)
+            steps = [r["step"] for r in evaluations(tmp_path / f"{network}_{schedule}")]
+            assert steps == [r["step"] for r in evaluations(single.run_dir)] == [2, 3]
 
 
 def evaluations(run_dir):

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -82,8 +84,8 @@ def study_runs(models: list[str]) -> list[Run]:
         T = num_blocks(MODELS[model])
         single = [("receding", T), ("receding", 1), ("shrinking", 2), ("receding", T // 2)]
         runs += [Run(model, rule, h, "single") for rule, h in dict.fromkeys(single)]
-        runs += [Run(model, "receding", 1, "pipeline"), Run(model, "shrinking", 2, "pipeline")]
-        runs.append(Run(model, "receding", T, "torch"))
+        runs += [Run(model, "receding", 1, "pipeline"), Run(model, "receding", T, "torch")]
+        runs.append(Run(model, "shrinking", 2, "pipeline"))
     return runs
 
 
@@ -142,7 +144,27 @@ def train_clock(run_dir: Path) -> dict[int, float]:
     return {step: seconds + first * rate for step, seconds in clock.items()}
 
 
-def _result(run: Run, config: Config, wall_s: float) -> dict:
+class Usage:
+    """Wall seconds, CPU seconds of this process and its waited-for descendants (loader
+    workers, torchrun's ranks), and the machine's load average, from start to end."""
+
+    def __enter__(self) -> Usage:
+        gc.collect()  # loader workers of an earlier run reaped before counting
+        self.start, self.cpu, self.load = time.perf_counter(), _cpu(), os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *_) -> None:
+        gc.collect()
+        self.wall_s, self.cpu_s = time.perf_counter() - self.start, _cpu() - self.cpu
+        self.loads = (self.load, os.getloadavg()[0])
+
+
+def _cpu() -> float:
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def _result(run: Run, config: Config, usage: Usage) -> dict:
     records = MetricsLogger.read(config.run_dir / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     clock = train_clock(config.run_dir)
@@ -153,7 +175,9 @@ def _result(run: Run, config: Config, wall_s: float) -> dict:
         "top5": evals[-1]["top5"],
         "steps": evals[-1]["step"],
         "train_s": clock[evals[-1]["step"]],
-        "wall_s": wall_s,
+        "wall_s": usage.wall_s,
+        "cpu_s": usage.cpu_s,
+        "load": usage.loads,
         "data_wait_s": evals[-1].get("data_wait_s"),
     }
     if run.where == "torch":
@@ -167,9 +191,9 @@ def _single(item: tuple[Run, Config]) -> dict:
 
     def record() -> dict:
         shutil.rmtree(config.run_dir, ignore_errors=True)  # an unfinished earlier try
-        started = time.perf_counter()
-        train(config)
-        return _result(run, config, time.perf_counter() - started)
+        with Usage() as usage:
+            train(config)
+        return _result(run, config, usage)
 
     return train_once(config, record)
 
@@ -194,13 +218,12 @@ def _two_processes(run: Run, config: Config, args) -> dict:
     def record() -> dict:
         shutil.rmtree(config.run_dir, ignore_errors=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        started = time.perf_counter()
-        with (folder / f"{run.name}.log").open("w") as log:
+        with Usage() as usage, (folder / f"{run.name}.log").open("w") as log:
             code = subprocess.call([sys.executable, *command], stdout=log, stderr=log, env=env)
         if code:
             tail = (folder / f"{run.name}.log").read_text()[-2000:]
             raise RuntimeError(f"{run.name} failed ({code}):\n{tail}")
-        return _result(run, config, time.perf_counter() - started)
+        return _result(run, config, usage)
 
     return train_once(config, record)
 
@@ -275,33 +298,40 @@ def report(summary: dict, args) -> str:
 
 
 def model_table(model: str, results: list[dict]) -> list[str]:
+    """A row per run: one process first, then the 2-process runs against torch's."""
     goal = target(results)
-    by_where = {w: [r for r in results if r["where"] == w] for w in ("single", "pipeline", "torch")}
-    torch_run = by_where["torch"][0]
-    torch_time = (to_target(torch_run, goal) or (None, None))[1]
+    order = {"single": 0, "torch": 1, "pipeline": 2}
+    results = sorted(results, key=lambda r: order[r["where"]])
+    torch_reached = to_target(next(r for r in results if r["where"] == "torch"), goal)
     lines = [
-        f"**{model}** (T = {num_blocks(MODELS[model])}); target top-1 {100 * goal:.0f} %",
+        f"**{model}** (T = {num_blocks(MODELS[model])}); target: top-1 {100 * goal:.0f} %",
         "",
         "| training | processes | final top-1 % | final top-5 % | best top-1 % | steps to target "
-        "| training s to target | s per step | data wait s | torch BP's time / this |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| training s to target | torch BP's s / this | training s per step | data wait s "
+        "| CPU s (whole run) | load average (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for where, runs in by_where.items():
-        for r in runs:
-            reached = to_target(r, goal)
-            processes = {"single": "1 (two runs at a time)", "pipeline": "2 (`--nproc 2`)",
-                         "torch": f"2 (torch `{r.get('schedule')}`)"}[where]  # fmt: skip
-            label = Run(r["model"], r["rule"], r["horizon"], where).label
-            steps, seconds = reached or ("-", None)
-            ratio = (f"{torch_time / seconds:.2f}" if where != "single" and seconds and torch_time
-                     else "")  # fmt: skip
-            wait = "" if r["data_wait_s"] is None else f"{r['data_wait_s']:.0f}"
-            lines.append(
-                f"| {label} | {processes} | {100 * r['accuracy']:.2f} | {100 * r['top5']:.2f} | "
-                f"{100 * max(a for _, a, _, _ in r['evals']):.2f} | {steps} | "
-                f"{'-' if seconds is None else f'{seconds:.0f}'} | "
-                f"{r['train_s'] / r['steps']:.3f} | {wait} | {ratio} |"
-            )
+    for r in results:
+        steps, seconds = to_target(r, goal) or ("-", None)
+        ratio = ""
+        if r["where"] != "single" and seconds and torch_reached:
+            ratio = f"{torch_reached[1] / seconds:.2f}"
+        cells = (
+            Run(r["model"], r["rule"], r["horizon"], r["where"]).label,
+            {"single": "1 (two runs at a time)", "pipeline": "2 (`--nproc 2`)",
+             "torch": f"2 (torch `{r.get('schedule')}`)"}[r["where"]],
+            f"{100 * r['accuracy']:.2f}",
+            f"{100 * r['top5']:.2f}",
+            f"{100 * max(a for _, a, _, _ in r['evals']):.2f}",
+            str(steps),
+            "-" if seconds is None else f"{seconds:.0f}",
+            ratio,
+            f"{r['train_s'] / r['steps']:.2f}",
+            "" if r["data_wait_s"] is None else f"{r['data_wait_s']:.0f}",
+            f"{r['cpu_s']:.0f}",
+            f"{r['load'][0]:.0f}, {r['load'][1]:.0f}",
+        )  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -66,7 +66,9 @@ class StagePart(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for t in range(self.first, self.last):
             x = self.part.block_forward(t, x)
-        return self.part.head(x) if self.last == self.part.num_blocks else x
+        if self.last == self.part.num_blocks:
+            return self.part.head(x)
+        return x.contiguous()  # torch sends it as is, and gloo sends only contiguous tensors
 
 
 def boundary_shapes(model: BlockModel, microbatch: int, dtype: torch.dtype) -> list[torch.Size]:
