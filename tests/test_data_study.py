@@ -100,7 +100,8 @@ def test_data_study_at_a_small_size(tmp_path):
                   "MPC receding h = 4 (T/2) | 1 (", "MPC h = 1 async | 2 (",
                   "MPC shrinking h = 2 async | 2 (", "back-propagation | 2 (torch"):  # fmt: skip
         assert f"| {label}" in text, label
-    assert "| Schedule1F1B | 0." in text and "| ours / timm's |" in text
+    assert "| Schedule1F1B | 0." in text and "| timm `create_loader`, prefetcher |" in text
+    assert "](img/data_study.png)" in text and (tmp_path / "img" / "data_study.png").stat().st_size
     runs = json.loads((tmp_path / "study" / "results.json").read_text())["runs"]
     by = {(r["where"], r["rule"], r["horizon"]): r for r in runs}
     assert len(by) == 7 and all(r["steps"] == 2 for r in runs)

@@ -272,13 +272,33 @@ def main(args: argparse.Namespace) -> None:
     summary = {"args": vars(args), "minutes": minutes, "load": [load, os.getloadavg()[0]],
                "throughput": throughput, "runs": results}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-    text = report(summary, args)
+    text = report(summary, args, plot(results, args))
     replace_between(Path(args.doc), BEGIN, END, text, HEADING)
     console.print(text)
     console.print(f"data study: {minutes:.1f} min; wrote {args.doc} and {out}/results.json")
 
 
-def report(summary: dict, args) -> str:
+def plot(results: list[dict], args) -> Path:
+    """Test top-1 against training seconds, a panel per network, next to the document."""
+    from .plots import data_study_curves
+
+    labelled = [{**r, "label": f"{label(r)} ({processes(r)})"} for r in results]
+    targets = {m: target([r for r in results if r["model"] == m]) for m in args.models}
+    path = Path(args.doc).parent / "img" / "data_study.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return data_study_curves(labelled, targets, path)
+
+
+def label(result: dict) -> str:
+    return Run(result["model"], result["rule"], result["horizon"], result["where"]).label
+
+
+def processes(result: dict) -> str:
+    where = result["where"]
+    return {"single": "1 process", "pipeline": "2 processes"}.get(where, "torch, 2 processes")
+
+
+def report(summary: dict, args, picture: Path | None = None) -> str:
     results, load = summary["runs"], summary["load"]
     steps_per_epoch = args.train_images // BATCH
     lines = [
@@ -294,6 +314,9 @@ def report(summary: dict, args) -> str:
         lines += model_table(model, [r for r in results if r["model"] == model])
     lines += schedule_table(results, args)
     lines += throughput_table(summary["throughput"])
+    if picture is not None:
+        relative = picture.relative_to(Path(args.doc).parent)
+        lines += [f"![test top-1 against training seconds]({relative.as_posix()})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +340,7 @@ def model_table(model: str, results: list[dict]) -> list[str]:
         if r["where"] != "single" and seconds and torch_reached:
             ratio = f"{torch_reached[1] / seconds:.2f}"
         cells = (
-            Run(r["model"], r["rule"], r["horizon"], r["where"]).label,
+            label(r),
             {"single": "1 (two runs at a time)", "pipeline": "2 (`--nproc 2`)",
              "torch": f"2 (torch `{r.get('schedule')}`)"}[r["where"]],
             f"{100 * r['accuracy']:.2f}",
@@ -357,19 +380,29 @@ def schedule_table(results: list[dict], args) -> list[str]:
 
 
 def throughput_table(rates: dict) -> list[str]:
-    ours, timm = rates["mpc_dist Loader"], rates["timm create_loader"]
-    return [
+    """bench-data's medians (and the rounds' spread, where recorded), ours against timm's."""
+    names = {"mpc_dist Loader": "ours (`Loader`)", "timm create_loader": "timm `create_loader`",
+             "timm create_loader prefetcher": "timm `create_loader`, prefetcher"}  # fmt: skip
+    rounds = rates.get("rounds", {})
+    lines = [
         f"Loader throughput (`mpc-dist bench-data`, 28 px, 1 worker, batches of {BATCH}, "
-        f"`{POLICY}`):",
+        f"`{POLICY}`; median [min, max] of {len(rounds.get('mpc_dist Loader', [])) or 'the'} "
+        "interleaved rounds):",
         "",
-        "| loader | images/s per worker | images per CPU second |",
-        "|---|---|---|",
-        f"| ours (`Loader`) | {ours:.0f} | {rates['mpc_dist Loader cpu']:.0f} |",
-        f"| timm `create_loader` | {timm:.0f} | {rates['timm create_loader cpu']:.0f} |",
-        f"| ours / timm's | {ours / timm:.3f} | "
-        f"{rates['mpc_dist Loader cpu'] / rates['timm create_loader cpu']:.3f} |",
-        "",
+        "| loader | images/s per worker | images per CPU second | ours / this, per CPU second |",
+        "|---|---|---|---|",
     ]
+    ours = rates["mpc_dist Loader cpu"]
+    for name, shown in names.items():
+        if name not in rates:
+            continue
+        spread = [""] * 2
+        if rounds.get(name):
+            spread = [f" [{min(v):.0f}, {max(v):.0f}]" for v in zip(*rounds[name], strict=True)]
+        cells = (shown, f"{rates[name]:.0f}{spread[0]}", f"{rates[f'{name} cpu']:.0f}{spread[1]}",
+                 f"{ours / rates[f'{name} cpu']:.3f}")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
