@@ -95,6 +95,10 @@ def test_transform_is_timms_own_to_the_bit(training: bool) -> None:
         with seeded(k):
             arrays.append(ours.image(image))
     assert torch.equal(ours.batch(arrays, list(range(6))), torch.stack(expected))
+    to_tensor, normalize = timms.transforms[-2:]  # large rows: normalized a row at a time
+    large = [rng.integers(0, 256, (300, 300, 3), np.uint8) for _ in range(2)]
+    expected = [normalize(to_tensor(Image.fromarray(a))) for a in large]
+    assert torch.equal(ours.batch(large, [0, 1], shared=True), torch.stack(expected))
 
 
 def test_random_erasing_is_seeded_per_image() -> None:

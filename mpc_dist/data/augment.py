@@ -12,6 +12,7 @@ TensorFlow reference return (every pixel 0) and calls timm's for 1 to 8 bits; do
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 _MASK64 = 2**64 - 1
 _ERASING = 1  # random erasing's seed: seed_of(image seed, _ERASING)
+_CHUNK = 1 << 18  # float32 elements normalized at a time (1 MiB)
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -185,19 +187,32 @@ class ImageTransform:
         """(N, C, H, W) float32 of N images' arrays; ``seeds`` are their per-image seeds (random
         erasing reseeds the generators with each); ``shared``: in shared memory (a loader
         worker sends it so, uncopied)."""
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        out = torch.empty(pixels.shape, dtype=torch.float32)
-        if shared:
-            out.share_memory_()
-        out.copy_(pixels)
-        if pixels.dtype == torch.uint8:  # ToTensor scales bytes only
-            out.div_(255)
-        out.sub_(self.mean).div_(self.std)
+        height, width, channels = arrays[0].shape
+        out = _empty((len(arrays), channels, height, width), shared)
+        # a few rows at a time, so the four passes over them stay in the cache
+        rows = max(1, _CHUNK // out[0].numel())
+        for start in range(0, len(arrays), rows):
+            chunk = out[start : start + rows]
+            pixels = torch.from_numpy(np.stack(arrays[start : start + rows]))
+            chunk.copy_(pixels.permute(0, 3, 1, 2))
+            if pixels.dtype == torch.uint8:  # ToTensor scales bytes only
+                chunk.div_(255)
+            chunk.sub_(self.mean).div_(self.std)
         if self.erasing is not None:
             for row, seed in zip(out, seeds, strict=True):
                 seed_all(seed_of(seed, _ERASING))
                 self.erasing(row)  # in place, on the row's view
         return out
+
+
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A float32 tensor; ``shared``: allocated in shared memory, as ``default_collate`` allocates
+    a worker's batch (``share_memory_`` would allocate it twice and copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    element = torch.empty(0, dtype=torch.float32)
+    storage = element._typed_storage()._new_shared(math.prod(shape))
+    return element.new(storage).view(shape)
 
 
 def mixes(augment: AugmentConfig) -> bool:
