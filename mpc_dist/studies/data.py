@@ -254,7 +254,7 @@ def to_target(result: dict, goal: float) -> tuple[int, float] | None:
 
 
 def main(args: argparse.Namespace) -> None:
-    out, started, load = Path(args.out), time.perf_counter(), os.getloadavg()[0]
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = export(args)
     console.print(f"data study: images in {root}; loader throughput (bench-data)")
@@ -268,18 +268,26 @@ def main(args: argparse.Namespace) -> None:
     for run in (r for r in runs if r.where != "single"):
         results.append(_two_processes(run, run_config(run, args), args))
         console.print(f"{run.name}: {100 * results[-1]['accuracy']:.2f} %")
-    minutes = (time.perf_counter() - started) / 60
-    summary = {"args": vars(args), "minutes": minutes, "load": [load, os.getloadavg()[0]],
+    minutes = span_minutes([run_config(run, args) for run in runs])
+    loads = [load for r in results for load in r["load"]]
+    summary = {"args": vars(args), "minutes": minutes, "load": [min(loads), max(loads)],
                "throughput": throughput, "runs": results}  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     text = report(summary, args, plot(results, args))
     replace_between(Path(args.doc), BEGIN, END, text, HEADING)
     console.print(text)
-    console.print(f"data study: {minutes:.1f} min; wrote {args.doc} and {out}/results.json")
+    console.print(f"data study: runs over {minutes:.1f} min; wrote {args.doc}, {out}/results.json")
+
+
+def span_minutes(configs: list[Config]) -> float:
+    """Minutes from the first run's first record to the last run's last: when the runs were
+    trained (a study read back reports the span it was trained in, not its own)."""
+    records = [MetricsLogger.read(c.run_dir / "metrics.jsonl") for c in configs]
+    return (max(r[-1]["time"] for r in records) - min(r[0]["time"] for r in records)) / 60
 
 
 def plot(results: list[dict], args) -> Path:
-    """Test top-1 against training seconds, a panel per network, next to the document."""
+    """Test top-1 against training steps and seconds, a column per network, next to the document."""
     from .plots import data_study_curves
 
     labelled = [{**r, "label": f"{label(r)} ({processes(r)})"} for r in results]
@@ -302,9 +310,10 @@ def report(summary: dict, args, picture: Path | None = None) -> str:
     results, load = summary["runs"], summary["load"]
     steps_per_epoch = args.train_images // BATCH
     lines = [
-        f"Produced by `mpc-dist data-study` in {summary['minutes']:.0f} minutes on this "
-        f"project's 2-core CPU machine, shared with other jobs (load average {load[0]:.1f} at "
-        f"the start, {load[1]:.1f} at the end). {args.dataset}: {args.train_images} training "
+        f"Produced by `mpc-dist data-study`, its runs trained over {summary['minutes']:.0f} "
+        f"minutes on this project's 2-core CPU machine, shared with other jobs (load average "
+        f"between {load[0]:.1f} and {load[1]:.1f} at the runs' starts and ends). "
+        f"{args.dataset}: {args.train_images} training "
         f"and {args.test_images} test PNGs, 28 px; {args.epochs} epochs of {steps_per_epoch} "
         f"steps of {BATCH} images ({MICROBATCHES} microbatches), evaluated every "
         f"{args.eval_every} steps and at epoch ends.",
@@ -316,7 +325,7 @@ def report(summary: dict, args, picture: Path | None = None) -> str:
     lines += throughput_table(summary["throughput"])
     if picture is not None:
         relative = picture.relative_to(Path(args.doc).parent)
-        lines += [f"![test top-1 against training seconds]({relative.as_posix()})", ""]
+        lines += [f"![test top-1 against training steps and seconds]({relative.as_posix()})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +334,8 @@ def model_table(model: str, results: list[dict]) -> list[str]:
     goal = target(results)
     order = {"single": 0, "torch": 1, "pipeline": 2}
     results = sorted(results, key=lambda r: order[r["where"]])
-    torch_reached = to_target(next(r for r in results if r["where"] == "torch"), goal)
+    torch_run = next((r for r in results if r["where"] == "torch"), None)
+    torch_reached = to_target(torch_run, goal) if torch_run else None
     lines = [
         f"**{model}** (T = {num_blocks(MODELS[model])}); target: top-1 {100 * goal:.0f} %",
         "",
