@@ -1,5 +1,4 @@
-"""``mpc-dist``: plan, schedule, train, ray, doctor, probe, select-horizon, compare, bench,
-simulate, horizon-study, rules-study, bench-engine, export-data, bench-data.
+"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands).
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -196,6 +195,12 @@ def _rules_study(args: argparse.Namespace) -> None:
     study(args)
 
 
+def _data_study(args: argparse.Namespace) -> None:
+    from .studies.data import main as study
+
+    study(args)
+
+
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench.engine_overhead import main as bench
 
@@ -337,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rules_arguments(rules)
     rules.set_defaults(run=_rules_study)
+
+    from .studies.data import add_arguments as data_study_arguments
+
+    data_study = commands.add_parser(
+        "data-study", help="the streaming path on Fashion-MNIST: MPC and BP, 1 and 2 processes "
+        "(docs/data.md)",
+    )  # fmt: skip
+    data_study_arguments(data_study)
+    data_study.set_defaults(run=_data_study)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
     bench.add_argument("--blocks", type=int, default=8)

@@ -34,6 +34,7 @@ from .common import (
     in_processes,
     load_final_weights,
     num_blocks,
+    replace_between,
     study_config,
     train_once,
 )
@@ -231,13 +232,7 @@ BEGIN, END = "<!-- results: mpc-dist rules-study -->", "<!-- end of results -->"
 
 def write_report(path: Path, text: str) -> None:
     """Replace the results between the markers, keeping what is written around them."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-    else:
-        text = f"# Learning rules\n\n{BEGIN}\n{text}{END}\n"
-    path.write_text(text)
+    replace_between(path, BEGIN, END, text, "# Learning rules")
 
 
 def _accuracy(result: dict) -> str:
