@@ -1,6 +1,4 @@
-"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands).
-
-The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
+"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands); ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
 """
 
