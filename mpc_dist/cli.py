@@ -1,5 +1,5 @@
 """``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-horizon-study, rules-study, bench-engine.
+horizon-study, rules-study, bench-engine, bench-compile.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -193,6 +193,12 @@ def _bench_engine(args: argparse.Namespace) -> None:
     bench(args)
 
 
+def _bench_compile(args: argparse.Namespace) -> None:
+    from .bench.compile_cost import main as bench
+
+    bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpc-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -313,7 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
+    bench.add_argument(
+        "--compile", choices=("none", "inductor", "aot_eager"), default="none",
+        help="also time every block and engine steps compiled with this backend, against eager",
+    )  # fmt: skip
     bench.set_defaults(run=_bench_engine)
+
+    from .bench.compile_cost import add_arguments as compile_arguments
+
+    compiled = commands.add_parser(
+        "bench-compile", help="step time and first-step compile cost, eager vs train.compile"
+    )
+    compile_arguments(compiled)
+    compiled.set_defaults(run=_bench_compile)
     return parser
 
 

@@ -304,8 +304,8 @@ def test_each_rule_learns_mnist(rule, tmp_path):
           "model.name=vit_tiny"], "outside linear layers"),
         (["horizon.rule=pepita", "horizon.horizon=1"], "model.name=relu_mlp"),
         (["horizon.rule=ff", "horizon.horizon=auto"], "horizon.horizon=auto"),
-        (["horizon.rule=ff", "horizon.horizon=1", "model.name=relu_mlp", "pipeline.stages=2",
-          "pipeline.replicas=2", "pipeline.sharding=fsdp"], "pipeline.sharding=fsdp"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "train.compile=blocks"], "train.compile=blocks"),
     ],
 )  # fmt: skip
 def test_bad_rule_configs_fail_in_one_line(overrides, field):

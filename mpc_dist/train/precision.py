@@ -1,5 +1,5 @@
-"""Mixed precision and activation checkpointing, from the config: what the engine computes in,
-and the loss scaler fp16 needs."""
+"""Mixed precision, activation checkpointing and compilation, from the config: what the engine
+computes in and how, and the loss scaler fp16 needs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def compute_options(config: TrainConfig, device: torch.device) -> ComputeOptions
         autocast_dtype=AUTOCAST[config.precision],
         device_type=device.type,
         checkpoint_blocks=config.activation_checkpointing == "blocks",
+        compile=config.compile_backend if config.compile == "blocks" else None,
     )
 
 
