@@ -4,21 +4,24 @@ exactly like one process without them or is refused by config validation in one 
 A cell is a set of features, each a handful of config values over a tiny float64 base config.
 ``validate_config`` decides whether a cell runs; a refused cell must be refused in one line that
 begins with a field the cell sets. Every cell that runs is trained for three minibatches as a
-2-stage x 2-replica pipeline (one spawned gloo group runs them all) and compared, on every rank,
-with one process training the same model eagerly, one engine per replica (a block-local rule
-draws its noise per replica). docs/composability.md is the table; write it with
+2-stage pipeline (2 x 2 with fsdp; one spawned gloo group per layout runs all its cells) and
+compared, on every rank, with one process training the same model eagerly, one engine per
+replica (a block-local rule draws its noise per replica). docs/composability.md is the table;
+write it with
 
     python tests/test_composability.py --write-doc
 
-and ``test_the_table_is_up_to_date`` fails when it is stale.
+and ``test_every_cell_has_a_verdict_in_the_table`` fails when it is stale.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -39,18 +42,18 @@ from mpc_dist.train.stage import schedule_spec  # noqa: E402
 from mpc_dist.train.validate import validate_config  # noqa: E402
 
 DOC = Path(__file__).parents[1] / "docs" / "composability.md"
-STAGES, REPLICAS, STEPS, SHAPE, CLASSES = 2, 2, 3, (1, 28, 28), 10
+STAGES, STEPS, SHAPE, CLASSES = 2, 3, (1, 28, 28), 10
 BASE = {  # float64, 4 blocks over 2 stages, receding h = 2: streams cross the stage boundary
     "model": {"name": "residual_mlp", "num_blocks": 4, "width": 8, "hidden": 12, "head": "aux"},
     "horizon": {"rule": "receding", "horizon": 2},
     "data": {"dataset": "synthetic", "batch_size": 8, "num_microbatches": 2},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},  # Adam would magnify rounding
     "train": {"dtype": "float64"},
-    "pipeline": {"stages": STAGES, "replicas": REPLICAS},
+    "pipeline": {"stages": STAGES, "replicas": 1},
 }
 MIXED = {"train.dtype": "float32"}  # mixed precision keeps float32 master weights
 FEATURES: dict[str, dict[str, object]] = {
-    "fsdp": {"pipeline.sharding": "fsdp"},
+    "fsdp": {"pipeline.sharding": "fsdp", "pipeline.replicas": 2},  # over 2 replicas
     "bf16": {"train.precision": "bf16-mixed", **MIXED},
     "fp16": {"train.precision": "fp16-mixed", **MIXED},
     "checkpointing": {"train.activation_checkpointing": "blocks"},
@@ -171,13 +174,14 @@ def one_process(
     step = OptimizerStep(build_optimizer(config.optim, model.parameters()), scaler=scaler)
     options = EngineOptions(compute, track_memory=False, scale_loss=step.scale_loss, seed=t.seed)
     plan = Plan(config.horizon.rule, config.horizon.horizon, meta.num_blocks)
-    engines = [make_engine(model, plan, options) for _ in range(REPLICAS)]
-    m, share, skipped = d.num_microbatches, d.batch_size // REPLICAS, []
+    engines = [make_engine(model, plan, options) for _ in range(config.pipeline.replicas)]
+    replicas = config.pipeline.replicas
+    m, share, skipped = d.num_microbatches, d.batch_size // replicas, []
     for n, (x, y) in enumerate(data(config)):
         for r, engine in enumerate(engines):
             mine = slice(r * share, (r + 1) * share)
             for xs, ys in zip(x[mine].chunk(m), y[mine].chunk(m), strict=True):
-                engine.train_microbatch(xs, ys, 1 / (m * REPLICAS))
+                engine.train_microbatch(xs, ys, 1 / (m * replicas))
         scale = scaler.get_scale() if scaler is not None else None
         if n in skip:
             model.zero_grad(set_to_none=True)
@@ -211,7 +215,7 @@ def pipelined(config: Config, groups: Groups) -> tuple[dict[str, torch.Tensor], 
         compute=compute_options(t, torch.device("cpu")), seed=t.seed, spec=config.model,
         sharding=config.pipeline.sharding,
     )  # fmt: skip
-    share = config.data.batch_size // REPLICAS
+    share = config.data.batch_size // topology.replicas
     mine = slice(topology.replica * share, (topology.replica + 1) * share)
     batches = [(x[mine], y[mine]) for x, y in data(config)]
     calls = [[b] for b in batches]  # sync: one minibatch per call
@@ -233,7 +237,7 @@ def pipelined(config: Config, groups: Groups) -> tuple[dict[str, torch.Tensor], 
 def check_cells(rank: int, world: int, runnable: list[tuple[str, ...]]) -> None:
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
     torch._dynamo.config.recompile_limit = 64  # many model variants in one process
-    groups = Groups.create(Topology(STAGES, REPLICAS, rank))
+    groups = Groups.create(Topology(STAGES, world // STAGES, rank))
     for first in range(0, len(runnable), world):  # each rank computes one cell's references
         batch = runnable[first : first + world]
         gathered: list = [None] * world
@@ -260,10 +264,13 @@ def check_cell(cell: tuple[str, ...], groups: Groups, expected: dict) -> None:
         assert all(c.graphs == 0 and c.graph_breaks == 0 for c in compiled[1:]), (cell, compiled)
 
 
-def test_cells_that_run_equal_one_process():
+@pytest.mark.parametrize("replicas", [1, 2], ids=["P=2", "P=2 x D=2 (fsdp)"])
+def test_cells_that_run_equal_one_process(replicas):
+    """The cells that run, in one spawned group per layout: fsdp's over 2 replicas."""
     runnable = [cell for cell in cells() if refusal(cell) is None]
+    mine = [cell for cell in runnable if cell_config(cell).pipeline.replicas == replicas]
     assert len(runnable) >= len(cells()) // 2, "most cells should run"
-    run(check_cells, STAGES * REPLICAS, runnable, timeout=600)
+    run(check_cells, STAGES * replicas, mine, timeout=290)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -283,17 +290,23 @@ def table() -> str:
     lines = [
         "# Composability: which features work together",
         "",
-        "Generated by `python tests/test_composability.py --write-doc` from the cells of",
-        "`tests/test_composability.py`; CI fails when this file is stale. Each cell is a set of",
-        "features over a tiny config (residual MLP, 4 blocks, receding h = 2, float64, SGD with",
-        "momentum).",
+        *textwrap.wrap(
+            "Generated by `python tests/test_composability.py --write-doc` from the cells of "
+            "`tests/test_composability.py`; CI fails when this file is stale. Each cell is a set "
+            "of features over a tiny config (residual MLP, 4 blocks, receding h = 2, float64, "
+            "SGD with momentum).", 96,
+        ),
         "",
-        "* **✓**: trained for 3 minibatches as 2 stages x 2 data-parallel replicas (one spawned",
-        "  gloo group runs every cell), every rank's weights equal one process training eagerly",
-        "  (no sharding, checkpointing, compiling or deferral; one engine per replica): in float64",
-        f"  within atol {FLOAT64_ATOL:g}; with bf16 or fp16, one process in the same precision",
-        f"  within rtol {MIXED_RTOL:g}, and an fp32 run taking the same steps within {FP32_RTOL:g}",
-        "  of the weights' norm. A compiled cell compiles nothing after its first training call.",
+        *textwrap.wrap(
+            "* **✓**: trained for 3 minibatches as 2 pipeline stages (fsdp: x 2 data-parallel "
+            "replicas; one spawned gloo group runs all cells of a layout), every rank's weights "
+            "equal one process training eagerly (no sharding, checkpointing, compiling or "
+            f"deferral; one engine per replica): in float64 within atol {FLOAT64_ATOL:g}; with "
+            f"bf16 or fp16, one process in the same precision within rtol {MIXED_RTOL:g}, and an "
+            f"fp32 run taking the same steps within {FP32_RTOL:g} of the weights' norm. A "
+            "compiled cell compiles nothing after its first training call.", 96,
+            subsequent_indent="  ",
+        ),
         "* **✗ n**: refused by config validation before any process starts, with refusal n.",
         "* **—**: one field, two values (not a combination).",
         "",
