@@ -38,9 +38,9 @@ def train_steps(model, plan, compute, batches, lr=0.05):
 
 @pytest.mark.parametrize("name", ["residual_mlp", "vit_tiny"])
 def test_compiled_blocks_equal_eager_and_compile_in_the_first_two_steps(name):
-    batches = [make_batch(seed=s) for s in range(4)]
+    batches = [make_batch(seed=s) for s in range(3)]
     T = make_model(name).num_blocks
-    for plan in (Plan("receding", 2, T), Plan("shrinking", 2, T), Plan("receding", T, T)):
+    for plan in (Plan("receding", 2, T), Plan("receding", T, T)):  # streams cross blocks; BP
         peaks = {}
         for checkpoint in (False, True):
             eager, _, _ = train_steps(
