@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: helpers next to this file
 
-from multiprocess import run  # noqa: E402
+from processes import run  # noqa: E402
 
 from mpc_dist.config import Config, ConfigError, from_dict  # noqa: E402
 from mpc_dist.core import ComputeOptions, EngineOptions, Plan  # noqa: E402

@@ -28,7 +28,7 @@ from .groups import (
 from .mailbox import Mailbox
 from .partition import balanced_partition, block_costs, partition, stage_ranges, uniform_partition
 from .rendezvous import check_rendezvous
-from .runtime import PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
+from .runtime import EventClock, PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
 from .schedule import Mode, Policy, Schedule, ScheduleSpec
 from .simulate import (
     Costs,
@@ -52,6 +52,7 @@ __all__ = [
     "ActionKind",
     "Costs",
     "Event",
+    "EventClock",
     "Groups",
     "Mailbox",
     "Message",
