@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import grads, make_batch, make_model
-from launching import TINY
+from launching import TINY, mpc_dist, sets
 
 from mpc_dist.config import ModelConfig, load_config
 from mpc_dist.core import ComputeOptions, EngineOptions, HorizonEngine, Plan
@@ -129,3 +129,39 @@ def test_training_reports_compile_time_and_no_recompilation(tmp_path):
     final = compiles[-1]
     assert final["graphs_first_step"] > 0 and final["graph_breaks"] == 0
     assert final["recompiles_after_second_step"] == 0
+
+
+@pytest.mark.multiprocess
+def test_a_compiled_pipeline_reports_its_compilation_from_the_last_stage(tmp_path):
+    """P = 2 through the launcher: the message groups wait as long as collectives while the
+    first two steps compile, pipeline.timeout after them; the last stage logs what it compiled
+    (no graph after the second step, no graph break)."""
+    items = [*TINY, f"run.out_dir={tmp_path}", "run.name=p2", "train.compile=blocks",
+             "train.compile_backend=aot_eager", "pipeline.stages=2"]  # fmt: skip
+    result = mpc_dist("train", "--nproc", "2", *sets(*items), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = MetricsLogger.read(tmp_path / "p2" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "compile"] == [1, 2, 4]
+    final = [r for r in records if r["kind"] == "compile"][-1]
+    assert final["graphs_first_step"] > 0 and final["compile_first_step_s"] > 0
+    assert final["graph_breaks"] == 0 and final["recompiles_after_second_step"] == 0
+
+
+def test_bench_engine_times_every_block_compiled_against_eager(capsys):
+    """``mpc-dist bench-engine --compile``: a row per block (F/B/W eager and compiled) and
+    engine steps both ways (the numbers are a benchmark's; here that they are measured)."""
+    import argparse
+
+    from mpc_dist.bench.engine_overhead import compare_compiled
+
+    spec = ModelConfig(name="residual_mlp", num_blocks=3, width=8, hidden=8)
+    model = build_model(spec, (1, 28, 28), 10)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    compare_compiled(model, x, y, argparse.Namespace(compile=AOT, blocks=3, repeats=1, steps=1))
+    out = capsys.readouterr().err
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "1", "2"], out
+    assert all(float(row[-1]) > 0 for row in rows), out  # compiled / eager time ratio
+    for name in ("eager receding h=2", "compiled receding h=2", "compiled receding h=3"):
+        assert name in out, out
+    assert "0 graph breaks" in out, out

@@ -32,6 +32,7 @@ from processes import run  # noqa: E402
 from mpc_dist.config import Config, ConfigError, from_dict  # noqa: E402
 from mpc_dist.core import ComputeOptions, EngineOptions, Plan  # noqa: E402
 from mpc_dist.core.compile import CompileStats, is_compiled  # noqa: E402
+from mpc_dist.data import Loader, Shard, mixes, open_source  # noqa: E402
 from mpc_dist.devices import dtype_of  # noqa: E402
 from mpc_dist.models import build_model, instantiate  # noqa: E402
 from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges  # noqa: E402
@@ -51,6 +52,7 @@ BASE = {  # float64, 4 blocks over 2 stages, receding h = 2: streams cross the s
     "train": {"dtype": "float64"},
     "pipeline": {"stages": STAGES, "replicas": 1},
 }
+IMAGES = "<images>"  # an image folder (tests/data_helpers.py exports one per test run)
 MIXED = {"train.dtype": "float32"}  # mixed precision keeps float32 master weights
 FEATURES: dict[str, dict[str, object]] = {
     "fsdp": {"pipeline.sharding": "fsdp", "pipeline.replicas": 2},  # over 2 replicas
@@ -63,6 +65,20 @@ FEATURES: dict[str, dict[str, object]] = {
     "deferral": {"pipeline.defer_weights": True},
     "lora": {"model.lora": {"rank": 2, "alpha": 4.0, "targets": ["fc1"]}},
     "async": {"pipeline.mode": "async"},
+    # the streaming data path: images read from disk by the Loader (a worker process), augmented
+    # by timm and mixed into soft targets that travel down the pipeline with the activations
+    "loader": {
+        "data.dataset": "folder",
+        "data.root": IMAGES,
+        "data.image_size": 12,
+        "data.num_workers": 1,
+        "augment.enabled": True,
+        "augment.auto_augment": "rand-m9-mstd0.5-inc1",
+        "augment.re_prob": 0.25,
+        "augment.mixup": 0.8,
+        "augment.cutmix": 1.0,
+        "augment.label_smoothing": 0.1,
+    },
     # the rule families besides the horizon rules (receding above)
     "ff": {"horizon.rule": "ff", "horizon.horizon": 1, "model.head": "shared"},
     "forward_gradient": {"horizon.rule": "forward_gradient", "horizon.horizon": 1},
@@ -84,6 +100,8 @@ COMBINATIONS = (  # what users run together, beyond pairs
     ("fp16", "fsdp", "checkpointing"),
     ("ff", "fsdp", "compile"),
     ("ff", "async", "checkpointing"),
+    ("loader", "fsdp", "bf16", "compile"),
+    ("loader", "async", "deferral", "checkpointing"),
 )
 FLOAT64_ATOL = 1e-9  # float64: only the order of summation differs
 MIXED_RTOL = 1e-5  # against one process in the same precision: reduction order, in float32
@@ -101,12 +119,23 @@ def cells() -> list[tuple[str, ...]]:
     return [(name,) for name in names] + pairs + list(COMBINATIONS)
 
 
+_IMAGES: list[str] = []  # the exported image folder of this process (spawned ranks are handed it)
+
+
+def images_root() -> str:
+    if not _IMAGES:
+        from data_helpers import exported
+
+        _IMAGES.append(str(exported("folder")))
+    return _IMAGES[0]
+
+
 def cell_config(cell: tuple[str, ...]) -> Config:
     raw = {section: dict(values) for section, values in BASE.items()}
     for feature in cell:
         for key, value in FEATURES[feature].items():
             section, name = key.split(".")
-            raw.setdefault(section, {})[name] = value
+            raw.setdefault(section, {})[name] = images_root() if value == IMAGES else value
     return from_dict(raw)
 
 
@@ -137,7 +166,7 @@ def test_refused_cells_are_refused_in_one_line_naming_a_field_they_set():
     for cell, message in refused.items():
         keys = {key for feature in cell for key in FEATURES[feature]} | {"horizon.rule"}
         assert "\n" not in message, (cell, message)
-        field = message.split("=")[0].split(":")[0]
+        field = message.split("=")[0].split(":")[0].split("/")[0]
         assert field in keys, f"{cell}: the refusal names {field}, not a field the cell sets"
 
 
@@ -151,11 +180,30 @@ def test_every_cell_has_a_verdict_in_the_table():
 # ----------------------------------------------------------------------------- cells that run
 
 
-def data(config: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def streams(config: Config) -> bool:
+    return config.data.dataset == "folder"
+
+
+def input_shape(config: Config) -> tuple[int, ...]:
+    return open_source(config.data, "train").input_shape if streams(config) else SHAPE
+
+
+def batches(config: Config, replica: int, inputs: bool = True) -> list[tuple]:
+    """The first STEPS minibatches as ``replica`` reads them: its rows of random tensors, or
+    the Loader's images (mixed per global microbatch; (None, None) without inputs)."""
+    d, replicas = config.data, config.pipeline.replicas
+    if streams(config):
+        source = open_source(d, "train", config.train.seed)
+        shard = Shard(replica, replicas, inputs)
+        loader = Loader(source, d, config.augment, "train", config.train.seed, shard,
+                        d.num_microbatches)  # fmt: skip
+        epoch = loader.epoch(0)
+        return [next(epoch) for _ in range(STEPS)]
     g = torch.Generator().manual_seed(7)
-    dtype, n = dtype_of(config.train.dtype), config.data.batch_size
-    return [(torch.randn(n, *SHAPE, dtype=torch.float64, generator=g).to(dtype),
-             torch.randint(0, CLASSES, (n,), generator=g)) for _ in range(STEPS)]  # fmt: skip
+    dtype, n = dtype_of(config.train.dtype), d.batch_size
+    mine = slice(replica * n // replicas, (replica + 1) * n // replicas)
+    return [(torch.randn(n, *SHAPE, dtype=torch.float64, generator=g).to(dtype)[mine],
+             torch.randint(0, CLASSES, (n,), generator=g)[mine]) for _ in range(STEPS)]  # fmt: skip
 
 
 def one_process(
@@ -167,20 +215,22 @@ def one_process(
     an fp16 one)."""
     t, d = config.train, config.data
     precision = precision or t.precision
-    meta = build_model(config.model, SHAPE, CLASSES, device="meta")
-    model = instantiate(meta, "cpu", dtype_of(t.dtype), t.seed, None, config.model.lora)
+    dtype = dtype_of(t.dtype)
+    meta = build_model(config.model, input_shape(config), CLASSES, device="meta")
+    model = instantiate(meta, "cpu", dtype, t.seed, None, config.model.lora)
     compute = ComputeOptions(autocast_dtype=AUTOCAST[precision])
     scaler = grad_scaler(compute, torch.device("cpu"))
     step = OptimizerStep(build_optimizer(config.optim, model.parameters()), scaler=scaler)
     options = EngineOptions(compute, track_memory=False, scale_loss=step.scale_loss, seed=t.seed)
     plan = Plan(config.horizon.rule, config.horizon.horizon, meta.num_blocks)
     engines = [make_engine(model, plan, options) for _ in range(config.pipeline.replicas)]
-    replicas = config.pipeline.replicas
-    m, share, skipped = d.num_microbatches, d.batch_size // replicas, []
-    for n, (x, y) in enumerate(data(config)):
+    replicas, m, skipped = config.pipeline.replicas, d.num_microbatches, []
+    data = [batches(config, r) for r in range(replicas)]
+    for n in range(STEPS):
         for r, engine in enumerate(engines):
-            mine = slice(r * share, (r + 1) * share)
-            for xs, ys in zip(x[mine].chunk(m), y[mine].chunk(m), strict=True):
+            x, y = data[r][n]
+            y = y.to(dtype) if y.is_floating_point() else y  # soft targets, as the runtime does
+            for xs, ys in zip(x.to(dtype).chunk(m), y.chunk(m), strict=True):
                 engine.train_microbatch(xs, ys, 1 / (m * replicas))
         scale = scaler.get_scale() if scaler is not None else None
         if n in skip:
@@ -206,25 +256,25 @@ def references(cell: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
 def pipelined(config: Config, groups: Groups) -> tuple[dict[str, torch.Tensor], list]:
     """This rank's weights after training as configured; compile counts per runtime call."""
     t, topology = config.train, groups.topology
-    meta = build_model(config.model, SHAPE, CLASSES, device="meta")
+    meta = build_model(config.model, input_shape(config), CLASSES, device="meta")
     counts = [meta.num_blocks // STAGES] * STAGES
-    runtime = RuntimeOptions(schedule=schedule_spec(config), dtype=dtype_of(t.dtype))
+    runtime = RuntimeOptions(schedule=schedule_spec(config), dtype=dtype_of(t.dtype),
+                             soft_targets=mixes(config.augment))  # fmt: skip
     stage = build_stage(
         model=meta, plan=Plan(config.horizon.rule, config.horizon.horizon, meta.num_blocks),
         ranges=stage_ranges(counts), groups=groups, optim=config.optim, runtime=runtime,
         compute=compute_options(t, torch.device("cpu")), seed=t.seed, spec=config.model,
         sharding=config.pipeline.sharding,
     )  # fmt: skip
-    share = config.data.batch_size // topology.replicas
-    mine = slice(topology.replica * share, (topology.replica + 1) * share)
-    batches = [(x[mine], y[mine]) for x, y in data(config)]
-    calls = [[b] for b in batches]  # sync: one minibatch per call
+    mine = batches(config, topology.replica, inputs=topology.stage == 0)
+    calls = [[b] for b in mine]  # sync: one minibatch per call
     if config.pipeline.mode == "async":  # a window of two minibatches, then the third
-        calls = [batches[:2], batches[2:]]
+        calls = [mine[:2], mine[2:]]
     compiled = []
     for call in calls:
         before = CompileStats.now()
-        stage.runtime.run(call, [config.optim.lr] * len(call))
+        share = config.data.batch_size // topology.replicas
+        stage.runtime.run(call, [config.optim.lr] * len(call), batch_size=share)
         compiled.append(CompileStats.now().since(before))
     if t.compile == "blocks":
         assert all(is_compiled(block) for block in stage.model.blocks.values())
@@ -234,7 +284,8 @@ def pipelined(config: Config, groups: Groups) -> tuple[dict[str, torch.Tensor], 
     return weights, compiled
 
 
-def check_cells(rank: int, world: int, runnable: list[tuple[str, ...]]) -> None:
+def check_cells(rank: int, world: int, runnable: list[tuple[str, ...]], images: str) -> None:
+    _IMAGES[:] = [images]
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
     torch._dynamo.config.recompile_limit = 64  # many model variants in one process
     groups = Groups.create(Topology(STAGES, world // STAGES, rank))
@@ -270,7 +321,7 @@ def test_cells_that_run_equal_one_process(replicas):
     runnable = [cell for cell in cells() if refusal(cell) is None]
     mine = [cell for cell in runnable if cell_config(cell).pipeline.replicas == replicas]
     assert len(runnable) >= len(cells()) // 2, "most cells should run"
-    run(check_cells, STAGES * replicas, mine, timeout=290)
+    run(check_cells, STAGES * replicas, mine, images_root(), timeout=900)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -301,7 +352,9 @@ def table() -> str:
             "* **✓**: trained for 3 minibatches as 2 pipeline stages (fsdp: x 2 data-parallel "
             "replicas; one spawned gloo group runs all cells of a layout), every rank's weights "
             "equal one process training eagerly (no sharding, checkpointing, compiling or "
-            f"deferral; one engine per replica): in float64 within atol {FLOAT64_ATOL:g}; with "
+            "deferral; one engine per replica, reading what the replica reads: the loader cells "
+            f"stream the same images through the Loader): in float64 within atol "
+            f"{FLOAT64_ATOL:g}; with "
             f"bf16 or fp16, one process in the same precision within rtol {MIXED_RTOL:g}, and an "
             f"fp32 run taking the same steps within {FP32_RTOL:g} of the weights' norm. A "
             "compiled cell compiles nothing after its first training call.", 96,

@@ -1,9 +1,11 @@
 """``train.compile: blocks``: each module an engine calls (the stem, every block, every head)
 through ``torch.compile``, one small graph per module, compiled in place.
 
-``nn.Module.compile`` compiles the module's call in place, so parameter names, state dicts,
-FSDP2's wrapping and peft's adapters stay as they are, and dynamo traces the module as it is at
-its first call (after the stage was allocated, LoRA injected and sharded). Identical blocks
+Each module's ``forward`` is replaced by its compiled self (``module.forward =
+torch.compile(module.forward)``), not the module's call: parameter names and state dicts stay as
+they are, FSDP2's and peft's hooks (which run in ``__call__``) stay outside the graph, so they
+cause no graph break, and dynamo traces the module as it is at its first call (after the stage
+was allocated, LoRA injected and sharded). Identical blocks
 share one compiled graph: dynamo treats their parameters as graph inputs, so a ViT's twelve
 encoder blocks compile once. The engine keeps calling ``model.block_forward``; everything it
 builds around a block (detached leaves, streams of backward calls, the input-gradient /
