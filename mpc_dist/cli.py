@@ -1,4 +1,5 @@
-"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands); ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
+"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands); ``train`` ends
+in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
 """
 
@@ -205,6 +206,12 @@ def _bench_engine(args: argparse.Namespace) -> None:
     bench(args)
 
 
+def _bench_compile(args: argparse.Namespace) -> None:
+    from .bench.compile_cost import main as bench
+
+    bench(args)
+
+
 def _export_data(args: argparse.Namespace) -> None:
     from .data.export import export_data
 
@@ -357,7 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
+    bench.add_argument(
+        "--compile", choices=("none", "inductor", "aot_eager"), default="none",
+        help="also time every block and engine steps compiled with this backend, against eager",
+    )  # fmt: skip
     bench.set_defaults(run=_bench_engine)
+
+    from .bench.compile_cost import add_arguments as compile_arguments
+
+    compiled = commands.add_parser(
+        "bench-compile", help="step time and first-step compile cost, eager vs train.compile"
+    )
+    compile_arguments(compiled)
+    compiled.set_defaults(run=_bench_compile)
 
     export = commands.add_parser(
         "export-data", help="write MNIST / Fashion-MNIST to disk: image folder, tar, wds or hf"

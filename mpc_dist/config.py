@@ -150,6 +150,9 @@ class TrainConfig:
     # autocast in bf16 or fp16 with fp32 master weights, or plain fp32
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
     activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
+    compile: Literal["none", "blocks"] = "none"  # blocks: torch.compile each block and head
+    # inductor (generated kernels) | aot_eager (traced, no code generation: checks, debugging)
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
     tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs

@@ -27,6 +27,14 @@ def test_accelerate_settings_are_mapped():
     config, notes = mapped(fsdp)
     assert config.pipeline.sharding == "fsdp"
     assert config.train.activation_checkpointing == "blocks"
+    config, notes = mapped({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+                            "ACCELERATE_DYNAMO_MODE": "default"})  # fmt: skip
+    assert (config.train.compile, config.train.compile_backend) == ("blocks", "inductor")
+    assert notes == ["train.compile=blocks with train.compile_backend=inductor (from accelerate "
+                     "--dynamo_backend inductor)"]  # fmt: skip
+    with pytest.raises(ConfigError, match="train.compile_backend=aot_eager; make them agree"):
+        mapped({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
+               overrides=["train.compile=blocks", "train.compile_backend=aot_eager"])  # fmt: skip
     config, notes = mapped({})  # not started by accelerate: nothing changes
     assert config == load_config(None, []) and not notes
 
@@ -35,7 +43,9 @@ def test_accelerate_settings_are_mapped():
     "environ,message",
     [
         ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "--mixed_precision fp8"),
-        ({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, "--dynamo_backend inductor"),
+        ({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "CUDAGRAPHS"}, "--dynamo_backend cudagraphs"),
+        ({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+          "ACCELERATE_DYNAMO_MODE": "max-autotune"}, "--dynamo_mode max-autotune"),
         ({**ACCELERATE, "ACCELERATE_USE_FSDP": "true"}, "--fsdp_version 1"),
         ({**ACCELERATE, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
           "FSDP_OFFLOAD_PARAMS": "true"}, "--fsdp_offload_params"),

@@ -155,6 +155,16 @@ class Groups:
         messages = {kind: mine.get(kind) for kind in ("F", "B")}
         return Groups(topology, mine.get("pipeline"), mine.get("data_parallel"), messages)
 
+    def set_message_timeout(self, seconds: float) -> None:
+        """Change the message groups' timeout from now on (torchtitan's first-step timeout:
+        steps that compile wait longer for messages than later ones)."""
+        set_timeout = getattr(dist, "set_timeout", None)  # public from torch 2.10
+        if set_timeout is None:
+            set_timeout = dist.distributed_c10d._set_pg_timeout
+        for group in self.messages.values():
+            if group is not None:
+                set_timeout(timedelta(seconds=seconds), group)
+
     def warm_up(self, device: torch.device) -> None:
         """Open every point-to-point channel before the first timed step: NCCL creates a pair's
         communicator at its first message, blocking the host. Every rank walks the same list of

@@ -54,8 +54,8 @@ class ForwardForward:
     def goodness(out: torch.Tensor) -> torch.Tensor:
         return out.flatten(1).square().sum(dim=1)
 
-    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
-        out = model.block_forward(t, self.block_input(t, x))
+    def step(self, model: BlockModel, t, x, y, generator, forward) -> LocalStep:
+        out = forward(t, self.block_input(t, x))
         positive, negative, _ = out.chunk(3)
         threshold = positive[0].numel()
         loss = (F.softplus(threshold - self.goodness(positive)).mean()

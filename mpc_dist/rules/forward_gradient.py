@@ -53,7 +53,8 @@ def relu_follows(model: BlockModel, t: int) -> set[int]:
 class ForwardGradient(PlainRule):
     name = "forward_gradient"
 
-    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
+    def step(self, model: BlockModel, t, x, y, generator, forward) -> LocalStep:
+        # ``forward`` unused: the block runs without a graph (no checkpointing to apply)
         linears = linear_layers(model, t)
         head, _ = model.loss_head(t + 1)
         seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (input, output)

@@ -20,7 +20,7 @@ from ..models import BlockModel, build_model
 from .bootstrap import Job, check_shared_directory, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
-from .metrics import MetricsLogger, StepLog, plot_run
+from .metrics import CompileLog, MetricsLogger, StepLog, plot_run
 from .precision import configure_tf32
 from .runner import PipelineRunner, Runner, SingleRunner
 from .selection import Reselect, report, run_plan
@@ -194,6 +194,7 @@ class TrainingRun:
         self.data_stats: dict = {"wait_s": 0.0, "skipped": 0, "skipped_files": []}
         self.stages: dict[str, list[float]] = {}
         self.evaluated_at = -1
+        self.compiles = CompileLog() if config.train.compile == "blocks" else None
 
     def chunk_size(self) -> int:
         """A chunk ends at the epoch's end, at stop_at, and at the next checkpoint or evaluation."""
@@ -216,6 +217,15 @@ class TrainingRun:
             self.save()
 
     def train_chunk(self, chunk: list, learning_rates: list[float]) -> list:
+        if self.compiles is None:
+            return self._train_chunk(chunk, learning_rates)
+        with self.compiles.training_call():
+            results = self._train_chunk(chunk, learning_rates)
+        if self.logger is not None and self.compiles.calls <= 2:  # what the first two compiled
+            self.logger.log("compile", self.state.step + len(chunk), **self.compiles.record())
+        return results
+
+    def _train_chunk(self, chunk: list, learning_rates: list[float]) -> list:
         try:
             return self.runner.run(chunk, learning_rates)
         except TrainingError as error:
@@ -256,6 +266,8 @@ class TrainingRun:
         """Print the summary table (and write the plot) on the logging rank; return the metrics."""
         if self.logger is None:
             return self.final
+        if self.compiles is not None:
+            self.logger.log("compile", self.state.step, **self.compiles.record())
         self.logger.close()
         elapsed = time.perf_counter() - log.started
         plan, config = self.runner.plan, self.config
@@ -281,6 +293,13 @@ class TrainingRun:
             summary["stage busy / idle (s)"] = "  ".join(f"{b:.1f}/{i:.1f}" for b, i in pairs)
             summary["stage peak activations (MiB)"] = "  ".join(
                 f"{m:.2f}" for m in self.stages["stage_peak_activation_mib"]
+            )
+        if self.compiles is not None:
+            compiled = self.compiles.record()
+            summary["compile, first step (s)"] = compiled["compile_first_step_s"]
+            summary["graphs compiled (first / second step / later)"] = (
+                f"{compiled['graphs_first_step']} / {compiled['graphs_second_step']} / "
+                f"{compiled['recompiles_after_second_step']}  ({compiled['graph_breaks']} breaks)"
             )
         if config.run.plot:
             plot = plot_run(self.logger.path, config.run_dir / "plot.png", summary["plan"])

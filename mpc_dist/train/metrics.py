@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.progress import Progress
+
+from ..core.compile import CompileStats
 
 
 class MetricsLogger:
@@ -116,3 +120,38 @@ class StepLog:
             self.window = [0.0, 0, 0, 0.0, 0]
             if not self.bar.disable and not self.bar.console.is_terminal:
                 self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)
+
+
+class CompileLog:
+    """What this process compiled while training (``train.compile: blocks``), by training call:
+    the first (the first step; the first window in async mode) compiles the blocks, the second
+    may add what only a second step meets, and nothing should be compiled after that."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = self.second = self.later = CompileStats(0, 0, 0.0)
+
+    @contextmanager
+    def training_call(self) -> Iterator[None]:
+        before = CompileStats.now()
+        yield
+        spent = CompileStats.now().since(before)
+        if self.calls == 0:
+            self.first = spent
+        elif self.calls == 1:
+            self.second = spent
+        else:
+            self.later = self.later + spent
+        self.calls += 1
+
+    def record(self) -> dict[str, float]:
+        """For metrics.jsonl: the first step's compile seconds and graphs, graph breaks, and the
+        graphs compiled after the second step (recompilations; 0 expected)."""
+        breaks = self.first.graph_breaks + self.second.graph_breaks + self.later.graph_breaks
+        return {
+            "compile_first_step_s": round(self.first.seconds, 3),
+            "graphs_first_step": self.first.graphs,
+            "graphs_second_step": self.second.graphs,
+            "graph_breaks": breaks,
+            "recompiles_after_second_step": self.later.graphs,
+        }

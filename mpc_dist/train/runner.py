@@ -27,6 +27,7 @@ from .step import OptimizerStep, build_optimizer
 
 Batch = tuple[torch.Tensor | None, torch.Tensor]  # inputs (where the runner reads them), targets
 StepResult = tuple[float, int, int]  # final loss, correct predictions, samples
+COMPILING_CALLS = 2  # train.compile: blocks compiles in the first two training calls, not later
 
 
 class Runner(Protocol):
@@ -170,7 +171,10 @@ class PipelineRunner:
         p, topology = config.pipeline, job.topology
         self.topology, self.watchdog = topology, job.watchdog
         try:
-            groups = Groups.create(topology, p.timeout, p.collective_timeout)
+            # compiling, a stage's first steps can outlast pipeline.timeout; its messages wait
+            # as long as collectives until COMPILING_CALLS calls are done
+            first_timeout = p.collective_timeout if config.train.compile == "blocks" else p.timeout
+            groups = Groups.create(topology, first_timeout, p.collective_timeout)
             groups.warm_up(job.device)
             dtype = dtype_of(config.train.dtype)
             compute = compute_options(config.train, job.device)
@@ -190,7 +194,8 @@ class PipelineRunner:
         except BaseException as error:
             self.watchdog.fail(error)
             raise
-        self.config, self.plan, self.runtime = config, plan, stage.runtime
+        self.config, self.plan, self.runtime, self.groups = config, plan, stage.runtime, groups
+        self.calls = 0
         self.device = job.device
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
@@ -212,6 +217,10 @@ class PipelineRunner:
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         share = self.config.data.batch_size // self.topology.replicas
         results = self.runtime.run(batches, learning_rates, batch_size=share)
+        self.calls += 1
+        if self.calls == COMPILING_CALLS and self.config.train.compile == "blocks":
+            dist.barrier()  # every rank is done compiling before any waits less
+            self.groups.set_message_timeout(self.config.pipeline.timeout)
         return [(loss, correct, share) for loss, correct in results]
 
     def evaluate(self, data: Loader) -> dict[str, float]:

@@ -101,15 +101,22 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "
         f"defer; set pipeline.defer_weights=false",
     )
+    by_hand = rule in ("forward_gradient", "pepita")  # their updates are formed by hand
     need(
-        t.activation_checkpointing == "none",
-        f"train.activation_checkpointing={t.activation_checkpointing}: rule {rule} holds one "
-        f"block's graph at a time; set train.activation_checkpointing=none",
+        not by_hand or t.activation_checkpointing == "none",
+        f"train.activation_checkpointing={t.activation_checkpointing}: rule {rule} keeps no "
+        f"graph of its blocks between forward and update, there is nothing to recompute; set "
+        f"train.activation_checkpointing=none",
     )
     need(
-        config.pipeline.sharding == "none",
-        f"pipeline.sharding={config.pipeline.sharding}: rule {rule} is not offered with sharded "
-        f"stages (its updates are formed on whole parameters); set pipeline.sharding=none",
+        not by_hand or t.compile == "none",
+        f"train.compile={t.compile}: rule {rule} hooks each linear layer around every block "
+        f"call, which a compiled block skips or recompiles for; set train.compile=none",
+    )
+    need(
+        rule != "pepita" or config.model.lora is None,
+        "model.lora: rule pepita forms the update of each block's one linear layer by hand, "
+        "adapters would add layers it does not train; remove model.lora",
     )
     need(
         rule not in ("forward_gradient", "pepita") or t.precision == "fp32",
@@ -154,8 +161,9 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
     need(
         not (p.mode == "async" and p.stages > 1 and config.train.precision == "fp16-mixed"),
-        "train.precision=fp16-mixed: every stage must share one loss scale, which async mode "
-        "cannot; use train.precision=bf16-mixed (no scaling) or pipeline.mode=sync",
+        "train.precision=fp16-mixed: every stage must share one loss scale and skip the same "
+        "steps, a check across stages at every step that async mode has no barrier for; use "
+        "train.precision=bf16-mixed (no scaling) or pipeline.mode=sync",
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(
