@@ -1,6 +1,6 @@
-"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands); ``train`` ends
-in ``mpc_dist.train.train``, the entry point every launcher
-calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
+"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands). ``train`` ends
+in ``mpc_dist.train.train``, the entry point every launcher calls (``launch/train.py`` for
+torchrun, accelerate and deepspeed).
 """
 
 from __future__ import annotations
