@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from launching import BIN, ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
+from launching import (
+    BIN,
+    ENV,
+    TINY,
+    assert_same_weights,
+    mpc_dist,
+    sets,
+    single_process_run,
+    start_ranks,
+    wait_all,
+)
 from multiprocess import free_port
 
 
@@ -55,41 +64,6 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
     assert "pipeline.stages=4" in result.stderr and "--nproc 4" in result.stderr
     result = mpc_dist("train", "--nproc", "2", *sets(*TINY, "pipeline.stages=4"))
     assert result.returncode == 2 and "--nproc 4" in result.stderr
-
-
-def start_ranks(
-    world: int, args_of_rank, env_extra=None, script: str = "launch/train.py"
-) -> list[subprocess.Popen]:
-    """Ranks started by hand, the way a cluster scheduler would start them."""
-    port = free_port()
-    processes = []
-    for rank in range(world):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), **(env_extra or {})}  # fmt: skip
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, script, *args_of_rank(rank)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-        )
-    return processes
-
-
-def wait_all(processes, timeout: float) -> list[tuple[int, str]]:
-    deadline = time.monotonic() + timeout
-    results = []
-    for process in processes:
-        try:
-            _, err = process.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail(f"ranks still running after {timeout} s: a hang")
-        results.append((process.returncode, err))
-    return results
 
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])

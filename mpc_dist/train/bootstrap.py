@@ -4,6 +4,7 @@ agreeing on what rank 0 decides (the plan under ``horizon: auto``, a timed parti
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,9 +20,13 @@ from ..parallel import (
     check_same_config,
     device_and_backend,
     init_process_group,
+    job_token,
     launched_world_size,
     place_ranks,
+    process_group_timeout,
+    shares_agent_store_across_restarts,
 )
+from .attempts import FAILURE
 
 T = TypeVar("T")
 
@@ -59,9 +64,15 @@ def join_job(config: Config) -> Job:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device, backend = device_and_backend(local_rank, p.backend, config.train.device)
-    init_process_group(backend, p.timeout)
+    init_process_group(backend, process_group_timeout(p.timeout))
     topology = place_ranks(p.stages, p.replicas)
-    watchdog = Watchdog(topology, p.timeout).start()
+    several_agents = int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
+    if shares_agent_store_across_restarts() and several_agents and topology.rank == 0:
+        print("mpc-dist: warning: torchrun's restarts on several nodes share its store "
+              "between attempts (pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "where torchrun starts", file=sys.stderr)  # fmt: skip
+    failures, namespace = config.run_dir / FAILURE, job_token()
+    watchdog = Watchdog(topology, p.timeout, failure_dir=failures, namespace=namespace).start()
     try:
         check_same_config(config.to_yaml(), topology)
     except BaseException as error:

@@ -7,15 +7,16 @@ a single process and for every rank of a pipeline; the runner hides which one it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..console import console, print_summary, progress_bar
 from ..models import build_model
+from .attempts import begin_attempt, prepare_run_dir
 from .bootstrap import Job, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
@@ -36,12 +37,19 @@ class Progress:
     step: int = 0  # optimizer steps taken
 
 
-def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = ()) -> dict:
+def train(
+    config: Config,
+    resume: bool = False,
+    callbacks: Iterable[Callback] = (),
+    attempt: Mapping[str, Any] | None = None,
+) -> dict:
     """Train (or resume) the run ``config`` describes; returns the final metrics.
 
     Called in every process, by every launcher. A pipeline config (pipeline.stages x
     pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` hook
-    into the loop (``mpc_dist.train.Callback``).
+    into the loop (``mpc_dist.train.Callback``). A job its launcher restarted resumes from the
+    latest complete checkpoint by itself; ``attempt``: what the launcher adds to the record of
+    this start in ``attempts.jsonl``.
     """
     validate_config(config)
     data, seed = config.data, config.train.seed
@@ -53,7 +61,7 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     callbacks = list(callbacks)
     check_world_size(config)
     job = join_job(config) if config.world_size > 1 else None
-    runner = _start(config, model, train_set, resume, job, callbacks)
+    runner, resume = _start(config, model, train_set, resume, job, callbacks, attempt)
     if config.horizon.reselect_every:
         steps_per_epoch = num_batches(train_set, config.data.batch_size)
         callbacks.append(Reselect(config, runner, train_set, steps_per_epoch))
@@ -73,36 +81,25 @@ def _start(
     resume: bool,
     job: Job | None,
     callbacks: list[Callback],
-) -> Runner:
-    """The plan, the run directory (written by one rank) and the runner of this process."""
+    attempt: Mapping[str, Any] | None = None,
+) -> tuple[Runner, bool]:
+    """The plan, the run directory (written by one rank) and the runner of this process; and
+    whether it resumes (rank 0 decides: see ``attempts.begin_attempt``)."""
     try:
+        begin = lambda: begin_attempt(config, resume, attempt)  # noqa: E731
+        record = job.from_rank_zero(begin) if job is not None else begin()
+        resume = record["resume_from"] is not None
         plan, selections = run_plan(config, model, train_set, resume, job)
         prepare_run_dir(config, resume, write=job is None or job.is_rank_zero)
         for selection in selections:
             report(selection, config.run_dir)
         if job is None:
-            return SingleRunner(config, model, plan, callbacks)
-        return PipelineRunner(config, model, plan, job, callbacks)
+            return SingleRunner(config, model, plan, callbacks), resume
+        return PipelineRunner(config, model, plan, job, callbacks), resume
     except BaseException as error:
         if job is not None:
             job.watchdog.fail(error)
         raise
-
-
-def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
-    run_dir = config.run_dir
-    checkpoints = run_dir / "checkpoints"
-    if not resume and any(checkpoints.glob("step_*")):
-        raise ConfigError(
-            f"run.name={config.run.name}: {run_dir} already holds checkpoints; pass --resume to "
-            f"continue it or choose another run.name"
-        )
-    if resume and not any(checkpoints.glob("step_*")):
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-    return run_dir
 
 
 def fit(
@@ -161,8 +158,9 @@ class TrainingRun:
         )
         self.state = Progress()
         if resume:
-            latest = self.checkpointer.latest()
-            self.state = Progress(**self.checkpointer.load(latest, runner.model, runner.optimizer))
+            fallback = config.run.resume_fallback
+            _, state = self.checkpointer.load_latest(runner.model, runner.optimizer, fallback)
+            self.state = Progress(**state)
         self.steps_per_epoch = num_batches(train_set, config.data.batch_size)
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.train.max_steps or self.total_steps)
@@ -196,6 +194,7 @@ class TrainingRun:
             self.save()
 
     def train_chunk(self, chunk: list, learning_rates: list[float]) -> list:
+        self.runner.note("training", self.state.step)
         try:
             return self.runner.run(chunk, learning_rates)
         except TrainingError as error:
@@ -203,19 +202,21 @@ class TrainingRun:
             raise TrainingError(
                 f"{error} in steps {first}-{last} (epoch {self.state.epoch}); weights not "
                 f"updated, last good checkpoint kept: {self.checkpointer.latest()}; lower "
-                f"optim.lr or set optim.grad_clip"
+                f"optim.lr, set optim.grad_clip, or skip such steps (optim.on_nonfinite=skip)"
             ) from None
 
     def save(self) -> None:
         step, runner = self.state.step, self.runner
         if self.checkpointer.latest() == self.checkpointer.directory / f"step_{step:08d}":
             return
+        runner.note(f"writing the checkpoint of step {step}", step)
         path = self.checkpointer.save(step, runner.model, runner.optimizer, vars(self.state))
         for callback in self.callbacks:
             callback.after_checkpoint(step, path)
 
     def evaluate(self, announce: bool = False) -> None:
         self.evaluated_at = self.state.step
+        self.runner.note(f"evaluating at step {self.state.step}", self.state.step)
         self.final = self.runner.evaluate(self.test_set)
         self.stages.update(self.runner.stage_report())  # collective in a pipeline
         for callback in self.callbacks:

@@ -81,6 +81,8 @@ def build_stage(
         norm_group=norm_group,
         callbacks=callbacks,
         scaler=grad_scaler(compute, device, norm_group),
+        on_nonfinite=optim.on_nonfinite,
+        replica_group=groups.data_parallel,
     )
     engine = make_engine(part, plan, EngineOptions(compute, scale_loss=step.scale_loss, seed=seed))
     return Stage(part, optimizer, PipelineRuntime(engine, ranges, groups, step, runtime))
