@@ -244,6 +244,10 @@ def minibatches():
              torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]  # fmt: skip
 
 
+def nonfinite_optim(policy: str) -> OptimConfig:
+    return OptimConfig("sgd", lr=0.05, momentum=0.9, on_nonfinite=policy)
+
+
 def one_process(plan: Plan, optim: OptimConfig, trained: list[int]) -> dict[str, torch.Tensor]:
     """SGD with momentum on the minibatches ``trained``, in one process (4 microbatches each)."""
     model = build_model(SPEC, SHAPE, 5, seed=0).double()
@@ -258,15 +262,14 @@ def one_process(plan: Plan, optim: OptimConfig, trained: list[int]) -> dict[str,
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def check_nonfinite_replica(rank: int, world: int) -> None:
+def check_nonfinite_replica(rank: int, world: int, expected: dict[str, dict]) -> None:
     """P = 2 x D = 2, FSDP, async: replica 0's share of minibatch 1 holds a NaN. ``skip``: no
     replica steps on it and training goes on (one schedule of 3 minibatches); ``stop``: every
     rank raises. Either way every replica holds the weights of one process trained without it."""
     groups, plan = Groups.create(Topology(2, 2, rank)), Plan("receding", 2, T)
     replica = groups.topology.replica
     for policy in ("skip", "stop"):
-        optim = OptimConfig("sgd", lr=0.05, momentum=0.9, schedule="constant",
-                            on_nonfinite=policy)  # fmt: skip
+        optim = nonfinite_optim(policy)
         stage = build_stage(
             model=build_model(SPEC, SHAPE, 5, device="meta"), plan=plan,
             ranges=stage_ranges([2, 2]), groups=groups, optim=optim, spec=SPEC, seed=0,
@@ -278,21 +281,23 @@ def check_nonfinite_replica(rank: int, world: int) -> None:
             batches[1][0][0, 0, 0, 0] = float("nan")
         if policy == "skip":
             stage.runtime.run(batches, [optim.lr] * 3)
-            trained = [0, 2]
         else:
             stage.runtime.run(batches[:1], [optim.lr])
             with pytest.raises(TrainingError, match="non-finite"):
                 stage.runtime.run(batches[1:2], [optim.lr])
-            trained = [0]
-        expected = one_process(plan, optim, trained)
         for name, p in stage.model.named_parameters():
             case, full = f"{policy} {name}", p.full_tensor().detach()
-            torch.testing.assert_close(full, expected[name], rtol=0, atol=1e-9,
+            torch.testing.assert_close(full, expected[policy][name], rtol=0, atol=1e-9,
                                        msg=lambda m, case=case: f"{case}: {m}")  # fmt: skip
 
 
 def test_nonfinite_gradient_in_one_fsdp_replica_skips_or_stops_everywhere():
-    run(check_nonfinite_replica, 4, timeout=300)
+    plan = Plan("receding", 2, T)
+    expected = {  # skip: minibatches 0 and 2 trained; stop: training ends after minibatch 0
+        policy: one_process(plan, nonfinite_optim(policy), trained)
+        for policy, trained in (("skip", [0, 2]), ("stop", [0]))
+    }
+    run(check_nonfinite_replica, 4, expected, timeout=300)
 
 
 # ------------------------------------------------------------------ the parts, without processes

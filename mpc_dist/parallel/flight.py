@@ -112,7 +112,7 @@ class FlightRecord:
             return f"the send of {self._message(action.message)} to stage {action.peer}"
         if kind.is_receive:
             return f"the receive of {self._message(action.message)} from stage {action.peer}"
-        return f"{_DOES[kind]} of {where}"
+        return f"{_DOES.get(kind, f'the {kind} action')} of {where}"
 
     def snapshot(self, reason: str, failure: str | None) -> dict[str, Any]:
         """The record as JSON-ready data."""

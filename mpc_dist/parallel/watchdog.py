@@ -150,11 +150,11 @@ class Watchdog:
 
     # ------------------------------------------------------------------ failures
 
-    def report(self, cause: str) -> str:
+    def report(self, cause: str, silent: list[int] = ()) -> str:
         """Record ``cause`` as the job's failure unless another was recorded first; returns
         the first, with every rank's state appended. The rank that records it also writes
         ``failure/summary.json``."""
-        line = f"{cause}; {self._states_line()}"
+        line = f"{cause}; {self._states_line(silent)}"
         with contextlib.suppress(Exception):
             # compare_set with an empty expected value only writes a key that does not exist
             first = self._store.compare_set(FAILED_KEY, "", line).decode()
@@ -184,7 +184,8 @@ class Watchdog:
                         self.exit(f"stopping: {self._store.get(FAILED_KEY).decode()}")
                     silent = self._silent_peers(time.time(), stale_s=3 * self.interval_s + 1)
                     if silent:
-                        self.exit(f"stopping: {self.report(self._silence(silent))}")
+                        cause = self._silence(silent)
+                        self.exit(f"stopping: {self.report(cause, silent)}")
                 time.sleep(self.interval_s)
         first = self.report_failure(error)
         if not first.startswith(self.topology.describe(self.rank) + " "):
@@ -208,8 +209,9 @@ class Watchdog:
             self._store.set(f"state/{self.rank}", state)
             self._published = state
 
-    def _states_line(self) -> str:
-        """Every rank's last published state (this rank's, fresh), in one line."""
+    def _states_line(self, silent: list[int] = ()) -> str:
+        """Every rank's last published state (this rank's, fresh), in one line; a silent
+        rank's is what it said last."""
         states = []
         for r in range(self.topology.world_size)[:MAX_LISTED_RANKS]:
             if r == self.rank:
@@ -220,7 +222,7 @@ class Watchdog:
                         [f"state/{r}"]) else "no state published"  # fmt: skip
                 except Exception:
                     state = "unknown (the store did not answer)"
-            states.append(f"rank {r}: {state}")
+            states.append(f"rank {r}: {'silent, last said: ' if r in silent else ''}{state}")
         more = self.topology.world_size - MAX_LISTED_RANKS
         tail = f" | ... {more} more ranks in the flight records" if more > 0 else ""
         return "every rank: " + " | ".join(states) + tail
@@ -243,7 +245,8 @@ class Watchdog:
                         self.exit(f"stopping: {failure}")
                 silent = self._silent_peers(started)
                 if silent:
-                    self.exit(f"stopping: {self.report(self._silence(silent, self.timeout_s))}")
+                    cause = self._silence(silent, self.timeout_s)
+                    self.exit(f"stopping: {self.report(cause, silent)}")
                 if self.flight.waited() > self.timeout_s:
                     self.exit(f"stopping: {self.report(self._hang())}")
             except Exception as error:  # the store lives in rank 0's launcher or process
