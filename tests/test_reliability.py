@@ -17,16 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import (
-    BIN,
-    ENV,
-    TINY,
-    assert_same_weights,
-    sets,
-    single_process_run,
-    start_ranks,
-    wait_all,
-)
+from launching import BIN, ENV, TINY, assert_same_weights, sets, start_ranks, wait_all
 from multiprocess import free_port, run
 from torch.distributed.checkpoint.filesystem import FileSystem
 
@@ -64,8 +55,10 @@ RUN = ["train.max_steps=8", "run.checkpoint_every=2", "horizon.horizon=2", "mode
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """The run every interrupted one must end equal to: one process, never stopped."""
-    return single_process_run(tmp_path_factory.mktemp("uninterrupted"), *RUN)
+    """The run every interrupted one must end equal to: one process (this one), never stopped."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert cli.main(["train", *sets(*TINY, *RUN, f"run.out_dir={out}", "run.name=single")]) == 0
+    return out / "single"
 
 
 def launch(command: list[str], env=None, timeout: float = 420) -> subprocess.CompletedProcess:

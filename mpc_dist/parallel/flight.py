@@ -13,9 +13,8 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .actions import Action, ActionKind, Message, MessageKind
 from .topology import Topology
@@ -33,9 +32,8 @@ _DOES = {
 }
 
 
-@dataclass(frozen=True)
-class Wait:
-    """A message the main thread blocks on."""
+class Wait(NamedTuple):
+    """A message the main thread blocks on (a tuple: made on every receive, it must be cheap)."""
 
     message: Message
     peer: int  # the stage at the other end
