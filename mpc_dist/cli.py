@@ -1,5 +1,5 @@
-"""``mpc-dist``: plan, schedule, train, ray, why, probe, select-horizon, compare, bench,
-simulate, horizon-study, rules-study, bench-engine.
+"""``mpc-dist``: plan, schedule, train, ray, why, doctor, probe, select-horizon, compare, bench,
+simulate, horizon-study, rules-study, bench-engine, export-data, bench-data.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -12,8 +12,6 @@ import errno
 import os
 import subprocess
 import sys
-
-import torch
 
 from .config import ConfigError, load_config
 from .core import HORIZON_RULES, RULES, Plan
@@ -114,18 +112,29 @@ def _why(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    """Check a node or a job before a run; exits 1 when something blocks it."""
+    config = load_config(args.config, args.set)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.doctor import spawned
+
+        code = spawned(args.nproc, args.config, args.set)
+    else:
+        from .train.doctor import run_doctor
+
+        code = run_doctor(config)
+    if code:
+        raise SystemExit(code)
+
+
 def _measured_setup(args: argparse.Namespace):
     """Config, meta-device model and training data, as `train` would have them."""
-    from .models import build_model
-    from .train import load_dataset
+    from .train import open_run
 
     config = load_config(args.config, args.set)
     validate_config(config)
-    d = config.data
-    dataset = load_dataset(d.dataset, "train", d.root, d.synthetic_size, config.train.seed)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, device="meta")
-    return config, model, dataset
+    model, train_source, _ = open_run(config)
+    return config, model, train_source
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -208,6 +217,22 @@ def _bench_engine(args: argparse.Namespace) -> None:
     bench(args)
 
 
+def _export_data(args: argparse.Namespace) -> None:
+    from .data.export import export_data
+
+    written = export_data(
+        args.dataset, args.format, args.out, args.limit, args.ext, args.shard_size, args.root
+    )
+    counts = ", ".join(f"{split} {n} images" for split, n in written.items())
+    print(f"{args.out}: {args.dataset} as {args.format}, {counts}")
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    from .data.bench import main as bench
+
+    bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpc-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     why = commands.add_parser("why", help="what every rank did when a run failed (its flight "
                               "records in RUN_DIR/failure)")  # fmt: skip
-    why.add_argument("run_dir", help="run directory, e.g. runs/mnist_4stage")
+    why.add_argument("run_dir", help="run directory, e.g. runs/mnist_4stage (its last failure), "
+                     "or one attempt's records, e.g. runs/mnist_4stage/failure.1")  # fmt: skip
     why.set_defaults(run=_why)
 
     ray = commands.add_parser("ray", help="train as a Ray Train job, one worker per rank")
@@ -273,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--workers-per-node", type=int, default=0,
                      help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
     ray.set_defaults(run=_ray)
+
+    doctor = commands.add_parser("doctor", help="check a node or a job before a run")
+    _config_arguments(doctor, resume=False)
+    doctor.add_argument(
+        "--nproc", type=int, default=1, help="check as N local ranks under torchrun"
+    )
+    doctor.set_defaults(run=_doctor)
 
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     probe = commands.add_parser(
@@ -339,6 +372,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     bench.set_defaults(run=_bench_engine)
+
+    export = commands.add_parser(
+        "export-data", help="write MNIST / Fashion-MNIST to disk: image folder, tar, wds or hf"
+    )
+    export.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        choices=("mnist", "fashion_mnist", "cifar10", "cifar100"),
+    )
+    export.add_argument("--format", default="folder", choices=("folder", "tar", "wds", "hf"))
+    export.add_argument("--out", required=True, help="the folder to write (data.root)")
+    export.add_argument("--limit", type=int, help="about this many images per split, balanced")
+    export.add_argument("--ext", default="png", choices=("png", "jpg"))
+    export.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
+    export.add_argument("--root", help="where the in-memory set's files are (data.root)")
+    export.set_defaults(run=_export_data)
+
+    from .data.bench import add_arguments as bench_data_arguments
+
+    bench_data = commands.add_parser(
+        "bench-data", help="decoded + augmented images/s: our Loader next to timm's create_loader"
+    )
+    bench_data_arguments(bench_data)
+    bench_data.set_defaults(run=_bench_data)
     return parser
 
 

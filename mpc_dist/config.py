@@ -79,12 +79,56 @@ class HorizonConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 | cifar100 | synthetic
-    root: str | None = None  # folder with dataset files (CIFAR; optional for MNIST variants)
+    # In memory: mnist | fashion_mnist | cifar10 | cifar100 | synthetic. From disk (data.root):
+    # folder (ImageNet layout: root/train and root/val of class folders of images) | tar (root/
+    # train.tar and root/val.tar of class folders, or root/train/ and root/val/ of per-class
+    # tars) | wds (WebDataset shards root/*.tar with timm's _info.json) | hf (a Hugging Face
+    # dataset saved with save_to_disk). See docs/data.md.
+    dataset: str = "mnist"
+    root: str | None = None  # dataset files (CIFAR, the disk sources; optional for MNIST)
     batch_size: int = 128  # minibatch (one optimizer step)
     num_microbatches: int = 1  # microbatches per minibatch; must divide batch_size
     eval_batch_size: int = 1000
     synthetic_size: int = 2048  # samples per split of the synthetic set
+    image_size: int | None = None  # side of the images fed to the model; None: the in-memory
+    # set's own (28, 32), 224 for disk sources. In memory, a size other than the set's own
+    # resizes through the image path (timm's transforms), like augment.enabled does
+    num_workers: int = 0  # DataLoader worker processes decoding images (0: in the trainer's)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle: bool = True  # shuffle the training split each epoch (the evaluation split never)
+    shuffle_buffer: int = 2048  # wds: samples in the seeded shuffle buffer across shards
+    # a corrupt or truncated image or shard: fail (stop, naming the file) | skip (count it,
+    # report it at the end; its row takes the batch's next good one)
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation through timm (create_transform, Mixup); off by default. Values and
+    their meaning are timm's (train.py's arguments of the same names); docs/data.md."""
+
+    enabled: bool = False  # the training split's per-image transform: random resized crop, flip,
+    # auto_augment, color_jitter, random erasing; false: the evaluation transform (resize + crop)
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT); None: none
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # its aspect ratios
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.4  # timm applies it only without auto_augment
+    re_prob: float = 0.0  # random erasing probability (DeiT: 0.25)
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"  # random erasing fill
+    re_count: int = 1  # random erasing regions
+    interpolation: Literal["bilinear", "bicubic", "nearest", "random"] = "bilinear"  # resize
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, centre crop
+    mean: list[float] | None = None  # normalization; None: the in-memory set's own, or
+    std: list[float] | None = None  # ImageNet's (timm's default) for images from disk
+    # Batch-level, on each microbatch (soft targets (N, C); on without augment.enabled too):
+    mixup: float = 0.0  # mixup alpha; 0: off (DeiT: 0.8)
+    cutmix: float = 0.0  # cutmix alpha; 0: off (DeiT: 1.0)
+    mixup_prob: float = 1.0  # probability of mixing a microbatch (or element, see mixup_mode)
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    # one draw per microbatch, per pair or per sample
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.0  # (DeiT: 0.1)
 
 
 @dataclass
@@ -109,6 +153,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
     activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
+    tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends
@@ -138,10 +183,16 @@ class PipelineConfig:
     partition: Literal["uniform", "params", "time", "explicit"] = "uniform"
     blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
     async_window: int = 64  # minibatches per async schedule; it drains between them (< 1% time)
-    timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
+    timeout: float = 45.0  # seconds a rank waits for a message or a silent peer before failing
+    # seconds a collective may take (checkpoint barriers on slow storage, rank 0 profiling or
+    # choosing the horizon while the others wait): the process groups' timeout
+    collective_timeout: float = 1800.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     # fsdp: FSDP2 shards parameters, gradients and optimizer state over the D replicas
     sharding: Literal["none", "fsdp"] = "none"
+    # fsdp under bf16-mixed: bfloat16 gathers parameters and accumulates gradients in bf16
+    # (half the all-gather; shards and reduction stay float32)
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
@@ -161,6 +212,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)

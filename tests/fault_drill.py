@@ -10,10 +10,13 @@ rank RANK, only in the launcher's attempt ATTEMPT (TORCHELASTIC_RESTART_COUNT) w
   number STEP (counted from 1 in every attempt, as ``Callback.before_step`` counts);
 * ``kill-checkpoint``: SIGKILLs itself right after writing its part of the checkpoint of run
   step STEP, before the checkpoint is complete;
+* ``full-disk``: this rank's disk is full (``/dev/full``: ENOSPC) while it writes its part of
+  the checkpoint of run step STEP;
 * ``withhold``: never sends the activation of microbatch 1 of run step STEP; its tag is used up,
   so the next stage waits for it forever (a hang).
 """
 
+import contextlib
 import functools
 import os
 import signal
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from mpc_dist import cli
 from mpc_dist.parallel import Mailbox, MessageKind
@@ -57,6 +61,22 @@ def kill_while_checkpointing(step: int) -> None:
     dcp.save = save
 
 
+def fill_disk_while_checkpointing(step: int) -> None:
+    """DCP's writes of ``step_<step>.partial`` on this rank go to /dev/full (ENOSPC)."""
+    original = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if "w" in mode and f"step_{step:08d}.partial" in str(path):
+            with open("/dev/full", mode) as stream:
+                yield stream
+        else:
+            with original(self, path, mode) as stream:
+                yield stream
+
+    FileSystem.create_stream = create_stream
+
+
 def withhold_activation(step: int) -> None:
     original = Mailbox.send
 
@@ -82,6 +102,8 @@ def install(spec: str) -> list[Callback]:
             callbacks.append(FailAt(int(step), kind))
         elif kind == "kill-checkpoint":
             kill_while_checkpointing(int(step))
+        elif kind == "full-disk":
+            fill_disk_while_checkpointing(int(step))
         elif kind == "withhold":
             withhold_activation(int(step))
         else:

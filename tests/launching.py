@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from multiprocess import free_port
+from processes import free_port
 
 from mpc_dist.train import compare_runs
 

@@ -22,7 +22,7 @@ from launching import (
     start_ranks,
     wait_all,
 )
-from multiprocess import free_port
+from processes import free_port
 
 
 def test_torchrun_pipeline_matches_single_process(tmp_path):

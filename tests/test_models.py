@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from multiprocess import run
+from processes import run
 from safetensors.torch import save_file
 
 from mpc_dist.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, load_config

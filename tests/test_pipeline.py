@@ -6,7 +6,7 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
 from mpc_dist.core import EngineOptions, HorizonEngine, Plan

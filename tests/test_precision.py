@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from helpers import grads, make_batch, make_model
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig, load_config
 from mpc_dist.core import ComputeOptions, EngineOptions, HorizonEngine, Plan

@@ -2,12 +2,12 @@
 
 Every scenario ends with nothing lost: the weights of the uninterrupted run (float64), or the
 last complete checkpoint intact and loadable. Faults are injected by ``fault_drill.py`` (in
-launched ranks) or by patching a writer here (in-process runs); none lives in the product.
+launched ranks) or set up here (a file linked to /dev/full, a damaged checkpoint, a NaN in one
+replica's data); none lives in the product.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import re
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import BIN, ENV, TINY, assert_same_weights, sets, start_ranks, wait_all
-from multiprocess import free_port, run
-from torch.distributed.checkpoint.filesystem import FileSystem
+from launching import BIN, ENV, TINY, assert_same_weights, sets
+from processes import free_port, run
 
 from mpc_dist import cli
 from mpc_dist.config import ModelConfig, OptimConfig, load_config
@@ -65,9 +64,10 @@ def launch(command: list[str], env=None, timeout: float = 420) -> subprocess.Com
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
-# ------------------------------------------------------------------ restarts, launched
+# ---------------------------------------------------- launched: restarts, a hang, a full disk
 
 
+@pytest.mark.multiprocess
 def test_random_kills_under_torchrun_restarts_lose_nothing(tmp_path, uninterrupted):
     """Chaos: in each of three attempts a random rank is SIGKILLed before a random step; torchrun
     restarts the job, which resumes from its latest complete checkpoint by itself."""
@@ -96,98 +96,88 @@ def test_random_kills_under_torchrun_restarts_lose_nothing(tmp_path, uninterrupt
     assert_same_weights(uninterrupted, run_dir)
 
 
-def test_kill_while_a_checkpoint_is_written_under_accelerate_restarts(tmp_path, uninterrupted):
-    """Rank 1 dies after writing its part of step 4's checkpoint, before the commit: the
-    restarted job (accelerate launch --max_restarts) resumes from step 2 and removes step 4's
-    partial folder."""
+@pytest.mark.multiprocess
+def test_hang_then_kill_in_a_checkpoint_under_accelerate_restarts(tmp_path, uninterrupted,
+                                                                  capsys):  # fmt: skip
+    """One accelerate job (--max_restarts 2), three attempts:
+    0. stage 0 never sends the activation of microbatch 1 of step 3 (a forced hang): within
+       pipeline.timeout both ranks stop, naming that message, and write their flight records;
+    1. resumed from step 2 by itself, rank 1 dies after writing its part of step 4's checkpoint,
+       before the commit;
+    2. resumed from step 2 again, step 4's partial folder removed; it ends with the weights of
+       the uninterrupted run."""
     command = [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "--max_restarts", "1", DRILL,
-        "0@1:4:kill-checkpoint",
-        *sets(*TINY, *RUN, "pipeline.stages=2", f"run.out_dir={tmp_path}", "run.name=acc"),
+        "--main_process_port", str(free_port()), "--max_restarts", "2", DRILL,
+        "0@0:3:withhold,1@1:4:kill-checkpoint",
+        *sets(*TINY, *RUN, "pipeline.stages=2", "pipeline.timeout=12", f"run.out_dir={tmp_path}",
+              "run.name=acc"),
     ]  # fmt: skip
     result = launch(command, env={**ENV, "ACCELERATE_USE_CPU": "true"})
     run_dir = tmp_path / "acc"
     assert result.returncode == 0, result.stderr[-4000:]
-    first, second = read_attempts(run_dir)
-    assert (first["launcher"], second["launcher"], second["restart"]) == ("accelerate",) * 2 + (1,)
-    assert second["resume_from"].endswith("step_00000002"), second
-    assert second["removed_partial"] == ["step_00000004.partial"], second
-    # rank 0 was stopped by the launcher inside the checkpoint; its flight record says so
-    record = json.loads((run_dir / "failure.1" / "rank_0.json").read_text())
+    attempts = read_attempts(run_dir)
+    assert [(a["launcher"], a["restart"]) for a in attempts] == [
+        ("accelerate", n) for n in range(3)
+    ]
+    assert attempts[0]["resume_from"] is None
+    assert all(a["resume_from"].endswith("step_00000002") for a in attempts[1:]), attempts
+    assert attempts[2]["removed_partial"] == ["step_00000004.partial"], attempts[2]
+    # the hang: every rank's line, the summary and both records name the missing message
+    missing = r"stage 1 waits \d+ s for the activation of microbatch 1 of step 3 from stage 0"
+    assert re.search(missing, attempts[1]["previous_failure"]), attempts[1]
+    assert "(pipeline.timeout=12 s)" in attempts[1]["previous_failure"], attempts[1]
+    for rank in (0, 1):
+        said = [x for x in result.stderr.splitlines() if x.startswith(f"mpc-dist: rank {rank} ")]
+        assert any(re.search(missing, x) and "timed out" in x for x in said), said
+    hang = run_dir / "failure.1"
+    records = {r: json.loads((hang / f"rank_{r}.json").read_text()) for r in (0, 1)}
+    assert records[1]["waiting"]["message"] == "F0.1s0" and records[1]["waiting"]["peer_stage"] == 0
+    assert all(re.search(missing, records[r]["failure"]) for r in (0, 1)), records
+    assert records[0]["recent"] and len(records[1]["recent"]) <= 32
+    assert cli.main(["why", str(hang)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())  # rich wraps lines at 80 columns here
+    assert "the activation of microbatch 1 of step 3" in shown and "1RF0.1" in shown, shown
+    # the kill inside the checkpoint: rank 0, stopped by the launcher there, says so
+    record = json.loads((run_dir / "failure.2" / "rank_0.json").read_text())
     assert "writing the checkpoint of step 4" in record["state"], record
     assert_same_weights(uninterrupted, run_dir)
 
 
-# ------------------------------------------------------------------ a hang, explained
+@pytest.mark.multiprocess
+def test_full_disk_on_one_rank_while_writing_a_checkpoint_keeps_the_previous_one(
+    tmp_path, uninterrupted
+):
+    """Rank 1's disk is full while it writes its part of step 4's checkpoint (torchrun, two
+    ranks): every rank stops with one line naming the checkpoint, step 2 stays the latest and
+    loads; resumed (here in one process: checkpoints are keyed by parameter name), the run ends
+    with the uninterrupted run's weights."""
+    common = [*TINY, *RUN, f"run.out_dir={tmp_path}", "run.name=full"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        DRILL, "1:4:full-disk", *sets(*common, "pipeline.stages=2"),
+    ]  # fmt: skip
+    result = launch(command)
+    run_dir = tmp_path / "full"
+    assert result.returncode != 0
+    errors = [x for x in result.stderr.splitlines() if "could not write checkpoint" in x]
+    assert errors, result.stderr[-4000:]
+    for line in errors:
+        assert "step_00000004.partial" in line and "No space left on device" in line, line
+        assert "step_00000002 is intact" in line, line
+    assert Checkpointer(run_dir / "checkpoints").latest().name == "step_00000002"
+    load_run_weights(run_dir)  # the previous checkpoint loads
+    assert cli.main(["train", "--resume", *sets(*common)]) == 0  # space freed
+    assert read_attempts(run_dir)[-1]["removed_partial"] == ["step_00000004.partial"]
+    assert_same_weights(uninterrupted, run_dir)
 
 
-def test_withheld_message_is_named_by_every_rank_within_the_timeout(tmp_path, capsys):
-    """Stage 0 never sends the activation of microbatch 1 of step 2: within pipeline.timeout
-    the watchdog stops both ranks, naming the message; both write their flight records."""
-    args = sets(*TINY, "pipeline.stages=2", "pipeline.timeout=12", f"run.out_dir={tmp_path}",
-                "run.name=hang")  # fmt: skip
-    results = wait_all(start_ranks(2, lambda rank: ["0:2:withhold", *args], script=DRILL), 180)
-    missing = r"stage 1 waits \d+ s for the activation of microbatch 1 of step 2 from stage 0"
-    for rank, (code, err) in enumerate(results):
-        assert code != 0, f"rank {rank} exited 0"
-        line = next((x for x in err.splitlines() if "timed out" in x), "")
-        # the watchdog's timeout (12 s), not the process group's (1.5 x 12 + 5 s)
-        assert re.search(missing, line) and "(pipeline.timeout=12 s)" in line, err[-3000:]
-        assert f"rank {1 - rank}: stage {1 - rank} waits" in line, line
-    failure = tmp_path / "hang" / "failure"
-    records = {r: json.loads((failure / f"rank_{r}.json").read_text()) for r in (0, 1)}
-    assert records[1]["waiting"]["message"] == "F0.1s0" and records[1]["waiting"]["peer_stage"] == 0
-    assert records[1]["recent"] and len(records[1]["recent"]) <= 32
-    assert re.search(missing, json.loads((failure / "summary.json").read_text())["failure"])
-    assert cli.main(["why", str(tmp_path / "hang")]) == 0
-    shown = " ".join(capsys.readouterr().out.split())  # rich wraps lines at 80 columns here
-    assert "the activation of microbatch 1 of step 2" in shown and "1RF0.1" in shown, shown
-
-
-# ------------------------------------------------------------------ storage faults, in-process
-
-
-@contextlib.contextmanager
-def full_disk_for(fragment: str):
-    """DCP's writer meets a full disk (/dev/full: ENOSPC) for paths containing ``fragment``."""
-    original = FileSystem.create_stream
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode):
-        if "w" in mode and fragment in str(path):
-            with open("/dev/full", mode) as stream:
-                yield stream
-        else:
-            with original(self, path, mode) as stream:
-                yield stream
-
-    FileSystem.create_stream = create_stream
-    try:
-        yield
-    finally:
-        FileSystem.create_stream = original
+# ------------------------------------------------------------------ storage faults, one process
 
 
 def error_lines(capsys) -> list[str]:
     return [x for x in capsys.readouterr().err.splitlines() if x.startswith("mpc-dist: error")]
-
-
-def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted,
-                                                                    capsys):  # fmt: skip
-    arguments = ["train", *sets(*TINY, *RUN, f"run.out_dir={tmp_path}", "run.name=full")]
-    with full_disk_for("step_00000004"):
-        assert cli.main(arguments) == 2
-    (line,) = error_lines(capsys)
-    assert "could not write checkpoint" in line and "step_00000004.partial" in line, line
-    assert "No space left on device" in line and "step_00000002 is intact" in line, line
-    run_dir = tmp_path / "full"
-    assert Checkpointer(run_dir / "checkpoints").latest().name == "step_00000002"
-    load_run_weights(run_dir)  # the previous checkpoint loads
-    assert cli.main([*arguments, "--resume"]) == 0  # space freed: it goes on to the end
-    assert read_attempts(run_dir)[-1]["removed_partial"] == ["step_00000004.partial"]
-    assert_same_weights(uninterrupted, run_dir)
 
 
 def test_full_disk_while_writing_metrics_keeps_the_last_checkpoint(tmp_path, uninterrupted,
@@ -284,6 +274,7 @@ def check_nonfinite_replica(rank: int, world: int, expected: dict[str, dict]) ->
                                        msg=lambda m, case=case: f"{case}: {m}")  # fmt: skip
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_gradient_in_one_fsdp_replica_skips_or_stops_everywhere():
     plan = Plan("receding", 2, T)
     expected = {  # skip: minibatches 0 and 2 trained; stop: training ends after minibatch 0

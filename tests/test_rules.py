@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from launching import TINY, assert_same_weights, mpc_dist, sets
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
 from mpc_dist.core import EngineOptions, Plan

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from launching import TINY, assert_same_weights, mpc_dist, sets, single_process_run
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
 from mpc_dist.core import EngineOptions, HorizonEngine, Plan

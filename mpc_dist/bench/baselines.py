@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -163,6 +162,7 @@ def run_torch_pipelining(
     around_step: Callable[[], ContextManager] | None = None,
     *,
     lr: float = DEFAULT_LR,
+    activation_dtype: torch.dtype | None = None,
 ) -> BaselineResult:
     """Train with a ``torch.distributed.pipelining`` schedule for ``warmup + steps`` steps.
 
@@ -172,7 +172,8 @@ def run_torch_pipelining(
     ``barrier``; then, timed and inside ``around_step()``: ``schedule.step``, SGD step,
     ``zero_grad``. Gradients are averaged over
     microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
-    when ``loss_fn`` is a mean.
+    when ``loss_fn`` is a mean. ``activation_dtype``: of the inputs and of what stages hand each
+    other (default: the parameters'), e.g. bfloat16 for blocks that compute under autocast.
     """
     from torch.distributed.pipelining import schedules
 
@@ -185,7 +186,9 @@ def run_torch_pipelining(
             f"Schedule1F1B needs num_microbatches >= stages ({num_stages}); got {num_microbatches}"
         )
     device = _device()
-    modules, stages = _torch_stages(schedule, make_block, num_blocks, microbatch_shape, device)
+    modules, stages, dtype = _torch_stages(
+        schedule, make_block, num_blocks, microbatch_shape, device, activation_dtype
+    )
     schedule_cls = getattr(schedules, schedule)
     pipe = schedule_cls(
         stages if len(stages) > 1 else stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn
@@ -195,10 +198,9 @@ def run_torch_pipelining(
 
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.SGD(params, lr=lr) if params else None
-    batch = make_batch(microbatch_shape, num_microbatches, _dtype_of(modules))
-    inputs, targets = (t.to(device) for t in batch)
-    args = (inputs,) if is_first else ()
-    kwargs: dict[str, Any] = {"target": targets} if is_last else {}
+    inputs, targets = make_batch(microbatch_shape, num_microbatches, dtype)
+    args = (inputs.to(device),) if is_first else ()
+    kwargs: dict[str, Any] = {"target": targets.to(device)} if is_last else {}
 
     def step() -> float | None:
         mb_losses: list[torch.Tensor] = []
@@ -208,7 +210,7 @@ def run_torch_pipelining(
             optimizer.zero_grad(set_to_none=True)
         return float(torch.stack([x.detach() for x in mb_losses]).mean()) if is_last else None
 
-    return _timed_steps(step, steps, warmup, around_step)
+    return _timed_steps(step, steps, warmup, around_step, device)
 
 
 def _torch_stages(
@@ -217,15 +219,17 @@ def _torch_stages(
     num_blocks: int,
     microbatch_shape: tuple[int, ...],
     device: torch.device,
-) -> tuple[list[nn.Module], list]:
-    """This rank's modules under ``schedule``, and a ``PipelineStage`` for each."""
+    activation_dtype: torch.dtype | None = None,
+) -> tuple[list[nn.Module], list, torch.dtype]:
+    """This rank's modules under ``schedule``, a ``PipelineStage`` for each, and the dtype of
+    the activations they take and hand on."""
     from torch.distributed.pipelining import PipelineStage
 
     world, rank = dist.get_world_size(), dist.get_rank()
     num_stages = world * stages_per_rank(schedule)
     ranges = stage_block_ranges(schedule, num_blocks, world, rank)
     modules = [nn.Sequential(*[make_block(i) for i in blocks]).to(device) for blocks in ranges]
-    dtype = _dtype_of(modules)
+    dtype = activation_dtype or _dtype_of(modules)
 
     def example(requires_grad: bool) -> torch.Tensor:
         tensor = torch.empty(microbatch_shape, dtype=dtype, device=device)
@@ -245,7 +249,7 @@ def _torch_stages(
         )
         for module, stage_id in zip(modules, stage_ids(schedule, world, rank), strict=True)
     ]
-    return modules, stages
+    return modules, stages, dtype
 
 
 def _timed_steps(
@@ -253,21 +257,22 @@ def _timed_steps(
     steps: int,
     warmup: int,
     around_step: Callable[[], ContextManager] | None,
+    device: torch.device,
 ) -> BaselineResult:
-    """Call ``step`` (inside ``around_step()``) ``warmup + steps`` times, each after a barrier;
-    record the last ``steps``: wall time, window, and the loss where ``step`` returns one."""
-    result = BaselineResult()
+    """Call ``step`` (inside ``around_step()``) ``warmup + steps`` times, each from a barrier
+    with the device idle (``timing.StepTimer``: CUDA events on a GPU); record the last ``steps``:
+    time, window, and the loss where ``step`` returns one."""
+    from .timing import StepTimer
+
+    result, timer = BaselineResult(), StepTimer(device)
     for number in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        with _context(around_step):
+        with timer.step(), _context(around_step):
             loss = step()
-        elapsed = time.perf_counter() - start
         if number >= warmup:
-            result.step_times.append(elapsed)
-            result.windows.append((start, start + elapsed))
+            result.windows.append(timer.windows[-1])
             if loss is not None:
                 result.losses.append(loss)
+    result.step_times = timer.durations(skip=warmup)
     dist.barrier()
     return result
 
@@ -296,10 +301,10 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
 
 
 def _import_deepspeed():
-    """Import DeepSpeed (CPU accelerator when there is no GPU) with its logger at WARNING."""
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Import DeepSpeed with its logger at WARNING: its CUDA accelerator under NCCL, its CPU
+    accelerator otherwise (unless ``DS_ACCELERATOR`` says; ``_deepspeed_module`` checks it)."""
+    cpu = dist.get_backend() != "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cpu else "cuda")
     # On CPU machines with a CUDA toolkit dir, importing torch.utils.cpp_extension (DeepSpeed's
     # op builders do) warns "No CUDA runtime is found" once per process.
     quiet_ext = logging.ERROR if cpu else logging.NOTSET
@@ -397,7 +402,7 @@ def run_deepspeed_pipeline(
             return None
         return float(loss.detach()) if loss is not None else math.nan
 
-    return _timed_steps(step, steps, warmup, around_step)
+    return _timed_steps(step, steps, warmup, around_step, engine.device)
 
 
 def _deepspeed_module(
@@ -412,6 +417,13 @@ def _deepspeed_module(
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import LayerSpec, PipelineModule
 
+    accelerator = get_accelerator().device_name()
+    if (accelerator == "cuda") != (dist.get_backend() == "nccl"):
+        wanted = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        raise ValueError(
+            f"DeepSpeed's accelerator is {accelerator} but the process group is "
+            f"{dist.get_backend()}: set DS_ACCELERATOR={wanted} before DeepSpeed is imported"
+        )
     with _silenced():
         with _without_shm_comm_op(skip_shm_comm_op):
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)

@@ -7,6 +7,10 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from ..core import ComputeOptions
+
 # --systems names -> torch.distributed.pipelining schedule classes (the rest: two stages per rank)
 TORCH = {
     "1f1b": "Schedule1F1B",
@@ -17,6 +21,11 @@ TORCH = {
     "dualpipev": "ScheduleDualPipeV",
 }
 SYSTEMS = (*TORCH, "deepspeed")
+# --block names of real blocks -> the timm model whose Block they are (at its real width)
+TIMM_VITS = {"vit_b_16": "vit_base_patch16_224", "vit_l_16": "vit_large_patch16_224"}
+BLOCKS = ("mlp", *TIMM_VITS)
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> autocast dtype
 
 
 @dataclass(frozen=True)
@@ -27,8 +36,12 @@ class BenchOptions:
     microbatches: tuple[int, ...] = ()  # m values; empty: P and 4P
     microbatch_size: int = 16
     width: int = 1024  # activation width (real tensors)
-    real: bool = False  # real residual MLP blocks instead of emulated ones
+    real: bool = False  # real blocks (``block``) instead of emulated ones
+    block: str = "mlp"  # real blocks: mlp (width x hidden) or a timm ViT's (TIMM_VITS)
     hidden: int = 2048  # real blocks: the MLP's hidden width
+    tokens: int = 197  # ViT blocks: the sequence length (197: 224 px in 16 px patches + class)
+    device: str = "cpu"  # cpu | cuda (a GPU per stage, NCCL) | auto (cuda for --real on GPUs)
+    precision: str = "fp32"  # real blocks: fp32 | bf16 (autocast; states handed on in bf16)
     blocks_per_stage: int = 1
     cost_ms: float = 30.0  # emulated F = B = W per block
     latency_ms: float = 0.5  # simulator message latency (the bench measures its own)
@@ -53,6 +66,18 @@ class BenchOptions:
     def blocks(self) -> int:
         """T: the blocks of our pipeline (``blocks_per_stage`` on each of P stages)."""
         return self.stages * self.blocks_per_stage
+
+    @property
+    def compute(self) -> ComputeOptions:
+        """How real blocks compute: ``--precision`` as autocast on the bench's device."""
+        device_type = "cuda" if self.device == "cuda" else "cpu"
+        return ComputeOptions(PRECISIONS[self.precision], device_type=device_type)
+
+    def rank_device(self) -> torch.device:
+        """This rank's device (in a worker: its GPU was set before the process group)."""
+        if self.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..console import console
-from .cases import BenchOptions
+from .blocks import state_shape
+from .cases import TIMM_VITS, BenchOptions
 from .summary import Calibration, Result
 
 
@@ -21,10 +22,11 @@ def print_row(r: Result) -> None:
         return f"{100 * statistics.mean(values):5.1f}%" if values else "  n/a "
 
     peak = f"{max(r.peak_mib):6.1f} MiB" if r.peak_mib else "   n/a    "
+    allocated = f"  allocated {max(r.allocated_mib):7.1f} MiB" if r.allocated_mib else ""
     console.print(
         f"m={r.case.microbatches:<3} {r.case.name:<38} {1000 * r.time_per_minibatch:8.1f} ms "
         f"{r.samples_per_s:7.0f}/s  bubble {pct(r.bubble)} sim {pct(r.simulated_bubble)} "
-        f"compute-only {pct(r.compute_bubble)}  peak {peak}",
+        f"compute-only {pct(r.compute_bubble)}  peak {peak}{allocated}",
         soft_wrap=True,
     )
 
@@ -108,6 +110,7 @@ def _row(r: Result) -> dict:
         "speedup_vs_best_torch": round(r.vs_best_torch, 3),
         "speedup_vs_torch_1f1b": round(r.vs_torch_1f1b, 3),
         "peak_activation_mib_max": round(max(r.peak_mib), 2) if r.peak_mib else "",
+        "peak_allocated_mib_max": round(max(r.allocated_mib), 1) if r.allocated_mib else "",
         "bubble_pct": pct(r.bubble),
         "simulated_bubble_pct": pct(r.simulated_bubble),
         "compute_bubble_pct": pct(r.compute_bubble),
@@ -116,6 +119,7 @@ def _row(r: Result) -> dict:
         "fill_ms": round(1000 * r.fill, 1) if r.fill is not None else "",
         "bubble_per_stage_pct": " ".join(f"{100 * b:.1f}" for b in r.bubble),
         "peak_activation_mib_per_stage": " ".join(f"{m:.2f}" for m in r.peak_mib),
+        "peak_allocated_mib_per_stage": " ".join(f"{m:.1f}" for m in r.allocated_mib),
     }
 
 
@@ -134,26 +138,41 @@ MARKDOWN_COLUMNS = (
 
 
 def _markdown(rows: list[dict], options: BenchOptions, calibration: Calibration) -> str:
-    costs, o = calibration.block_costs, options
-    if o.real:
-        blocks = (
-            f"real residual MLP blocks ({o.width} -> {o.hidden}, one thread per process; "
-            f"measured F {1000 * costs.forward:.2f}, B {1000 * costs.input_grad:.2f}, W "
-            f"{1000 * costs.weight_grad:.2f} ms per block)"
-        )
-    else:
-        blocks = f"emulated F = B = W = {o.cost_ms} ms per block"
+    o = options
     lines = [
         f"P = {o.stages} stages of {o.blocks_per_stage} block(s), microbatches of "
-        f"{o.microbatch_size} x {o.width}, {blocks}, {o.steps} measured steps after "
-        f"{o.warmup} warm-up.",
+        f"{o.microbatch_size} x {' x '.join(map(str, state_shape(o)))}, "
+        f"{_blocks_line(options, calibration)}, {o.steps} measured steps after {o.warmup} "
+        "warm-up.",
     ]
     cols = MARKDOWN_COLUMNS
+    if o.device == "cuda":  # beside the saved activations: all the GPU memory a case took
+        at = cols.index("peak_activation_mib_max") + 1
+        cols = (*cols[:at], "peak_allocated_mib_max", *cols[at:])
     for m in o.microbatches:
         lines += ["", f"### m = {m}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         mine = [row for row in rows if row["microbatches"] == m]
         lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in mine]
     return "\n".join(lines) + "\n"
+
+
+def _blocks_line(options: BenchOptions, calibration: Calibration) -> str:
+    """What the blocks are and where they ran, for bench.md."""
+    costs, o = calibration.block_costs, options
+    if not o.real:
+        return f"emulated F = B = W = {o.cost_ms} ms per block"
+    if o.block in TIMM_VITS:
+        kind = f"timm {TIMM_VITS[o.block]} blocks ({o.tokens} tokens)"
+    else:
+        kind = f"real residual MLP blocks ({o.width} -> {o.hidden})"
+    where = "one GPU per stage, NCCL" if o.device == "cuda" else "one thread per process, gloo"
+    precision = {"bf16": "bf16 autocast", "fp32": "fp32"}[o.precision]
+    if o.device == "cuda" and o.precision == "fp32":
+        precision += " (TF32 matmuls)"
+    return (
+        f"{kind}, {precision}, {where}; measured F {1000 * costs.forward:.2f}, "
+        f"B {1000 * costs.input_grad:.2f}, W {1000 * costs.weight_grad:.2f} ms per block"
+    )
 
 
 def _chrome_trace(r: Result, path: Path) -> None:

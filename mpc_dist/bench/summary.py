@@ -38,6 +38,9 @@ class RankMeasurement:
     # ours: every S action's duration; the stage that reaches a step last waits least, so its
     # duration is the step's own cost
     step_durations: list[float] = field(default_factory=list)
+    # ours with real blocks: the runtime's F, B, W actions (CUDA events on a GPU), for the charts
+    timeline: list[Sleep] = field(default_factory=list)
+    allocated_bytes: int | None = None  # CUDA: max_memory_allocated over the case, beyond its start
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Result:
     # (as bench.csv has always had it)
     overhead_ms: tuple[float, ...] = (0.0, 0.0)
     peak_mib: list[float] = field(default_factory=list)  # activations per rank
+    allocated_mib: list[float] = field(default_factory=list)  # CUDA: peak allocated per rank
     vs_torch_1f1b: float = 0.0  # speed-up in time per minibatch over torch Schedule1F1B
     vs_best_torch: float = 0.0  # ... over the fastest torch schedule at the same m
     trace: list[tuple[int, str, float, float]] = field(default_factory=list)  # stage, kind, s, e
@@ -96,7 +100,8 @@ def summarize(
         return Result(dataclasses.replace(case, name=f"{case.name} (failed: {errors[0]})"))
     result = Result(case)
     per_rank = [o.measured for o in outcomes]
-    traces = [o.trace for o in outcomes]
+    # Real blocks are not timestamped: our runtime's actions draw the timeline instead.
+    traces = [o.measured.timeline if options.real else o.trace for o in outcomes]
     result.trace = [(k, kind, s, e) for k, tr in enumerate(traces) for kind, _, s, e in tr]
     compute = [[(s, e) for _, _, s, e in tr] for tr in traces]
     # Our runtime timestamps every action; for the baselines the blocks' compute is all we see.
@@ -110,6 +115,8 @@ def summarize(
         result.bubble = result.bubble if case.system == "ours" else []
     result.samples_per_s = options.microbatch_size * case.microbatches / result.time_per_minibatch
     result.peak_mib = [r.peak_bytes / 2**20 for r in per_rank]
+    if all(r.allocated_bytes is not None for r in per_rank):
+        result.allocated_mib = [r.allocated_bytes / 2**20 for r in per_rank]
     overheads = _overheads(per_rank) if case.system == "ours" else Overheads()
     _simulate_case(result, options, calibration, overheads)
     return result

@@ -24,7 +24,7 @@ import torch
 
 from ..config import Config, ConfigError, from_dict
 from ..console import print_summary
-from ..parallel import Topology, pack_pipelines, process_group_timeout, spanning_pipelines
+from ..parallel import Topology, pack_pipelines, spanning_pipelines
 from ..train import Callback, Checkpointer, prepare_run_dir, read_attempts, train, validate_config
 from ..train.metrics import MetricsLogger
 
@@ -136,15 +136,27 @@ def ray_train(
             ray.init(address=address)
         else:
             ray.init(num_cpus=max(1, int(world * config.ray.cpus_per_worker)))
-    use_gpu = config.ray.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= world
+    use_gpu = wants_gpus(config.ray.use_gpu, ray.cluster_resources().get("GPU", 0), world)
     loop_config = {"config": config.to_dict(), "resume": resume, "callbacks": list(callbacks)}
     started, since = time.perf_counter(), time.time()
     result = _trainer(config, storage, use_gpu, loop_config).fit()
     summary = _summary(config, storage, use_gpu, time.perf_counter() - started, result, since)
     print_summary(f"mpc_dist on Ray: {config.model.name} on {config.data.dataset}", summary)
     return summary
+
+
+def wants_gpus(use_gpu: bool | None, cluster_gpus: float, workers: int) -> bool:
+    """``ray.use_gpu``; unset, one GPU per worker when the cluster has them all now, CPU when it
+    has none, and a one-line error in between (an autoscaler still starting GPU nodes would
+    otherwise turn a GPU job into a CPU one)."""
+    if use_gpu is not None:
+        return use_gpu
+    if 0 < cluster_gpus < workers:
+        raise ConfigError(
+            f"ray.use_gpu is unset and the cluster has {cluster_gpus:g} GPU(s) now for "
+            f"{workers} workers; set ray.use_gpu=true to wait for GPU nodes, or false for CPU"
+        )
+    return cluster_gpus >= workers
 
 
 def _trainer(config: Config, storage: str, use_gpu: bool, loop_config: dict):
@@ -158,7 +170,7 @@ def _trainer(config: Config, storage: str, use_gpu: bool, loop_config: dict):
         train_loop_config=loop_config,
         torch_config=TorchConfig(
             backend="nccl" if use_gpu else "gloo",
-            timeout_s=int(process_group_timeout(config.pipeline.timeout)),
+            timeout_s=int(config.pipeline.collective_timeout),
         ),
         scaling_config=ScalingConfig(
             num_workers=config.world_size,

@@ -31,7 +31,7 @@ from .groups import (
 from .mailbox import Mailbox
 from .partition import balanced_partition, block_costs, partition, stage_ranges, uniform_partition
 from .rendezvous import check_rendezvous
-from .runtime import PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
+from .runtime import EventClock, PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
 from .schedule import Mode, Policy, Schedule, ScheduleSpec
 from .simulate import (
     Costs,
@@ -45,7 +45,7 @@ from .simulate import (
     unit_costs,
 )
 from .topology import Topology, pack_pipelines, spanning_pipelines
-from .watchdog import Watchdog, process_group_timeout
+from .watchdog import Watchdog
 
 __all__ = [
     "COMPUTE",
@@ -55,6 +55,7 @@ __all__ = [
     "ActionKind",
     "Costs",
     "Event",
+    "EventClock",
     "FlightRecord",
     "Groups",
     "Mailbox",
@@ -90,7 +91,6 @@ __all__ = [
     "pack_pipelines",
     "peer",
     "place_ranks",
-    "process_group_timeout",
     "partition",
     "shares_agent_store_across_restarts",
     "simulate",

@@ -50,7 +50,7 @@ class StageTimes:
     wall: float = 0.0  # seconds inside run()
 
 
-class _Clock:
+class EventClock:
     """Start and end of compute actions, in seconds of the host clock. On GPUs kernels run
     asynchronously, so actions are timed with CUDA events (resolved once per chunk)."""
 
@@ -166,7 +166,7 @@ class PipelineRuntime:
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
-        started, clock, flight = time.perf_counter(), _Clock(device), self.flight
+        started, clock, flight = time.perf_counter(), EventClock(device), self.flight
         flight.in_schedule = True
         for action in schedule.actions[self.stage]:
             tick = clock.now()
@@ -281,24 +281,28 @@ class PipelineRuntime:
 
     @torch.no_grad()
     def infer(
-        self, x: torch.Tensor | None, y: torch.Tensor | None, batch_size: int
+        self, x: torch.Tensor | None, y: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Forward-only through this replica's stages: (logits, targets) on the last stage, else
-        None. ``x`` and ``y`` are read on the first stage only; the targets travel up."""
+        None. ``x`` and ``y`` (class indices) are read on the first stage only; the targets
+        travel up, after the batch's size (an evaluation's last batch may be short)."""
         device, dtype = self.options.device, self.options.dtype
         if self.stage == 0:
             state, y = x.to(device, dtype), y.to(device)
         else:
             source = self.topology.rank_of(self.stage - 1)
-            shape = (batch_size, *self.model.state_shapes[self.first])
+            size = torch.empty((), dtype=torch.int64, device=device)
+            dist.recv(size, src=source)
+            shape = (int(size), *self.model.state_shapes[self.first])
             state = torch.empty(shape, dtype=self.message_dtype, device=device)
-            y = torch.empty((batch_size,), dtype=torch.int64, device=device)
+            y = torch.empty(shape[:1], dtype=torch.int64, device=device)
             dist.recv(state, src=source)
             dist.recv(y, src=source)
         out = self.engine.infer(state)
         if self.is_last:
             return out, y
         destination = self.topology.rank_of(self.stage + 1)
+        dist.send(torch.tensor(len(y), device=device), dst=destination)
         dist.send(out.contiguous(), dst=destination)
         dist.send(y, dst=destination)
         return None

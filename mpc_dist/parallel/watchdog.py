@@ -43,12 +43,6 @@ def _is_communication_error(error: BaseException) -> bool:
     )
 
 
-def process_group_timeout(timeout_s: float) -> float:
-    """The process group's own timeout: later than the watchdog's, so that the watchdog, which
-    can say which message was missing, reports a hang first; a hung collective ends here."""
-    return 1.5 * timeout_s + 5.0
-
-
 class Watchdog:
     """Heartbeats through the store; ends this process when a peer fails or goes silent, or this
     rank waits too long for a message; writes the flight record on the way out."""
@@ -176,6 +170,9 @@ class Watchdog:
         stopped), not this rank, so every rank reports the same root cause.
         """
         self.flight.error = "".join(traceback.format_exception(error))[-4000:]
+        if _is_communication_error(error) and self.flight.waited() >= 0.9 * self.timeout_s:
+            # the message group's own timeout (pipeline.timeout too) beat this thread: a hang
+            self.exit(f"stopping: {self.report(self._hang())}")
         if _is_communication_error(error):
             deadline = time.time() + self.timeout_s
             while time.time() < deadline:

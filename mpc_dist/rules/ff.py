@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import BlockModel
-from .common import accumulate, block_and_head_parameters, normalise_length
+from .common import accumulate, block_and_head_parameters, normalise_length, on_device
 from .local import LocalStep
 
 
@@ -38,7 +38,8 @@ class ForwardForward:
         return flat.reshape(x.shape)
 
     def inputs(self, x, y, generator):
-        offset = torch.randint(1, self.num_classes, y.shape, generator=generator).to(y.device)
+        generator = on_device(generator, y.device)
+        offset = torch.randint(1, self.num_classes, y.shape, generator=generator, device=y.device)
         wrong = (y + offset) % self.num_classes
         return torch.cat([self.with_labels(x, y), self.with_labels(x, wrong),
                           self.with_labels(x, None)])  # fmt: skip

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..models import BlockModel
-from .common import accumulate, add_linear_grads, hooked
+from .common import accumulate, add_linear_grads, hooked, on_device
 from .local import LocalStep, PlainRule
 
 
@@ -64,10 +64,10 @@ class ForwardGradient(PlainRule):
         with torch.no_grad(), hooked(linears, record):
             out = model.block_forward(t, x)
         masks = relu_follows(model, t)
-        noise = []
+        noise, generator = [], on_device(generator, out.device)
         for layer in linears:
             z = seen[id(layer)][1]
-            u = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            u = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
             noise.append(u * (z > 0) if id(layer) in masks else u)
 
         def local_losses(*perturbations: torch.Tensor) -> torch.Tensor:

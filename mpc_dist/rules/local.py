@@ -101,7 +101,7 @@ class LocalEngine(Engine):
         if self.first == 0:
             x = self.rule.inputs(x, targets, self._generator(-1))
         losses, logits = {}, None
-        factor = loss_factor(self.options.scale_loss, loss_scale)
+        factor = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
         for t in range(self.first, self.last):
             with self._hooks(), self.compute.autocast():
                 step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))

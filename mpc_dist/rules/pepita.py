@@ -81,9 +81,8 @@ class PepitaEngine(Engine):
         eager: bool = True,
     ) -> ForwardResult:
         """The first pass; on the last stage, the error it sends to the first."""
-        held = self._held[microbatch] = _Held(
-            scale=loss_factor(self.options.scale_loss, loss_scale)
-        )
+        scale = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
+        held = self._held[microbatch] = _Held(scale=scale)
         held.inputs = inputs if self.first == 0 else None
         x = inputs
         with self.compute.autocast():

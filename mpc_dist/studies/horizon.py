@@ -29,7 +29,7 @@ from ..core.costs import middle_block_costs
 from ..horizon import Candidate, choose, step_seconds
 from ..models import build_model
 from ..parallel import Costs, ScheduleSpec, stage_ranges, uniform_partition
-from ..train import load_dataset, train
+from ..train import load_dataset, open_run, train
 from ..train.selection import select_horizon, starting_model
 from .common import (
     evaluations,
@@ -297,17 +297,14 @@ def _candidates_at_start(model: str, dataset: str, args) -> list[Candidate]:
     """Every candidate (rule, h) as the selector measures it at seed 0's starting weights, for
     the study's pipeline (P = T stages, m = T microbatches)."""
     base = run_config(Run(model, dataset, "receding", 1, 0), args)
-    data = load_dataset(dataset, "train", None, 0, 0)
     T = depth(model)
     config = dataclasses.replace(
         base,
         pipeline=dataclasses.replace(base.pipeline, stages=T),
         data=dataclasses.replace(base.data, num_microbatches=T),
     )
-    whole = starting_model(
-        config, build_model(config.model, data.input_shape, data.num_classes, device="meta")
-    )
-    _, selection = select_horizon(config, whole, data)
+    meta, source, _ = open_run(config)
+    _, selection = select_horizon(config, starting_model(config, meta), source)
     return selection.candidates
 
 

@@ -1,12 +1,12 @@
 """Training: the loop and its parts (step, optimizer and learning rate, runners, stage wiring,
 checkpoints, metrics, data, config validation)."""
 
+from ..data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
 from .attempts import ATTEMPTS, FAILURE, prepare_run_dir, read_attempts, restart_count
 from .bootstrap import Job, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
-from .data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
-from .loop import Progress, train
+from .loop import Progress, open_run, train
 from .runner import PipelineRunner, Runner, SingleRunner, evaluate
 from .stage import Stage, build_stage, schedule_spec
 from .step import OptimizerStep, TrainingError, build_optimizer, learning_rate
@@ -38,6 +38,7 @@ __all__ = [
     "load_dataset",
     "load_run_weights",
     "minibatches",
+    "open_run",
     "num_batches",
     "prepare_run_dir",
     "read_attempts",

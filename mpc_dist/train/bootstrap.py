@@ -1,13 +1,17 @@
-"""Joining a launcher's job: the process group, this rank's place and device, the watchdog, and
-agreeing on what rank 0 decides (the plan under ``horizon: auto``, a timed partition)."""
+"""Joining a launcher's job: the process group, this rank's place and device, the watchdog,
+agreeing on what rank 0 decides (the plan under ``horizon: auto``, a timed partition), and
+checking that the run directory is one filesystem every rank sees."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -23,7 +27,6 @@ from ..parallel import (
     job_token,
     launched_world_size,
     place_ranks,
-    process_group_timeout,
     shares_agent_store_across_restarts,
 )
 from .attempts import FAILURE
@@ -64,7 +67,7 @@ def join_job(config: Config) -> Job:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device, backend = device_and_backend(local_rank, p.backend, config.train.device)
-    init_process_group(backend, process_group_timeout(p.timeout))
+    init_process_group(backend, p.collective_timeout, device)
     topology = place_ranks(p.stages, p.replicas)
     several_agents = int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
     if shares_agent_store_across_restarts() and several_agents and topology.rank == 0:
@@ -108,3 +111,56 @@ def check_world_size(config: Config) -> None:
             f"pipeline.stages x pipeline.replicas = {config.world_size}, but the launcher "
             f"started {world} processes; {_launch_hint(config)}"
         )
+
+
+def shared_directory_misses(directory: str | Path, attempts: int = 5) -> list[int]:
+    """The ranks that cannot read a token rank 0 wrote into ``directory`` (empty: every rank
+    sees one filesystem there). Collective over the default group; creates ``directory`` on
+    rank 0's node and leaves nothing else behind."""
+    directory = Path(directory)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    path = directory / f".mpc-dist-shared-{token[0]}"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(token[0])
+    dist.barrier()
+    seen = False
+    for attempt in range(attempts):  # a network filesystem may show a new file late
+        try:
+            seen = path.read_text() == token[0]
+        except OSError:
+            seen = False
+        if seen:
+            break
+        time.sleep(0.1 * 2**attempt)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen)
+    dist.barrier()
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    return [r for r, ok in enumerate(everyone) if not ok]
+
+
+def check_shared_directory(directory: str | Path, field: str = "run.out_dir") -> None:
+    """Raise ``ConfigError`` unless every rank sees ``directory`` as one filesystem (collective):
+    checkpoints are written by every rank and committed by rank 0 there."""
+    misses = shared_directory_misses(directory)
+    if misses:
+        raise ConfigError(
+            f"{field}={directory}: rank(s) {ranks_text(misses)} cannot read what rank 0 wrote "
+            f"there, so it is not one filesystem shared by every node; put {field} on a filesystem "
+            f"every node mounts (NFS, Lustre, EFS, a ReadWriteMany volume)"
+        )
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """0,1,2,3,5 -> 0-3,5"""
+    spans: list[list[int]] = []
+    for r in sorted(ranks):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

@@ -9,10 +9,10 @@ import torch
 from ..config import Config
 from ..console import console
 from ..core import Plan
+from ..data import check_data
 from ..devices import dtype_of
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
-from .data import SHAPES
 from .precision import AUTOCAST
 from .stage import schedule_spec
 from .validate import validate_config
@@ -41,8 +41,16 @@ def saved_bytes_per_sample(model: BlockModel, t: int) -> int:
 
 def dry_run(config: Config) -> list[dict]:
     """Print the stage map; returns its rows (for tests)."""
+    rows, model, microbatch = stage_map(config)
+    _print(config, model, rows, microbatch)
+    return rows
+
+
+def stage_map(config: Config) -> tuple[list[dict], BlockModel, int]:
+    """The rows of the stage map (``memory_bytes``: the estimate per device), the meta-device
+    model and the microbatch size; prints nothing."""
     validate_config(config)
-    input_shape, num_classes = SHAPES[config.data.dataset]
+    input_shape, num_classes = check_data(config)  # disk sources too
     model = build_model(config.model, input_shape, num_classes, device="meta")
     p, t, d = config.pipeline, config.train, config.data
     h = config.horizon.horizon
@@ -86,8 +94,7 @@ def dry_run(config: Config) -> list[dict]:
             "activations_held_bytes": held_bytes,
             "memory_bytes": weights + grads + optimizer + held_bytes,
         })  # fmt: skip
-    _print(config, model, rows, microbatch)
-    return rows
+    return rows, model, microbatch
 
 
 def _adapter_params(part: BlockModel, lora) -> int:

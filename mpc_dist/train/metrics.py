@@ -113,24 +113,31 @@ class StepLog:
         self.bar, self.logger, self.every, self.last = bar, logger, every, last
         self.task = bar.add_task("train", total=last, completed=completed, status="")
         self.started, self.seen = time.perf_counter(), 0
-        self.window = [0.0, 0, 0]  # loss x samples, correct, samples
+        self.window = [0.0, 0, 0, 0.0, 0]  # loss x samples, correct, samples, data wait, steps
 
-    def step(self, step: int, batch_size: int, result: tuple | None, lr: float) -> None:
+    def step(
+        self, step: int, batch_size: int, result: tuple | None, lr: float, wait_s: float = 0.0
+    ) -> None:
+        """One optimizer step: its (loss, correct, samples) where the final loss is seen, and
+        the seconds this process waited for the step's data."""
         self.seen += batch_size
         if result is None:  # only the rank holding the last stage sees the loss
             return
         loss, correct, count = result
-        self.window = [self.window[0] + loss * count, self.window[1] + correct,
-                       self.window[2] + count]  # fmt: skip
+        window = self.window
+        self.window = [window[0] + loss * count, window[1] + correct, window[2] + count,
+                       window[3] + wait_s, window[4] + 1]  # fmt: skip
         rate = self.seen / (time.perf_counter() - self.started)
         status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
+        if self.window[3]:  # this process reads the data: is the loader keeping up?
+            status += f"  data wait {1000 * self.window[3] / self.window[4]:.0f} ms"
         self.bar.update(self.task, advance=1, status=status)
         if self.logger and (step % self.every == 0 or step == self.last):
-            total_loss, total_correct, samples = self.window
+            total_loss, total_correct, samples, wait, steps = self.window
             self.logger.log(
                 "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
-                lr=lr, samples_per_s=rate,
+                lr=lr, samples_per_s=rate, data_wait_s=wait / steps,
             )  # fmt: skip
-            self.window = [0.0, 0, 0]
+            self.window = [0.0, 0, 0, 0.0, 0]
             if not self.bar.disable and not self.bar.console.is_terminal:
                 self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)

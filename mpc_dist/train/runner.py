@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core import EngineOptions, Plan
+from ..data import Loader, Shard, mixes
 from ..devices import dtype_of, resolve_device
 from ..models import BlockModel, instantiate
 from ..parallel import Groups, RuntimeOptions, partition, stage_ranges
 from ..rules import make_engine
 from .bootstrap import Job
 from .callbacks import Callback
-from .data import WHOLE, Dataset, Shard, minibatches
-from .precision import compute_options, grad_scaler
+from .precision import FSDP_PARAM_DTYPES, compute_options, grad_scaler
 from .stage import build_stage, schedule_spec
 from .step import OptimizerStep, build_optimizer
 
@@ -35,13 +35,17 @@ class Runner(Protocol):
     plan: Plan
     chunk_size: int  # minibatches per run() call
     shard: Shard  # what this process reads of each minibatch
+    device: torch.device
     is_logger: bool  # this process sees the final loss and writes the run's metrics
     description: str
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         """One optimizer step per minibatch; results where the final loss is seen, else []."""
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]: ...
+    def evaluate(self, data: Loader) -> dict[str, float]: ...
+
+    def data_report(self, stats: dict) -> dict:
+        """The reading process's loader statistics, on every process (collective)."""
 
     def stage_report(self) -> dict[str, list[float]]: ...
 
@@ -53,29 +57,19 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-Forward = Callable[
-    [torch.Tensor | None, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor] | None
-]
+Forward = Callable[[torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, ...] | None]
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    forward: Forward,
-    dataset: Dataset,
-    batch_size: int,
-    shard: Shard = WHOLE,
-) -> list[float]:
-    """Summed loss, top-1 and top-5 correct predictions over ``dataset`` (this replica's
-    ``shard`` of every batch); ``forward(inputs, targets, batch_size)`` returns the logits and
-    the targets (None on a pipeline rank without the head; data only where the shard reads
-    it)."""
+def evaluate(model: torch.nn.Module, forward: Forward, data: Loader) -> list[float]:
+    """Summed loss, top-1 and top-5 correct predictions over this process's part of ``data``;
+    ``forward(inputs, targets)`` returns the logits and the targets (None on a pipeline rank
+    without the head; data only where this process reads it)."""
     was_training = model.training
     model.eval()
     sums = [0.0, 0, 0]
-    batches = minibatches(dataset, batch_size, 0, 0, shuffle=False, drop_last=False, shard=shard)
-    for x, y in batches:
-        out = forward(x, y, len(y))
+    for x, y in data.epoch(0):
+        out = forward(x, y)
         if out is None:  # a pipeline rank that does not hold the head
             continue
         logits, y = out
@@ -97,7 +91,7 @@ class SingleRunner:
     """The horizon engine over every block, in this process."""
 
     chunk_size = 1
-    shard = WHOLE
+    shard = Shard()
     is_logger = True
     description = "single process"
 
@@ -135,20 +129,25 @@ class SingleRunner:
             inputs, targets = inputs.to(self.device, self.dtype), targets.to(self.device)
             loss = torch.zeros((), dtype=torch.float64, device=self.device)
             correct = torch.zeros((), dtype=torch.int64, device=self.device)
-            for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True):
+            labels = targets.argmax(-1) if targets.is_floating_point() else targets
+            if targets.is_floating_point():  # soft targets: in the parameters' dtype
+                targets = targets.to(self.dtype)
+            for x, y, k in zip(inputs.chunk(m), targets.chunk(m), labels.chunk(m), strict=True):
                 result = self.engine.train_microbatch(x, y, loss_scale=1.0 / m)
                 loss += result.losses[T].double()
-                correct += (result.logits.argmax(-1) == y).sum()
+                correct += (result.logits.argmax(-1) == k).sum()
             self.step(loss, lr)
             results.append((loss.item(), int(correct), len(targets)))
         return results
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        def forward(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    def evaluate(self, data: Loader) -> dict[str, float]:
+        def forward(x: torch.Tensor, y: torch.Tensor):
             return self.engine.infer(x.to(self.device, self.dtype)), y.to(self.device)
 
-        sums = evaluate(self.model, forward, dataset, self.config.data.eval_batch_size)
-        return _metrics(sums, len(dataset))
+        return _metrics(evaluate(self.model, forward, data), len(data.source))
+
+    def data_report(self, stats: dict) -> dict:
+        return stats
 
     def stage_report(self) -> dict[str, list[float]]:
         return {}
@@ -178,22 +177,28 @@ class PipelineRunner:
         p, topology = config.pipeline, job.topology
         self.topology, self.watchdog = topology, job.watchdog
         try:
-            groups = Groups.create(topology)
+            groups = Groups.create(topology, p.timeout, p.collective_timeout)
+            groups.warm_up(job.device)
             dtype = dtype_of(config.train.dtype)
             compute = compute_options(config.train, job.device)
             counts = job.from_rank_zero(lambda: self._partition(config, model, job, compute))
             ranges = stage_ranges(counts)
-            runtime = RuntimeOptions(schedule=schedule_spec(config), device=job.device, dtype=dtype)
+            runtime = RuntimeOptions(
+                schedule=schedule_spec(config), device=job.device, dtype=dtype,
+                soft_targets=mixes(config.augment),
+            )  # fmt: skip
             stage = build_stage(
                 model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
                 runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
                 sharding=p.sharding, callbacks=callbacks,
+                fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
             )  # fmt: skip
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)
             raise
         self.config, self.plan, self.runtime = config, plan, stage.runtime
+        self.device = job.device
         self.watchdog.watch(stage.runtime.flight)
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
@@ -217,16 +222,28 @@ class PipelineRunner:
         results = self.runtime.run(batches, learning_rates, batch_size=share)
         return [(loss, correct, share) for loss, correct in results]
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+    def evaluate(self, data: Loader) -> dict[str, float]:
         """Every replica evaluates its share of each test batch (as it trains on its share);
         the last stages' sums are added up."""
-        batch_size = self.config.data.eval_batch_size
-        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size, self.shard)
+        mine = evaluate(self.model, self.runtime.infer, data)
         gathered: list = [None] * self.topology.world_size
         dist.all_gather_object(gathered, mine)
         t = self.topology
         last = [gathered[t.rank_of(t.stages - 1, d)] for d in range(t.replicas)]
-        return _metrics([sum(column) for column in zip(*last, strict=True)], len(dataset))
+        return _metrics([sum(column) for column in zip(*last, strict=True)], len(data.source))
+
+    def data_report(self, stats: dict) -> dict:
+        """The first stages read the data: their waits summed over replicas (replica 0's
+        bottleneck is everyone's), their skipped images added up."""
+        gathered: list = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, stats)
+        t = self.topology
+        first = [gathered[t.rank_of(0, d)] for d in range(t.replicas)]
+        return {
+            "wait_s": max(s["wait_s"] for s in first),
+            "skipped": sum(s["skipped"] for s in first),
+            "skipped_files": [f for s in first for f in s["skipped_files"]][:20],
+        }
 
     def stage_report(self) -> dict[str, list[float]]:
         """Per-stage busy and idle seconds and peak activation MiB (replica 0), on every rank."""

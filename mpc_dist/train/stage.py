@@ -23,7 +23,7 @@ from ..parallel import (
 from ..parallel.fsdp import reduce_gradients, shard_stage
 from ..rules import make_engine
 from .callbacks import Callback
-from .precision import grad_scaler
+from .precision import pipeline_grad_scaler
 from .step import OptimizerStep, build_optimizer
 
 
@@ -53,12 +53,14 @@ def build_stage(
     spec: ModelConfig | None = None,
     sharding: str = "none",
     callbacks: Sequence[Callback] = (),
+    fsdp_param_dtype: torch.dtype | None = None,
 ) -> Stage:
     """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``. A model built on the
     meta device is allocated here, this part only (``spec``: its weights file and LoRA), and
     initialised from ``seed``. ``sharding``: ``fsdp`` shards the part over its data-parallel
     replicas (FSDP2); otherwise replicas hold whole copies and sum their gradients before the
-    step. ``compute``: mixed precision and activation checkpointing."""
+    step; ``fsdp_param_dtype``: the dtype FSDP gathers parameters in (None: theirs).
+    ``compute``: mixed precision and activation checkpointing."""
     compute = compute or ComputeOptions()
     first, last = ranges[groups.topology.stage]
     device, dtype = runtime.device, runtime.dtype
@@ -67,7 +69,7 @@ def build_stage(
     part = instantiate(model.split(first, last, head_copy), device, dtype, seed, weights, lora)
     reduce = None
     if groups.data_parallel is not None and sharding == "fsdp":
-        shard_stage(part, groups.data_parallel, device)
+        shard_stage(part, groups.data_parallel, device, fsdp_param_dtype)
         reduce = functools.partial(reduce_gradients, part)
     optimizer = build_optimizer(optim, part.owned_parameters())
     if groups.data_parallel is not None and sharding != "fsdp":
@@ -80,7 +82,8 @@ def build_stage(
         reduce_gradients=reduce,
         norm_group=norm_group,
         callbacks=callbacks,
-        scaler=grad_scaler(compute, device, norm_group),
+        device=device,
+        scaler=pipeline_grad_scaler(compute, device, groups, runtime.schedule.mode, sharding),
         on_nonfinite=optim.on_nonfinite,
         replica_group=groups.data_parallel,
     )

@@ -6,11 +6,13 @@ their own sections."""
 
 from __future__ import annotations
 
+import torch
+
 from ..config import Config, ConfigError
 from ..core import HORIZON_RULES, Plan, check_horizon
+from ..data import check_data, check_num_classes, mixes
 from ..models import build_model, check_model
 from ..rules import check_rule
-from .data import DATASETS, SHAPES
 
 
 def need(ok: bool, message: str) -> None:
@@ -21,13 +23,16 @@ def need(ok: bool, message: str) -> None:
 def validate_config(config: Config) -> None:
     """Check every field that can be checked before data is read or processes start."""
     d, o, t = config.data, config.optim, config.train
-    input_shape, num_classes = SHAPES.get(d.dataset, SHAPES["mnist"])
+    input_shape, num_classes = check_data(config)  # data and augment, and what is on disk
     blocks = check_model(config.model, input_shape, num_classes)  # the registry knows them
     _validate_horizon(config, blocks)
-    if config.horizon.rule not in HORIZON_RULES:
+    m = config.model
+    if config.horizon.rule not in HORIZON_RULES or m.kwargs or ":" in m.name:
         model = build_model(config.model, input_shape, num_classes, device="meta")
+        state = torch.zeros(1, *model.state_shapes[model.num_blocks], device="meta")
+        check_num_classes(num_classes, model.head(state).shape[-1], "model.name=" + m.name)
+    if config.horizon.rule not in HORIZON_RULES:
         _validate_non_horizon_rule(config, model)
-    need(d.dataset in DATASETS, f"data.dataset={d.dataset!r}: unknown; use one of {DATASETS}")
     need(d.batch_size >= 1, f"data.batch_size={d.batch_size}: must be >= 1")
     need(d.num_microbatches >= 1, f"data.num_microbatches={d.num_microbatches}: must be >= 1")
     suggestion = d.num_microbatches * max(1, d.batch_size // d.num_microbatches)
@@ -86,6 +91,11 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
     )
     check_rule(rule, model)
+    need(
+        not mixes(config.augment),
+        f"augment.mixup/cutmix/label_smoothing: rule {rule} trains on class labels, not on "
+        f"soft targets; set augment.mixup=0, augment.cutmix=0, augment.label_smoothing=0",
+    )
     need(
         not config.pipeline.defer_weights,
         f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "
@@ -149,13 +159,35 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(
+        p.collective_timeout >= p.timeout,
+        f"pipeline.collective_timeout={p.collective_timeout}: must be at least pipeline.timeout"
+        f"={p.timeout} (collectives wait for the slowest rank's checkpoint or measurement)",
+    )
+    need(
         not (p.sharding == "fsdp" and copies_head),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
     )
     need(
+        p.fsdp_param_dtype in ("float32", "bfloat16"),
+        f"pipeline.fsdp_param_dtype={p.fsdp_param_dtype!r}: use float32 or bfloat16",
+    )
+    need(
+        p.fsdp_param_dtype == "float32"
+        or (p.sharding == "fsdp" and config.train.precision == "bf16-mixed"),
+        "pipeline.fsdp_param_dtype=bfloat16: bf16 parameters are for pipeline.sharding=fsdp "
+        "with train.precision=bf16-mixed; set those or pipeline.fsdp_param_dtype=float32",
+    )
+    need(
         not (p.backend == "nccl" and config.train.device == "cpu"),
         "pipeline.backend=nccl: NCCL needs GPUs but train.device=cpu; use pipeline.backend=gloo",
+    )
+    device = config.train.device
+    on_gpus = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    need(
+        not (p.backend == "gloo" and on_gpus and config.world_size > 1),
+        "pipeline.backend=gloo: gloo cannot send CUDA tensors between stages; use "
+        "pipeline.backend=auto (NCCL on GPUs) or train.device=cpu",
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .attempts import FAILURE, archived_failures
 
@@ -25,11 +26,16 @@ def failure_records(run_dir: Path) -> tuple[Path, dict[str, Any] | None, list[di
     """The folder of the latest failure's records, its summary (or None) and the rank records
     (by rank). Raises FileNotFoundError when the run has none."""
     run_dir = Path(run_dir)
+    if any(run_dir.glob("rank_*.json")) or (run_dir / "summary.json").exists():
+        return _read_folder(run_dir)  # a failure folder itself, e.g. an attempt's failure.1
     folders = [run_dir / FAILURE] if (run_dir / FAILURE).is_dir() else []
     folders = folders or archived_failures(run_dir)[-1:]
     if not folders:
         raise FileNotFoundError(f"{run_dir} holds no flight records ({FAILURE}/): nothing failed")
-    folder = folders[0]
+    return _read_folder(folders[0])
+
+
+def _read_folder(folder: Path) -> tuple[Path, dict[str, Any] | None, list[dict[str, Any]]]:
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     records = [json.loads(p.read_text()) for p in folder.glob("rank_*.json")]
@@ -51,11 +57,13 @@ def why_table(summary: dict[str, Any] | None, records: list[dict[str, Any]]) -> 
         where = f"{record['stage']}" + (
             f" (replica {record['replica']})" if record["replica"] else ""
         )
-        table.add_row(str(record["rank"]), where, record["state"], recent, ended[:600])
+        cells = (str(record["rank"]), where, record["state"], recent, ended[:600])
+        table.add_row(*map(Text, cells))  # Text: a path or gloo's "[file:line]" is no markup
     for rank, state in sorted((summary or {}).get("states", {}).items(), key=lambda x: int(x[0])):
         if int(rank) not in seen:
-            table.add_row(rank, "", f"{state} (last published)", "",
-                          "no record: killed or could not write")  # fmt: skip
+            ended = "no record: killed or could not write"
+            cells = (rank, "", f"{state} (last published)", "", ended)
+            table.add_row(*map(Text, cells))
     return table
 
 
@@ -68,7 +76,7 @@ def explain(run_dir: Path, console: Console | None = None) -> None:
     )
     when = max([r["time"] for r in records] + [(summary or {}).get("time", 0)])
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-    console.print(f"[bold]{folder}[/bold] ({stamp})")
+    console.print(Text(str(folder), style="bold"), f"({stamp})", markup=False)
     if failure:
-        console.print(f"failure: {failure}", highlight=False)
+        console.print(f"failure: {failure}", markup=False, highlight=False)
     console.print(why_table(summary, records))
