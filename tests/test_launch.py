@@ -6,6 +6,7 @@ every rank within 60 s with a message naming it; ranks with different configs re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,13 @@ def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
         assert code != 0, f"rank {rank} exited 0"
         if rank != 2:
             assert "rank 2 (stage 2, replica 0)" in err, f"rank {rank}: {err[-2000:]}"
+    # every rank that lived to see it wrote its flight record; the line says what each did
+    (failure,) = tmp_path.glob("*/failure")
+    written = sorted(int(p.stem.removeprefix("rank_")) for p in failure.glob("rank_*.json"))
+    assert written == ([0, 1, 2, 3] if kind == "raise" else [0, 1, 3]), written
+    line = json.loads((failure / "summary.json").read_text())["failure"]
+    assert all(f"rank {r}: {'silent, last said: ' if kind == 'kill' and r == 2 else ''}stage {r}"
+               in line for r in range(4)), line  # fmt: skip
 
 
 def test_ranks_with_different_configs_refuse_to_start(tmp_path):

@@ -92,6 +92,8 @@ def test_random_kills_under_torchrun_restarts_lose_nothing(tmp_path, uninterrupt
         killed = int(kill.split("@")[1].split(":")[0])
         archive = run_dir / f"failure.{attempt['restart']}"
         assert not (archive / f"rank_{killed}.json").exists(), kill
+        survivor = json.loads((archive / f"rank_{1 - killed}.json").read_text())
+        assert survivor["reason"] and survivor["state"].startswith(f"stage {1 - killed}")
     print(f"kills {kills}; resumed from {[a['resume_from'] for a in attempts]}")
     assert_same_weights(uninterrupted, run_dir)
 

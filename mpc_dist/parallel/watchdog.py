@@ -322,7 +322,8 @@ class Watchdog:
             return
         with contextlib.suppress(Exception):
             deadline = time.time() + timeout_s
-            peers = [r for r in range(self.topology.world_size) if r != self.rank]
+            dead = self._silent_peers(time.time(), stale_s=3 * self.interval_s + 1)  # killed
+            peers = [r for r in range(self.topology.world_size) if r not in (self.rank, *dead)]
             while time.time() < deadline and not all(
                 any(self._store.check([f"{mark}/{r}"]) for mark in marks) for r in peers
             ):
