@@ -314,17 +314,22 @@ class Watchdog:
         """Rank 0 may host the store: let every peer read the failure before it goes away."""
         with contextlib.suppress(Exception):
             self._store.set(f"seen/{self.rank}", "1")
-        self.wait_until_all_done(timeout_s, ("seen", "done"))
+        self.wait_until_all_done(timeout_s, ("seen", "done"), skip_dead=True)
 
-    def wait_until_all_done(self, timeout_s: float = 10.0, marks=("done",)) -> None:
-        """On rank 0 (which may host the store): wait until every peer has set one of marks."""
+    def wait_until_all_done(
+        self, timeout_s: float = 10.0, marks=("done",), skip_dead: bool = False
+    ) -> None:
+        """On rank 0 (which may host the store): wait until every peer has set one of marks
+        (``skip_dead``: or has stopped beating, killed: it never will)."""
         if self.rank != 0:
             return
         with contextlib.suppress(Exception):
             deadline = time.time() + timeout_s
-            dead = self._silent_peers(time.time(), stale_s=3 * self.interval_s + 1)  # killed
-            peers = [r for r in range(self.topology.world_size) if r not in (self.rank, *dead)]
-            while time.time() < deadline and not all(
-                any(self._store.check([f"{mark}/{r}"]) for mark in marks) for r in peers
-            ):
-                time.sleep(0.05)
+            waiting = [r for r in range(self.topology.world_size) if r != self.rank]
+            while time.time() < deadline:
+                waiting = [r for r in waiting if not any(
+                    self._store.check([f"{mark}/{r}"]) for mark in marks)]  # fmt: skip
+                dead = self._silent_peers(time.time(), 3 * self.interval_s + 1) if skip_dead else []
+                if all(r in dead for r in waiting):
+                    return
+                time.sleep(0.1)
