@@ -6,6 +6,7 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from helpers import train_one_process
 from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
@@ -44,13 +45,7 @@ def batches(n: int = STEPS, size: int = BATCH):
 def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tensor]:
     model = make(head)
     engine = HorizonEngine(model, plan, EngineOptions(track_memory=False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for x, y in data:
-        for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
-            engine.train_microbatch(xs, ys, loss_scale=1 / m)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return dict(model.named_parameters())
+    return train_one_process(model, engine, data, m)
 
 
 def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon", defer=False):
