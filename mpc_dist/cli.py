@@ -6,6 +6,7 @@ torchrun, accelerate and deepspeed).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -24,8 +25,10 @@ from .parallel import (
     validate_schedule,
 )
 from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate_config
+from .train.metrics import StorageError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError, StorageError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -62,7 +65,9 @@ def _train(args: argparse.Namespace) -> None:
 
         dry_run(config)
         return
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    if (args.nproc > 1 or args.max_restarts) and "WORLD_SIZE" not in os.environ:
         validate_config(config)  # fail here, once, rather than in every process
         if config.world_size != args.nproc:
             raise ConfigError(
@@ -76,10 +81,11 @@ def _train(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace) -> None:
     """One process per rank on this machine, through torchrun (it also stops the others when
-    one fails)."""
+    one fails, and restarts them ``--max-restarts`` times: the run resumes by itself)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", "-m", "mpc_dist.cli", "train",
+        f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
+        "-m", "mpc_dist.cli", "train",
     ]  # fmt: skip
     if args.config:
         command += ["--config", args.config]
@@ -93,6 +99,15 @@ def _spawn(args: argparse.Namespace) -> None:
     code = subprocess.call(command, env=env)
     if code:
         raise SystemExit(code)
+
+
+def _why(args: argparse.Namespace) -> None:
+    from .train.why import explain
+
+    try:
+        explain(args.run_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _doctor(args: argparse.Namespace) -> None:
@@ -269,7 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=1,
         help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",
     )  # fmt: skip
+    train.add_argument(
+        "--max-restarts", type=int, default=0,
+        help="restart the processes this often after a failure (torchrun's --max-restarts); a "
+        "restarted run resumes from its latest complete checkpoint",
+    )  # fmt: skip
     train.set_defaults(run=_train)
+
+    why = commands.add_parser("why", help="what every rank did when a run failed (its flight "
+                              "records in RUN_DIR/failure)")  # fmt: skip
+    why.add_argument("run_dir", help="run directory, e.g. runs/mnist_4stage (its last failure), "
+                     "or one attempt's records, e.g. runs/mnist_4stage/failure.1")  # fmt: skip
+    why.set_defaults(run=_why)
 
     ray = commands.add_parser("ray", help="train as a Ray Train job, one worker per rank")
     _config_arguments(ray)
@@ -423,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"mpc-dist: error: {_where()}{error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingError) else 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(f"mpc-dist: error: {_where()}could not write {error.filename or 'a file'}: "
+              f"{error.strerror}", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

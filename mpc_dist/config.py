@@ -140,6 +140,8 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # per step, after warmup
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    # a non-finite loss or gradient norm: stop (the last checkpoint kept) | skip the step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -169,6 +171,7 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     plot: bool = True  # write plot.png (train loss, test accuracy) at the end
     progress: bool = True  # show a progress bar
+    resume_fallback: bool = False  # resuming: skip a damaged latest checkpoint for the one before
 
 
 @dataclass

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 from launching import mpc_dist, sets
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import load_config
 from mpc_dist.train import doctor

@@ -8,7 +8,7 @@ import json
 
 import torch
 import torch.distributed as dist
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
 from mpc_dist.core import ComputeOptions, Plan

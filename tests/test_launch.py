@@ -6,13 +6,23 @@ every rank within 60 s with a message naming it; ranks with different configs re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from launching import BIN, ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
+from launching import (
+    BIN,
+    ENV,
+    TINY,
+    assert_same_weights,
+    mpc_dist,
+    sets,
+    single_process_run,
+    start_ranks,
+    wait_all,
+)
 from processes import free_port
 
 
@@ -57,41 +67,6 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "--nproc 4" in result.stderr
 
 
-def start_ranks(
-    world: int, args_of_rank, env_extra=None, script: str = "launch/train.py"
-) -> list[subprocess.Popen]:
-    """Ranks started by hand, the way a cluster scheduler would start them."""
-    port = free_port()
-    processes = []
-    for rank in range(world):
-        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), **(env_extra or {})}  # fmt: skip
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, script, *args_of_rank(rank)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-        )
-    return processes
-
-
-def wait_all(processes, timeout: float) -> list[tuple[int, str]]:
-    deadline = time.monotonic() + timeout
-    results = []
-    for process in processes:
-        try:
-            _, err = process.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            pytest.fail(f"ranks still running after {timeout} s: a hang")
-        results.append((process.returncode, err))
-    return results
-
-
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
     args = sets(*TINY, "pipeline.stages=4", "horizon.horizon=2", "train.max_steps=50",
@@ -103,6 +78,13 @@ def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
         assert code != 0, f"rank {rank} exited 0"
         if rank != 2:
             assert "rank 2 (stage 2, replica 0)" in err, f"rank {rank}: {err[-2000:]}"
+    # every rank that lived to see it wrote its flight record; the line says what each did
+    (failure,) = tmp_path.glob("*/failure")
+    written = sorted(int(p.stem.removeprefix("rank_")) for p in failure.glob("rank_*.json"))
+    assert written == ([0, 1, 2, 3] if kind == "raise" else [0, 1, 3]), written
+    line = json.loads((failure / "summary.json").read_text())["failure"]
+    assert all(f"rank {r}: {'silent, last said: ' if kind == 'kill' and r == 2 else ''}stage {r}"
+               in line for r in range(4)), line  # fmt: skip
 
 
 def test_ranks_with_different_configs_refuse_to_start(tmp_path):

@@ -50,6 +50,9 @@ class Runner(Protocol):
 
     def stage_report(self) -> dict[str, list[float]]: ...
 
+    def note(self, phase: str, step: int) -> None:
+        """What the loop does now, after ``step`` optimizer steps (for the flight record)."""
+
     def fail(self, error: BaseException) -> None: ...
 
     def close(self) -> None: ...
@@ -107,6 +110,7 @@ class SingleRunner:
         self.step = OptimizerStep(
             self.optimizer, config.optim.grad_clip, callbacks=callbacks,
             scaler=grad_scaler(self.compute, self.device),
+            on_nonfinite=config.optim.on_nonfinite,
         )  # fmt: skip
         self.set_plan(plan)
 
@@ -148,6 +152,9 @@ class SingleRunner:
 
     def stage_report(self) -> dict[str, list[float]]:
         return {}
+
+    def note(self, phase: str, step: int) -> None:
+        pass
 
     def fail(self, error: BaseException) -> None:
         pass
@@ -197,6 +204,7 @@ class PipelineRunner:
         self.config, self.plan, self.runtime, self.groups = config, plan, stage.runtime, groups
         self.calls = 0
         self.device = job.device
+        self.watchdog.watch(stage.runtime.flight)
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
         self.shard = Shard(topology.replica, p.replicas, inputs=topology.stage == 0)
@@ -258,6 +266,9 @@ class PipelineRunner:
             "stage_idle_s": [round(r[1], 3) for r in rows],
             "stage_peak_activation_mib": [round(r[2], 3) for r in rows],
         }
+
+    def note(self, phase: str, step: int) -> None:
+        self.runtime.flight.note(phase, step)
 
     def fail(self, error: BaseException) -> None:
         """Every rank learns who failed; no orderly shutdown after this."""

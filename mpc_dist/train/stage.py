@@ -84,6 +84,8 @@ def build_stage(
         callbacks=callbacks,
         device=device,
         scaler=pipeline_grad_scaler(compute, device, groups, runtime.schedule.mode, sharding),
+        on_nonfinite=optim.on_nonfinite,
+        replica_group=groups.data_parallel,
     )
     engine = make_engine(part, plan, EngineOptions(compute, scale_loss=step.scale_loss, seed=seed))
     return Stage(part, optimizer, PipelineRuntime(engine, ranges, groups, step, runtime))
