@@ -178,6 +178,11 @@ def _horizon_study(args: argparse.Namespace) -> None:
 
 
 def _rules_study(args: argparse.Namespace) -> None:
+    if args.paper:
+        from .studies.paper_rules import main as paper_study
+
+        paper_study(args)
+        return
     from .bench.rules_study import main as study
 
     study(args)
@@ -300,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/rules.md)",
     )  # fmt: skip
     rules_arguments(rules)
+    from .studies.paper_rules import add_arguments as paper_arguments
+
+    paper_arguments(rules)
     rules.set_defaults(run=_rules_study)
 
     bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")

@@ -4,13 +4,15 @@ microbatch), and each learns MNIST a little."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from launching import TINY, assert_same_weights, mpc_dist, sets
 from multiprocess import run
 
-from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
+from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, RulesConfig, load_config
 from mpc_dist.core import Plan
 from mpc_dist.models import build_model
 from mpc_dist.parallel import (
@@ -35,11 +37,20 @@ SPECS = {
     "forward_gradient": ModelConfig(name="relu_mlp", num_blocks=T, width=12, head="aux"),
     "sff": ModelConfig(name="resnet_small", num_blocks=T, width=4, head="goodness"),
     "pepita": ModelConfig(name="relu_mlp", num_blocks=T, width=12),
-}
+    # the papers' own networks at tiny sizes: LocalMixer (4 patches, 2 groups), PEPITA's
+    # bias-free He-uniform MLP with its stabilisers (RULES below)
+    "forward_gradient_mixer": ModelConfig(name="local_mixer", num_blocks=T, width=8, hidden=12,
+                                          patch_size=4, head="aux", kwargs={"groups": 2}),
+    "pepita_stabilised": ModelConfig(name="relu_mlp", num_blocks=T, width=12,
+                                     kwargs={"init": "he_uniform", "bias": False}),
+}  # fmt: skip
+RULE_OF = {"forward_gradient_mixer": "forward_gradient", "pepita_stabilised": "pepita"}
+OPTIONS = {"pepita_stabilised": RulesConfig(pepita_dropout=0.25, pepita_normalise=True),
+           "ff": RulesConfig(ff_peer_normalisation=0.03, ff_straight_through=True)}  # fmt: skip
 
 
-def make(rule: str):
-    return build_model(SPECS[rule], SHAPE, CLASSES, seed=3).double()
+def make(case: str):
+    return build_model(SPECS[case], SHAPE, CLASSES, seed=3).double()
 
 
 def batch(n: int = 6, seed: int = 1):
@@ -48,8 +59,9 @@ def batch(n: int = 6, seed: int = 1):
     return x, torch.randint(0, CLASSES, (n,), generator=g)
 
 
-def engine_grads(rule: str, model, x, y, seed: int = 0):
-    make_engine(model, Plan(rule, 1, T), track_memory=False, seed=seed).train_microbatch(x, y)
+def engine_grads(rule: str, model, x, y, seed: int = 0, options=None):
+    engine = make_engine(model, Plan(rule, 1, T), track_memory=False, seed=seed, options=options)
+    engine.train_microbatch(x, y)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -73,9 +85,13 @@ def length_normalised(z):
 # ----------------------------------------------------------------------------- the papers
 
 
-def ff_reference(model, x, y, seed=0):
+def ff_reference(model, x, y, seed=0, peer=0.0, straight=False, readout_scale=1.0):
     """Hinton 2022 as written: labels in the first K pixels, every layer's input detached and
-    length-normalised, logistic loss on goodness = sum of squares against threshold = units."""
+    length-normalised, logistic loss on goodness = sum of squares against threshold = units
+    (averaged over positive and negative data, as loeweX's BCE); with ``peer``, the squared gap
+    between each unit's running mean activity on positive data (0.9 x 0.5 + 0.1 x this batch's
+    mean) and the layer's mean, through the ReLU with ``straight``; the readout's gradient x
+    ``readout_scale``."""
     wrong = (y + torch.randint(1, CLASSES, y.shape, generator=draws(seed, -1, 0))) % CLASSES
 
     def labelled(labels):
@@ -87,12 +103,18 @@ def ff_reference(model, x, y, seed=0):
     losses = []
     for t in range(T):
         layer = model.blocks[str(t)][0]
-        h = {k: F.relu(layer(length_normalised(v.detach()))) for k, v in h.items()}
+        pre = {k: layer(length_normalised(v.detach())) for k, v in h.items()}
+        h = {k: F.relu(v) for k, v in pre.items()}
         units = h["pos"].shape[1]
-        losses.append(F.softplus(units - h["pos"].square().sum(1)).mean()
-                      + F.softplus(h["neg"].square().sum(1) - units).mean())  # fmt: skip
+        loss = (F.softplus(units - h["pos"].square().sum(1)).sum()
+                + F.softplus(h["neg"].square().sum(1) - units).sum()) / (2 * len(y))  # fmt: skip
+        if peer:
+            pos = pre["pos"] + (h["pos"] - pre["pos"]).detach() if straight else h["pos"]
+            running = 0.9 * 0.5 + 0.1 * pos.mean(0)
+            loss = loss + peer * (running.mean() - running).square().mean()
+        losses.append(loss)
     readout = model.head(length_normalised(h["neutral"].detach()))
-    losses.append(F.cross_entropy(readout, y))
+    losses.append(readout_scale * F.cross_entropy(readout, y))
     return autograd_grads(model, losses)
 
 
@@ -136,41 +158,159 @@ def fg_reference(model, x, y, seed=0):
     return grads
 
 
-def pepita_reference(model, x, y, seed=0):
+def pepita_reference(model, x, y, seed=0, dropout=0.0, normalise=False, feedback=None):
     """Dellaferrera & Kreiman 2022, as in their code: pass 1, e = softmax - onehot; pass 2 on
     x + F e; dW_l = (h_l - h_l_err) h_{l-1}_err^T (x_err for the first), dW_L = e_err h_err^T;
-    divided by the batch. F ~ U[-1, 1] 0.05 sqrt(6 / d_in)."""
+    divided by the batch. F ~ U[-1, 1] 0.05 sqrt(6 / d_in) unless given. Srinivasan et al.'s
+    stabilisers: dropout of hidden units with one mask for both passes, each hidden layer's
+    output scaled to unit RMS."""
     d_in = x[0].numel()
-    uniform = torch.rand(d_in, CLASSES, generator=draws(seed, -2, 0), dtype=torch.float64)
-    feedback = (2 * uniform - 1) * 0.05 * (6 / d_in) ** 0.5
+    if feedback is None:
+        uniform = torch.rand(d_in, CLASSES, generator=draws(seed, -2, 0), dtype=torch.float64)
+        feedback = (2 * uniform - 1) * 0.05 * (6 / d_in) ** 0.5
     layers = [model.blocks[str(t)][0] for t in range(T)]
+    masks = []
+    for t in range(T):
+        keep = torch.rand(len(x), 12, generator=draws(seed, t, 0), dtype=torch.float64) >= dropout
+        masks.append(keep.double() / (1 - dropout))
+
+    def hidden(t, a):
+        h = F.relu(layers[t](a)) * masks[t]
+        return h / h.square().mean(1, keepdim=True).add(1e-8).sqrt() if normalise else h
+
     with torch.no_grad():
         h = [x.flatten(1)]
-        for layer in layers:
-            h.append(F.relu(layer(h[-1])))
+        for t in range(T):
+            h.append(hidden(t, h[-1]))
         e = model.head(h[-1]).softmax(-1) - F.one_hot(y, CLASSES)
         h_err = [x.flatten(1) + e @ feedback.T]
-        for layer in layers:
-            h_err.append(F.relu(layer(h_err[-1])))
+        for t in range(T):
+            h_err.append(hidden(t, h_err[-1]))
         e_err = model.head(h_err[-1]).softmax(-1) - F.one_hot(y, CLASSES)
     grads, B = {}, len(y)
     for t in range(T):
         delta = h[t + 1] - h_err[t + 1]
         grads[f"blocks.{t}.0.weight"] = delta.T @ h_err[t] / B
-        grads[f"blocks.{t}.0.bias"] = delta.sum(0) / B
-    grads["head.weight"], grads["head.bias"] = e_err.T @ h_err[T] / B, e_err.sum(0) / B
+        if layers[t].bias is not None:
+            grads[f"blocks.{t}.0.bias"] = delta.sum(0) / B
+    grads["head.weight"] = e_err.T @ h_err[T] / B
+    if model.head.bias is not None:
+        grads["head.bias"] = e_err.sum(0) / B
     return grads
 
 
-REFERENCES = {"ff": ff_reference, "sff": sff_reference, "forward_gradient": fg_reference,
-              "pepita": pepita_reference}  # fmt: skip
+def mixer_fg_reference(model, x, y, seed=0):
+    """Ren et al. 2023, LG-FG-A on LocalMixer, written from the paper: noise u on every
+    post-LayerNorm activation (masked where its ReLU is off); the local losses replicated per
+    patch p and group g with stop-gradients (equations 4-5: loss (p, g) sees group g of patch p,
+    every other group and patch stopped); each loss's directional derivative along u (here by
+    reverse mode, at zero noise); a unit's estimate is the derivative of the losses it feeds
+    times its noise (token mixing: all groups of its patch; channel mixing: its group; grouped:
+    its own), through the LayerNorm back to its linear layer locally; heads exact."""
+
+    def ln(a):
+        return F.layer_norm(a, a.shape[-1:])
+
+    def grouped(a):
+        return ln(a.reshape(*a.shape[:-1], 2, -1))
+
+    grads, state = {}, x
+    for t in range(T):
+        block = model.blocks[str(t)]
+        head = model.head if t == T - 1 else model.aux_heads[str(t + 1)]
+        prefix = "head" if t == T - 1 else f"aux_heads.{t + 1}"
+        inp = state.detach()
+        if t == 0:
+            sites = [(block.channels, ln, False), (block.grouped, grouped, False)]
+            first = model.stem(inp)
+        else:
+            sites = [(block.tokens, ln, False), (block.channels, ln, False),
+                     (block.grouped, grouped, True)]  # fmt: skip
+            first = inp.flatten(2)
+
+        def run(noise, first=first, sites=sites, inp=inp):  # -> (sites' inputs, their ReLU
+            ins, outs, a = [], [], first  # outputs, the block's output)
+            for (site, prepare, residual), n in zip(sites, noise, strict=True):
+                a = prepare(a)
+                ins.append(a)
+                z = site.norm(site.linear(a)) + n
+                a = F.relu(z + inp if residual else z)
+                outs.append(a)
+            return ins, outs, a
+
+        with torch.no_grad():
+            ins, outs, out = run([0.0] * len(sites))
+        generator = draws(seed, t, 0)
+        noise = [torch.randn(o.shape, generator=generator, dtype=torch.float64) * (o > 0)
+                 for o in outs]  # fmt: skip
+        leaves = [torch.zeros_like(u, requires_grad=True) for u in noise]
+        normed = ln(run(leaves)[2])
+        P, G = normed.shape[1], normed.shape[2]
+        directional = torch.zeros(len(y), P, G, dtype=torch.float64)
+        stopped = normed.detach().mean(1)
+        for p in range(P):
+            for g in range(G):
+                features = stopped.clone()  # every other group and patch stopped (eq. 4-5)
+                own = normed[:, p, g] - normed.detach()[:, p, g]  # patch p's group g only
+                features[:, g] = stopped[:, g] + own / P
+                loss = F.cross_entropy(head.linear(features.flatten(1)), y, reduction="sum")
+                per_sample = torch.autograd.grad(loss, leaves, retain_graph=True)
+                pairs = zip(per_sample, noise, strict=True)
+                directional[:, p, g] = sum((d * u).flatten(1).sum(1) for d, u in pairs)
+        names = {"token": "tokens", "channel": "channels", "group": "grouped"}
+        for (site, _, _), a, u in zip(sites, ins, noise, strict=True):
+            if site.kind == "token":
+                spread = directional.sum(2, keepdim=True)
+            elif site.kind == "channel":
+                spread = directional.repeat_interleave(u.shape[-1] // G, -1)
+            else:
+                spread = directional[..., None]
+            params = dict(site.linear.named_parameters())
+            got = torch.autograd.grad(site.norm(site.linear(a)), list(params.values()),
+                                      spread * u / len(y))  # fmt: skip
+            for n, g_ in zip(params, got, strict=True):
+                grads[f"blocks.{t}.{names[site.kind]}.linear.{n}"] = g_
+        head_loss = F.cross_entropy(head(out), y)
+        for n, g_ in zip(
+            dict(head.named_parameters()),
+            torch.autograd.grad(head_loss, list(head.parameters())),
+            strict=True,
+        ):
+            grads[f"{prefix}.{n}"] = g_
+        state = out
+    return grads
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
-def test_engine_equals_the_papers_rule(rule):
+REFERENCES = {
+    "ff": ff_reference,
+    "sff": sff_reference,
+    "forward_gradient": fg_reference,
+    "pepita": pepita_reference,
+    "forward_gradient_mixer": mixer_fg_reference,
+    "pepita_stabilised": partial(pepita_reference, dropout=0.25, normalise=True),
+}
+
+
+def test_forward_forward_with_peer_normalisation_equals_the_codes():
+    """Hinton's and loeweX's peer normalisation, the straight-through ReLU, the readout's rate."""
     x, y = batch()
-    got = engine_grads(rule, make(rule), x, y)
-    want = REFERENCES[rule](make(rule), x, y)
+    options = RulesConfig(ff_peer_normalisation=0.03, ff_straight_through=True,
+                          ff_readout_lr_scale=10.0)  # fmt: skip
+    got = engine_grads("ff", make("ff"), x, y, options=options)
+    want = ff_reference(make("ff"), x, y, peer=0.03, straight=True, readout_scale=10.0)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    plain = ff_reference(make("ff"), x, y, peer=0.03)  # the gradient does stop at the ReLU
+    assert not torch.allclose(plain["blocks.0.0.weight"], want["blocks.0.0.weight"])
+
+
+@pytest.mark.parametrize("case", list(REFERENCES))
+def test_engine_equals_the_papers_rule(case):
+    x, y = batch()
+    options = OPTIONS.get(case) if case != "ff" else None
+    got = engine_grads(RULE_OF.get(case, case), make(case), x, y, options=options)
+    want = REFERENCES[case](make(case), x, y)
     assert set(got) == set(want), set(got) ^ set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
@@ -191,6 +331,44 @@ def test_forward_gradient_is_unbiased():
         assert cosine > 0.9, (name, float(cosine))
 
 
+def test_pepita_weight_mirroring():
+    """F = B_0 ... B_L at the fixed F's scale; each B_l moves towards its layer's mirror
+    (-W_0^T below, W_l^T above), so F comes to point along -(W_L ... W_0)^T."""
+    x, y = batch()
+    options = RulesConfig(pepita_dropout=0.25, pepita_normalise=True, pepita_mirror_lr=0.5)
+    model = make("pepita_stabilised")
+    engine = make_engine(model, Plan("pepita", 1, T), track_memory=False, options=options)
+    layers = [model.blocks[str(t)][0] for t in range(T)] + [model.head]
+    before = [layer.pepita_mirror.clone() for layer in layers]
+    product = before[0]
+    for b in before[1:]:
+        product = product @ b
+    scale = 0.05 * (6 / x[0].numel()) ** 0.5
+    fixed = (2 * torch.rand(x[0].numel(), CLASSES, generator=draws(0, -2, 0),
+                            dtype=torch.float64) - 1) * scale  # fmt: skip
+    feedback = product * fixed.std() / product.std()
+    engine.train_microbatch(x, y)
+    want = pepita_reference(make("pepita_stabilised"), x, y, dropout=0.25, normalise=True,
+                            feedback=feedback)  # fmt: skip
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    for i, (layer, b) in enumerate(zip(layers, before, strict=True)):
+        noise = 0.1 * torch.randn(len(x), layer.in_features, generator=draws(0, -3, i),
+                                  dtype=torch.float64)  # fmt: skip
+        out = layer(noise).softmax(-1) if i == T else F.relu(layer(noise))
+        mirror = (-1 if i == 0 else 1) * noise.T @ out / (len(x) * 0.01)
+        torch.testing.assert_close(layer.pepita_mirror, 0.5 * b + 0.5 * mirror)
+    big, _ = batch(512, seed=5)
+    for _ in range(30):
+        engine.train_microbatch(big, torch.zeros(512, dtype=torch.long), loss_scale=0.0)
+    with torch.no_grad():
+        total = layers[0].weight.T
+        for layer in layers[1:]:
+            total = total @ layer.weight.T
+        cosine = F.cosine_similarity(engine._feedback().flatten(), -total.flatten(), dim=0)
+    assert cosine > 0.5, float(cosine)  # random directions: about 0 +- 0.05
+
+
 def test_rule_predictions_over_the_whole_model():
     x, _ = batch()
     ff = make("ff")
@@ -203,7 +381,10 @@ def test_rule_predictions_over_the_whole_model():
 # ----------------------------------------------------------------------------- the pipeline
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
+RULES = ("ff", "sff", "forward_gradient", "pepita")
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_no_backward_messages(rule):
     """Every stage trains its blocks alone: schedules have forward messages only (and PEPITA's
     one top-down message per microbatch, from the last stage to the first)."""
@@ -222,9 +403,10 @@ def test_no_backward_messages(rule):
 STEPS, M = 3, 2
 
 
-def single_process(rule: str, data):
-    model = make(rule)
-    engine = make_engine(model, Plan(rule, 1, T), track_memory=False)
+def single_process(case: str, data):
+    model = make(case)
+    rule = RULE_OF.get(case, case)
+    engine = make_engine(model, Plan(rule, 1, T), track_memory=False, options=OPTIONS.get(case))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for x, y in data:
         for xs, ys in zip(x.chunk(M), y.chunk(M), strict=True):
@@ -238,11 +420,12 @@ def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
     data = [batch(8, seed=10 + n) for n in range(STEPS)]
     groups = Groups.create(Topology(world, 1, rank))
     ranges = stage_ranges(uniform_partition(T, world))
-    for rule in rules:
-        want = single_process(rule, data)
+    for case in rules:
+        want = single_process(case, data)
+        rule = RULE_OF.get(case, case)
         for mode in ("sync", "async"):
-            options = RuntimeOptions(M, mode, dtype=torch.float64)
-            stage = build_stage(make(rule), Plan(rule, 1, T), ranges, groups,
+            options = RuntimeOptions(M, mode, dtype=torch.float64, rules=OPTIONS.get(case))
+            stage = build_stage(make(case), Plan(rule, 1, T), ranges, groups,
                                 OptimConfig("adam", lr=0.01), options, seed=3)  # fmt: skip
             if mode == "async":
                 stage.runtime.run(data, [0.01] * STEPS)
@@ -250,7 +433,7 @@ def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
                 for b in data:
                     stage.runtime.run([b], [0.01])
             for name, p in stage.model.named_parameters():
-                torch.testing.assert_close(p, want[name], msg=f"{rule} {mode} {name}")
+                torch.testing.assert_close(p, want[name], msg=f"{case} {mode} {name}")
 
 
 def test_pipeline_equals_single_process():
@@ -259,7 +442,7 @@ def test_pipeline_equals_single_process():
 
 def test_pepita_top_down_message_crosses_four_stages():
     """The error goes from stage 3 straight to stage 0, past the stages between."""
-    run(check_pipeline, 4, ("pepita",), timeout=300)
+    run(check_pipeline, 4, ("pepita", "pepita_stabilised"), timeout=300)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -329,12 +512,14 @@ def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, tmp_pa
     assert_same_weights(tmp_path / "single", tmp_path / "pipe")
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
-def test_held_activations_are_counted_until_the_update(rule):
+@pytest.mark.parametrize("case", list(REFERENCES))
+def test_held_activations_are_counted_until_the_update(case):
     """What a microbatch keeps between its forward and its update (autograd's graphs, or the
     tensors forward gradient and PEPITA keep themselves) is activation memory, then freed."""
     x, y = batch()
-    engine = make_engine(make(rule), Plan(rule, 1, T), track_memory=True)
+    rule = RULE_OF.get(case, case)
+    engine = make_engine(make(case), Plan(rule, 1, T), track_memory=True,
+                         options=OPTIONS.get(case))  # fmt: skip
     result = engine.forward(0, x, y, eager=False)
     assert engine.memory.current_bytes > 0
     if rule == "pepita":

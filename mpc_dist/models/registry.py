@@ -45,6 +45,7 @@ MODELS: dict[str, ModelEntry] = {
     "deep_linear": ModelEntry(f"{_HERE}.mlp:build_deep_linear"),
     "residual_mlp": ModelEntry(f"{_HERE}.mlp:build_residual_mlp"),
     "relu_mlp": ModelEntry(f"{_HERE}.mlp:build_relu_mlp"),
+    "local_mixer": ModelEntry(f"{_HERE}.local_mixer:build_local_mixer"),
     "vit_tiny": ModelEntry(f"{_HERE}.vit:build_vit_tiny"),
     "vit_b_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=12),
     "vit_l_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=24),

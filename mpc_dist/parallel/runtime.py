@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from ..config import RulesConfig
 from ..core import ComputeOptions, Plan
 from ..models import BlockModel
 from ..rules import make_engine
@@ -45,6 +46,7 @@ class RuntimeOptions:
     defer_weights: bool = False  # zero-bubble split: weight gradients as deferred W actions
     trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
     seed: int = 0  # of a rule's noise and negatives (forward gradient, forward-forward)
+    rules: RulesConfig | None = None  # the options of the rules beyond the horizon
 
     @property
     def message_dtype(self) -> torch.dtype:
@@ -114,7 +116,8 @@ class PipelineRuntime:
         self.stage = self.topology.stage
         self.first, self.last = ranges[self.stage]
         self.is_last = self.topology.is_last_stage
-        self.engine = make_engine(model, plan, True, options.compute, step.scale_loss, options.seed)
+        self.engine = make_engine(model, plan, True, options.compute, step.scale_loss, options.seed,
+                                  options.rules)  # fmt: skip
         self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
         self.evaluates_loss = bool(plan.part(self.first, self.last).born) or (
             plan.top_down and self.is_last

@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, RulesConfig
 from ..core import ComputeOptions, HorizonEngine, Plan
 from ..models import BlockModel
 from .engine import LocalEngine, LocalRule, LocalStep
-from .ff import ForwardForward, predict_by_goodness
-from .forward_gradient import ForwardGradient, linear_layers
+from .ff import ForwardForward, predict_by_goodness, relu_inputs
+from .forward_gradient import ForwardGradient, perturbations
 from .pepita import PepitaEngine, check_pepita
 from .sff import ScalableForwardForward, predict_by_average
 
@@ -29,9 +29,9 @@ HEADS = {"ff": ("shared",), "sff": ("goodness",), "forward_gradient": ("aux",)}
 Engine = HorizonEngine | LocalEngine | PepitaEngine
 
 
-def local_rule(name: str, num_classes: int) -> LocalRule:
+def local_rule(name: str, num_classes: int, options: RulesConfig | None = None) -> LocalRule:
     if name == "ff":
-        return ForwardForward(num_classes)
+        return ForwardForward(num_classes, options)
     if name == "sff":
         return ScalableForwardForward()
     if name == "forward_gradient":
@@ -39,18 +39,23 @@ def local_rule(name: str, num_classes: int) -> LocalRule:
     raise ConfigError(f"horizon.rule={name!r}: not a block-local rule")
 
 
-def check_rule(rule: str, model: BlockModel) -> None:
-    """What a block-local rule asks of the model (built on the meta device); one line naming
-    the field and the fix."""
+def check_rule(
+    rule: str, model: BlockModel, options: RulesConfig | None = None, stages: int = 1
+) -> None:
+    """What a rule beyond the horizon asks of the model (built on the meta device) and of its
+    options; one line naming the field and the fix."""
     if rule in HEADS and model.head_mode not in HEADS[rule]:
         raise ConfigError(
             f"model.head={model.head_mode}: rule {rule} needs model.head={HEADS[rule][0]}"
         )
     if rule == "forward_gradient":
         for t in range(model.num_blocks):
-            linear_layers(model, t)
+            perturbations(model, t)
+    if rule == "ff" and options is not None and options.ff_straight_through:
+        for t in range(model.num_blocks):
+            relu_inputs(model, t)
     if rule == "pepita":
-        check_pepita(model)
+        check_pepita(model, options or RulesConfig(), stages)
 
 
 def make_engine(
@@ -60,15 +65,17 @@ def make_engine(
     compute: ComputeOptions | None = None,
     scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
+    options: RulesConfig | None = None,
 ) -> Engine:
-    """The engine for ``plan``'s rule over the blocks ``model`` holds."""
+    """The engine for ``plan``'s rule over the blocks ``model`` holds (``options``: the rules'
+    section of the config)."""
     if plan.top_down:
-        return PepitaEngine(model, plan, track_memory, compute, scale_loss, seed)
+        return PepitaEngine(model, plan, track_memory, compute, scale_loss, seed, options)
     if not plan.is_local:
         compute = compute or ComputeOptions()
         return HorizonEngine(model, plan, track_memory=track_memory, compute=compute,
                              scale_loss=scale_loss)  # fmt: skip
-    rule = local_rule(plan.rule, model.num_classes)
+    rule = local_rule(plan.rule, model.num_classes, options)
     return LocalEngine(model, plan, rule, track_memory, compute,
                        scale_loss, seed)  # fmt: skip
 

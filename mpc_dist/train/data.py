@@ -14,7 +14,7 @@ import importlib.util
 import math
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +236,10 @@ def load_dataset(
     root: str | None = None,
     synthetic_size: int = 2048,
     seed: int = 0,
+    standardise: bool = True,
 ) -> Dataset:
-    """Load one split of a dataset in DATASETS into memory (cached per name, split and root)."""
+    """Load one split of a dataset in DATASETS into memory (cached per name, split and root);
+    ``standardise=False``: pixels in [0, 1] (the synthetic set is left as it is)."""
     if name not in DATASETS:
         raise DataError(f"data.dataset={name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -255,6 +257,12 @@ def load_dataset(
             _CACHE[key] = _load_cifar(name, split, root)
         else:
             _CACHE[key] = _make_synthetic(split, synthetic_size, seed)
+    if not standardise and name in _NORM:
+        if (*key, "unit") not in _CACHE:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _NORM[name])
+            data = _CACHE[key]
+            _CACHE[(*key, "unit")] = replace(data, inputs=data.inputs * std + mean)
+        return _CACHE[(*key, "unit")]
     return _CACHE[key]
 
 

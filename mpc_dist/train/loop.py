@@ -43,8 +43,10 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     """
     validate(config)
     data, seed = config.data, config.train.seed
-    train_set = load_dataset(data.dataset, "train", data.root, data.synthetic_size, seed)
-    test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, seed)
+    train_set = load_dataset(data.dataset, "train", data.root, data.synthetic_size, seed,
+                             data.standardise)  # fmt: skip
+    test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, seed,
+                            data.standardise)  # fmt: skip
     torch.manual_seed(seed)
     # on the meta device: each process allocates only what it holds (all of it, or its stage)
     model = build_model(config.model, train_set.input_shape, train_set.num_classes, device="meta")

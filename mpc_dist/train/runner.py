@@ -128,7 +128,7 @@ class SingleRunner:
         """Train on under another plan (horizon re-selection)."""
         self.plan = plan
         self.engine = make_engine(self.model, plan, False, self.compute, self.step.scale_loss,
-                                  self.config.train.seed)  # fmt: skip
+                                  self.config.train.seed, self.config.rules)  # fmt: skip
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         m, T = self.config.data.num_microbatches, self.plan.num_blocks
@@ -222,6 +222,7 @@ class PipelineRunner:
             options = RuntimeOptions(
                 config.data.num_microbatches, p.mode, policy, device, dtype,
                 compute_options(config.train, device), p.defer_weights, seed=config.train.seed,
+                rules=config.rules,
             )  # fmt: skip
             stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
                                 config.model, config.train.seed, p.sharding)  # fmt: skip

@@ -11,6 +11,8 @@ from ..models import build_model, check_model
 from ..rules import check_rule
 from .data import DATASETS, SHAPES
 
+SCHEDULES = ("cosine", "constant", "halfway_linear", "step")
+
 
 def need(ok: bool, message: str) -> None:
     if not ok:
@@ -38,7 +40,8 @@ def validate(config: Config) -> None:
     need(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
     need(o.name in ("adamw", "adam", "sgd"), f"optim.name={o.name!r}: use adamw, adam or sgd")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
-    need(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r}: cosine|constant")
+    need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {SCHEDULES}")
+    need(all(0 < f < 1 for f in o.decay_at), f"optim.decay_at={o.decay_at}: fractions in (0, 1)")
     need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
     need(t.epochs >= 1, f"train.epochs={t.epochs}: must be >= 1")
     need(t.dtype in ("float32", "float64", "bfloat16"), f"train.dtype={t.dtype!r}: unknown")
@@ -95,7 +98,7 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"horizon.horizon=auto: chooses among the horizon rules {HORIZON_RULES}, not rule "
         f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
     )
-    check_rule(rule, model)
+    check_rule(rule, model, config.rules, config.pipeline.stages)
     need(
         not config.pipeline.defer_weights,
         f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "

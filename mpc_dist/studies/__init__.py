@@ -1,0 +1,1 @@
+"""Studies that train many runs and write a document."""
