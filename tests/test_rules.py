@@ -4,6 +4,7 @@ microbatch), and each learns MNIST a little."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -28,7 +29,7 @@ from mpc_dist.parallel import (
 from mpc_dist.parallel.schedule import peer
 from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
 from mpc_dist.rules.common import draws
-from mpc_dist.train import build_stage, train
+from mpc_dist.train import build_stage, learning_rate, load_dataset, train
 from mpc_dist.train.validate import validate as validate_config
 
 SHAPE, CLASSES, T = (1, 8, 8), 5, 4
@@ -456,13 +457,17 @@ LEARN = {
             "model.head=goodness"],
     "pepita": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2", "optim.name=sgd",
                "optim.lr=0.01", "optim.schedule=constant"],
+    "forward_gradient_mixer": ["model.name=local_mixer", "model.num_blocks=1", "model.width=64",
+                               "model.hidden=64", "model.patch_size=28", "model.head=aux",
+                               "model.kwargs={groups: 4}", "optim.name=sgd", "optim.lr=0.05"],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("rule", list(LEARN))
-def test_each_rule_learns_mnist(rule, tmp_path):
+@pytest.mark.parametrize("case", list(LEARN))
+def test_each_rule_learns_mnist(case, tmp_path):
+    rule = RULE_OF.get(case, case)
     config = load_config(None, [
-        *LEARN[rule], f"horizon.rule={rule}", "horizon.horizon=1", "train.max_steps=100",
+        *LEARN[case], f"horizon.rule={rule}", "horizon.horizon=1", "train.max_steps=100",
         "train.epochs=1", "data.batch_size=128", f"run.out_dir={tmp_path}", "run.progress=false",
         "run.tensorboard=false", "run.plot=false",
     ])  # fmt: skip
@@ -484,6 +489,17 @@ def test_each_rule_learns_mnist(rule, tmp_path):
         (["horizon.rule=ff", "horizon.horizon=auto"], "horizon.horizon=auto"),
         (["horizon.rule=ff", "horizon.horizon=1", "model.name=relu_mlp", "pipeline.stages=2",
           "pipeline.replicas=2", "pipeline.sharding=fsdp"], "pipeline.sharding=fsdp"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "rules.pepita_mirror_lr=0.01", "pipeline.stages=2"], "rules.pepita_mirror_lr"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "rules.pepita_dropout=1.0"], "rules.pepita_dropout"),
+        (["horizon.rule=ff", "horizon.horizon=1", "model.name=residual_mlp",
+          "rules.ff_straight_through=true"], "rules.ff_straight_through"),
+        (["model.name=relu_mlp", "model.kwargs={init: zeros}"], "model.kwargs"),
+        (["model.name=local_mixer", "model.patch_size=5"], "model.patch_size=5"),
+        (["model.name=local_mixer", "model.patch_size=7", "model.kwargs={groups: 3}"],
+         "model.kwargs.groups=3"),
+        (["optim.schedule=step", "optim.decay_at=[60, 90]"], "optim.decay_at"),
     ],
 )  # fmt: skip
 def test_bad_rule_configs_fail_in_one_line(overrides, field):
@@ -494,15 +510,17 @@ def test_bad_rule_configs_fail_in_one_line(overrides, field):
 
 
 @pytest.mark.parametrize(
-    ("config", "mode"),
-    [("pepita_mnist", "async"), ("ff_mnist", "sync"), ("forward_gradient_mnist", "async"),
-     ("sff_mnist", "sync")],
+    ("config", "mode", "extra"),
+    [("pepita_mnist", "async", []), ("ff_mnist", "sync", []),
+     ("forward_gradient_mnist", "async", ["model.hidden=32", "model.patch_size=14"]),
+     ("sff_mnist", "sync", [])],
 )  # fmt: skip
-def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, tmp_path):
-    """`mpc-dist train --nproc 2`: every rule (PEPITA's top-down message, forward-forward's
-    three states per sample) over real processes ends with one process's weights."""
+def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, extra, tmp_path):
+    """`mpc-dist train --nproc 2`: every rule at its shipped recipe (PEPITA's top-down message
+    and dropout, forward-forward's three states per sample and peer normalisation, LocalMixer's
+    replicated losses) over real processes ends with one process's weights."""
     config = f"configs/{config}.yaml"
-    tiny = [*TINY, "model.width=16", "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
+    tiny = [*TINY, "model.width=16", *extra, "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
     single = mpc_dist("train", "--config", config, *sets(*tiny, "run.name=single"))
     assert single.returncode == 0, single.stderr[-3000:]
     pipe = mpc_dist("train", "--nproc", "2", "--config", config, *sets(
@@ -528,6 +546,48 @@ def test_held_activations_are_counted_until_the_update(case):
         for s in range(1, T + 1):
             engine.backward(0, s)
     assert engine.memory.current_bytes == 0 and engine.outstanding == 0
+
+
+def test_the_recipes_schedules():
+    """Forward-forward's (constant, then linear to zero over the second half) and PEPITA's
+    (x 0.1 after 60 % and 90 % of training)."""
+    halfway = OptimConfig("sgd", lr=1.0, schedule="halfway_linear")
+    assert [learning_rate(halfway, s, 100) for s in (0, 49, 50, 75, 99)] == [1, 1, 1, 0.5, 0.02]
+    step = OptimConfig("sgd", lr=1.0, schedule="step", decay_at=[0.6, 0.9], decay_factor=0.1)
+    rates = [learning_rate(step, s, 100) for s in (0, 59, 60, 89, 90, 99)]
+    torch.testing.assert_close(rates, [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_pixels_in_unit_range_for_pepita():
+    """data.standardise=false gives the raw pixels PEPITA's codes feed (its F is scaled to them)."""
+    raw = load_dataset("mnist", "test", standardise=False)
+    assert raw.inputs.min() == 0 and raw.inputs.max() == 1
+    torch.testing.assert_close(raw.inputs, load_dataset("mnist", "test").inputs * 0.3081 + 0.1307)
+
+
+def test_paper_study_resumes_and_reports(tmp_path):
+    """`rules-study --paper`: a run stopped part-way resumes from its checkpoint; a finished one
+    is read back; the report (table, per-epoch accuracies, plot) replaces its block only."""
+    doc = tmp_path / "rules.md"
+    doc.write_text("# Rules\n\nbefore\n<!-- results: mpc-dist rules-study --paper -->\nold\n"
+                   "<!-- end of paper results -->\nafter\n")  # fmt: skip
+    args = ["rules-study", "--paper", "--recipes", "pepita", "--paper-out", str(tmp_path / "p"),
+            "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
+    first = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "10", timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "20", timeout=300)
+    assert second.returncode == 0 and "pepita: resuming" in second.stderr, second.stderr[-3000:]
+    metrics = (tmp_path / "p" / "runs" / "pepita" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in metrics.splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
+    seconds = json.loads((tmp_path / "p" / "runs" / "pepita" / "train_seconds.json").read_text())
+    assert len(seconds) == 2  # two sittings of one run
+    third = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "20", timeout=300)
+    assert "pepita: " not in third.stderr.split("| run |")[0], "a finished run is read back"
+    text = doc.read_text()
+    assert text.startswith("# Rules\n\nbefore\n") and text.endswith("after\n")
+    assert "| PEPITA, 1 x 1024 | 0 of 1 |" in text and "old" not in text
+    assert (tmp_path / "figures" / "rules_paper_accuracy.png").exists()
 
 
 def test_rules_study_at_a_small_size(tmp_path):
