@@ -91,8 +91,13 @@ class EpochPrinter(Callback):
 
 
 def recipe_config(name: str, epochs: int | None, args: argparse.Namespace) -> Config:
+    """The recipe's config; ``epochs`` shortens it, its warmup shortened in proportion."""
     recipe = RECIPES[name]
-    more = [f"train.epochs={epochs}"] if epochs else []
+    more = []
+    if epochs:
+        paper = load_config(recipe.config, list(recipe.overrides))
+        warmup = round(paper.optim.warmup_steps * epochs / paper.train.epochs)
+        more = [f"train.epochs={epochs}", f"optim.warmup_steps={warmup}"]
     return load_config(recipe.config, [
         *recipe.overrides, *more, f"run.out_dir={args.paper_out}/runs", f"run.name={name}",
         f"run.checkpoint_every={args.checkpoint_every}", "run.progress=false",
