@@ -146,7 +146,7 @@ def other_predictions(config: Config) -> dict:
     """Forward-forward's label with the most goodness over blocks 2.. (Hinton's prediction)."""
     if config.horizon.rule != "ff" or not (config.run_dir / "checkpoints").exists():
         return {}
-    test = load_dataset(config.data.dataset, "test")
+    test = load_dataset(config.data.dataset, "test", standardise=config.data.standardise)
     model = build_model(config.model, test.input_shape, test.num_classes, seed=0)
     model.load_state_dict(load_run_weights(config.run_dir), strict=False)
     correct = 0
