@@ -142,6 +142,28 @@ def run_recipe(name: str, config: Config) -> dict:
     return result
 
 
+def so_far(name: str, config: Config) -> dict | None:
+    """A run's result without training: its result.json, or, for a run stopped part-way, the
+    epochs it finished (``stopped``); None if it never started."""
+    run_dir = config.run_dir
+    if (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    steps = num_batches(load_dataset(config.data.dataset, "train"), config.data.batch_size)
+    records = MetricsLogger.read(run_dir / "metrics.jsonl")
+    per_epoch = [r["accuracy"] for r in records
+                 if r["kind"] == "eval" and r["step"] == r["epoch"] * steps]  # fmt: skip
+    timing = run_dir / "train_seconds.json"
+    seconds = sum(json.loads(timing.read_text())) if timing.exists() else 0.0
+    if not seconds and records:  # still running: the time since its first record
+        seconds = records[-1]["time"] - records[0]["time"]
+    return {"name": name, "epochs": config.train.epochs, "max_steps": config.train.max_steps,
+            "accuracy": per_epoch[-1] if per_epoch else 0.0, "per_epoch": per_epoch,
+            "best": max(per_epoch, default=0.0), "seconds": seconds,
+            "stopped": records[-1]["step"] if records else 0}  # fmt: skip
+
+
 def other_predictions(config: Config) -> dict:
     """Forward-forward's label with the most goodness over blocks 2.. (Hinton's prediction)."""
     if config.horizon.rule != "ff" or not (config.run_dir / "checkpoints").exists():
@@ -180,6 +202,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def _accuracy(result: dict) -> str:
+    if "stopped" in result:
+        return f"{100 * result['accuracy']:.2f} (stopped at step {result['stopped']})"
     if "diverged" in result:
         epochs = len(result["per_epoch"])
         return f"diverged after {epochs} epochs (best {100 * result['best']:.2f})"
@@ -229,8 +253,11 @@ def main(args: argparse.Namespace) -> None:
     results = []
     for name in args.recipes:
         config = recipe_config(name, int(epochs[name]) if name in epochs else None, args)
-        results.append(run_recipe(name, config))
+        result = so_far(name, config) if args.report_only else run_recipe(name, config)
+        if result is not None:
+            results.append(result)
     out = Path(args.paper_out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results))
     doc = Path(args.doc)
     figure = doc.parent / "figures" / "rules_paper_accuracy.png"
@@ -253,3 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paper-out", default="runs/rules-paper", help="--paper's run folder")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps (--paper)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (--paper)")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="--paper: write the report from the runs as they are, training nothing",
+    )  # fmt: skip
