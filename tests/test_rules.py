@@ -575,6 +575,10 @@ def test_paper_study_resumes_and_reports(tmp_path):
             "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
     first = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "10", timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "p" / "runs" / "pepita" / "result.json").unlink()  # as if stopped part-way
+    report = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--report-only", timeout=300)
+    assert report.returncode == 0 and "pepita: " not in report.stderr.split("| run |")[0]
+    assert "(stopped at step 10)" in doc.read_text()
     second = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "20", timeout=300)
     assert second.returncode == 0 and "pepita: resuming" in second.stderr, second.stderr[-3000:]
     metrics = (tmp_path / "p" / "runs" / "pepita" / "metrics.jsonl").read_text()
