@@ -134,12 +134,18 @@ def run_recipe(name: str, config: Config) -> dict:
     evals = [r for r in MetricsLogger.read(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     result.update(
         seconds=sum(json.loads(timing.read_text())),
-        per_epoch=[r["accuracy"] for r in evals if r["step"] == r["epoch"] * steps],
+        per_epoch=per_epoch(evals, steps),
         best=max((r["accuracy"] for r in evals), default=0.0),
         **other_predictions(config),
     )
     done.write_text(json.dumps(result))
     return result
+
+
+def per_epoch(evals: list[dict], steps_per_epoch: int) -> list[float]:
+    """The test accuracy at each epoch's end (a resumed run may have evaluated one twice)."""
+    at = {r["epoch"]: r["accuracy"] for r in evals if r["step"] == r["epoch"] * steps_per_epoch}
+    return [at[epoch] for epoch in sorted(at)]
 
 
 def so_far(name: str, config: Config) -> dict | None:
@@ -152,15 +158,14 @@ def so_far(name: str, config: Config) -> dict | None:
         return None
     steps = num_batches(load_dataset(config.data.dataset, "train"), config.data.batch_size)
     records = MetricsLogger.read(run_dir / "metrics.jsonl")
-    per_epoch = [r["accuracy"] for r in records
-                 if r["kind"] == "eval" and r["step"] == r["epoch"] * steps]  # fmt: skip
+    by_epoch = per_epoch([r for r in records if r["kind"] == "eval"], steps)
     timing = run_dir / "train_seconds.json"
     seconds = sum(json.loads(timing.read_text())) if timing.exists() else 0.0
     if not seconds and records:  # still running: the time since its first record
         seconds = records[-1]["time"] - records[0]["time"]
     return {"name": name, "epochs": config.train.epochs, "max_steps": config.train.max_steps,
-            "accuracy": per_epoch[-1] if per_epoch else 0.0, "per_epoch": per_epoch,
-            "best": max(per_epoch, default=0.0), "seconds": seconds,
+            "accuracy": by_epoch[-1] if by_epoch else 0.0, "per_epoch": by_epoch,
+            "best": max(by_epoch, default=0.0), "seconds": seconds,
             "stopped": records[-1]["step"] if records else 0}  # fmt: skip
 
 
