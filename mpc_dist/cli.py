@@ -1,5 +1,5 @@
-"""``mpc-dist``: plan, schedule, train, ray, probe, select-horizon, compare, bench, simulate,
-horizon-study, rules-study, bench-engine.
+"""``mpc-dist``: plan, schedule, train, ray, doctor, probe, select-horizon, compare, bench,
+simulate, horizon-study, rules-study, bench-engine, export-data, bench-data.
 
 The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
 calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
@@ -12,15 +12,20 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from .config import ConfigError, load_config
 from .core import HORIZON_RULES, RULES, Plan
 from .horizon import OBJECTIVES
-from .launch.conventions import apply_launcher_settings
-from .parallel import ScheduleError, bubble_fraction, generate, stage_ranges, uniform_partition
-from .parallel import validate as validate_schedule
-from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate
+from .launchers.conventions import apply_launcher_settings
+from .parallel import (
+    ScheduleError,
+    ScheduleSpec,
+    bubble_fraction,
+    generate,
+    stage_ranges,
+    uniform_partition,
+    validate_schedule,
+)
+from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate_config
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError)
 
@@ -32,12 +37,9 @@ def _plan(args: argparse.Namespace) -> None:
 def _schedule(args: argparse.Namespace) -> None:
     blocks = args.blocks or args.stages
     horizon = args.horizon or (blocks if args.rule in HORIZON_RULES else 1)
-    policy = "horizon" if args.policy == "auto" else args.policy
     ranges = stage_ranges(uniform_partition(blocks, args.stages))
-    schedule = generate(
-        Plan(args.rule, horizon, blocks), ranges, args.microbatches, args.minibatches,
-        args.mode, policy,
-    )  # fmt: skip
+    spec = ScheduleSpec(args.microbatches, args.mode, args.policy)
+    schedule = generate(Plan(args.rule, horizon, blocks), ranges, spec, args.minibatches)
     events = validate_schedule(schedule)
     print(schedule)
     makespan = max(e.end for e in events)
@@ -63,7 +65,7 @@ def _train(args: argparse.Namespace) -> None:
         dry_run(config)
         return
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        validate(config)  # fail here, once, rather than in every process
+        validate_config(config)  # fail here, once, rather than in every process
         if config.world_size != args.nproc:
             raise ConfigError(
                 f"--nproc {args.nproc}: pipeline.stages x pipeline.replicas is "
@@ -95,18 +97,29 @@ def _spawn(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    """Check a node or a job before a run; exits 1 when something blocks it."""
+    config = load_config(args.config, args.set)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.doctor import spawned
+
+        code = spawned(args.nproc, args.config, args.set)
+    else:
+        from .train.doctor import run_doctor
+
+        code = run_doctor(config)
+    if code:
+        raise SystemExit(code)
+
+
 def _measured_setup(args: argparse.Namespace):
     """Config, meta-device model and training data, as `train` would have them."""
-    from .models import build_model
-    from .train import load_dataset
+    from .train import open_run
 
     config = load_config(args.config, args.set)
-    validate(config)
-    d = config.data
-    dataset = load_dataset(d.dataset, "train", d.root, d.synthetic_size, config.train.seed)
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, dataset.input_shape, dataset.num_classes, device="meta")
-    return config, model, dataset
+    validate_config(config)
+    model, train_source, _ = open_run(config)
+    return config, model, train_source
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -114,7 +127,7 @@ def _probe(args: argparse.Namespace) -> None:
 
     from .horizon import candidate_horizons
     from .train.checkpoint import Checkpointer
-    from .train.horizon import probe_checkpoints, write_probe
+    from .train.selection import probe_checkpoints, write_probe
 
     if args.run_dir and not args.config:  # the run's own config
         args.config = str(Path(args.run_dir) / "config.yaml")
@@ -133,7 +146,7 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _select_horizon(args: argparse.Namespace) -> None:
-    from .train.horizon import choose_plan, report
+    from .train.selection import choose_plan, report
 
     if args.objective:
         args.set.append(f"horizon.objective={args.objective}")
@@ -143,7 +156,7 @@ def _select_horizon(args: argparse.Namespace) -> None:
 
 
 def _ray(args: argparse.Namespace) -> None:
-    from .launch.ray_train import main as ray_main
+    from .launchers.ray_job import main as ray_main
 
     ray_main(args)
 
@@ -172,7 +185,7 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _horizon_study(args: argparse.Namespace) -> None:
-    from .bench.horizon_study import main as study
+    from .studies.horizon import main as study
 
     study(args)
 
@@ -183,13 +196,29 @@ def _rules_study(args: argparse.Namespace) -> None:
 
         paper_study(args)
         return
-    from .bench.rules_study import main as study
+    from .studies.rules import main as study
 
     study(args)
 
 
 def _bench_engine(args: argparse.Namespace) -> None:
     from .bench.engine_overhead import main as bench
+
+    bench(args)
+
+
+def _export_data(args: argparse.Namespace) -> None:
+    from .data.export import export_data
+
+    written = export_data(
+        args.dataset, args.format, args.out, args.limit, args.ext, args.shard_size, args.root
+    )
+    counts = ", ".join(f"{split} {n} images" for split, n in written.items())
+    print(f"{args.out}: {args.dataset} as {args.format}, {counts}")
+
+
+def _bench_data(args: argparse.Namespace) -> None:
+    from .data.bench import main as bench
 
     bench(args)
 
@@ -250,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
     ray.set_defaults(run=_ray)
 
+    doctor = commands.add_parser("doctor", help="check a node or a job before a run")
+    _config_arguments(doctor, resume=False)
+    doctor.add_argument(
+        "--nproc", type=int, default=1, help="check as N local ranks under torchrun"
+    )
+    doctor.set_defaults(run=_doctor)
+
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     probe = commands.add_parser(
         "probe", help="gradient alignment cos(theta_h) with back-propagation, per h and rule"
@@ -290,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_arguments(simulate)
     simulate.set_defaults(run=_simulate)
 
-    from .bench.horizon_study import add_arguments as study_arguments
+    from .studies.horizon import add_arguments as study_arguments
 
     study = commands.add_parser(
         "horizon-study", help="accuracy, memory and time against h (docs/horizon-study.md)"
@@ -298,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_arguments(study)
     study.set_defaults(run=_horizon_study)
 
-    from .bench.rules_study import add_arguments as rules_arguments
+    from .studies.rules import add_arguments as rules_arguments
 
     rules = commands.add_parser(
         "rules-study", help="forward-forward, forward gradient and friends next to BP and MPC "
@@ -318,6 +354,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
     bench.set_defaults(run=_bench_engine)
+
+    export = commands.add_parser(
+        "export-data", help="write MNIST / Fashion-MNIST to disk: image folder, tar, wds or hf"
+    )
+    export.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        choices=("mnist", "fashion_mnist", "cifar10", "cifar100"),
+    )
+    export.add_argument("--format", default="folder", choices=("folder", "tar", "wds", "hf"))
+    export.add_argument("--out", required=True, help="the folder to write (data.root)")
+    export.add_argument("--limit", type=int, help="about this many images per split, balanced")
+    export.add_argument("--ext", default="png", choices=("png", "jpg"))
+    export.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
+    export.add_argument("--root", help="where the in-memory set's files are (data.root)")
+    export.set_defaults(run=_export_data)
+
+    from .data.bench import add_arguments as bench_data_arguments
+
+    bench_data = commands.add_parser(
+        "bench-data", help="decoded + augmented images/s: our Loader next to timm's create_loader"
+    )
+    bench_data_arguments(bench_data)
+    bench_data.set_defaults(run=_bench_data)
     return parser
 
 

@@ -19,6 +19,16 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the field and the fix."""
 
 
+# Names with a fixed set of values. Loading refuses any other value in one line; the owners of
+# the names (core for rules, horizon for objectives) read their lists from these types.
+HorizonRule = Literal["receding", "shrinking"]  # the paper's g_h | greedy groups of h blocks
+LocalRule = Literal["ff", "sff", "forward_gradient"]  # block-local rules (docs/rules.md)
+TopDownRule = Literal["pepita"]  # a second forward pass carries the updates
+Rule = Literal[HorizonRule, LocalRule, TopDownRule]
+Objective = Literal["memory", "speed", "tradeoff"]
+HeadMode = Literal["shared", "aux", "goodness"]
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters in the blocks (through peft); the base weights are frozen."""
@@ -39,7 +49,7 @@ class ModelConfig:
     num_blocks: int = 8  # T for deep_linear, residual_mlp, relu_mlp, vit_tiny, resnet_small
     width: int = 256  # state width (hidden_dim for vit_tiny, first channels for resnet_small)
     hidden: int = 512  # MLP hidden width inside a block
-    head: str = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
+    head: HeadMode = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
     # goodness (scalable forward-forward's: a 1x1 convolution, a class's goodness = mean square)
     patch_size: int = 7  # vit_tiny; local_mixer (pixels per patch side)
     num_heads: int = 4  # vit_tiny
@@ -54,11 +64,11 @@ class ModelConfig:
 
 @dataclass
 class HorizonConfig:
-    rule: str = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
-    # | ff | sff | forward_gradient (block-local rules, horizon 1; see docs/rules.md)
+    rule: Rule = "receding"  # receding (the paper's g_h) | shrinking (greedy groups of h blocks)
+    # | ff | sff | forward_gradient (block-local rules, horizon 1) | pepita (docs/rules.md)
     horizon: int | Literal["auto"] = 4  # h, 1 <= h <= T (T: back-propagation), or auto (h, rule)
     # horizon: auto chooses by measuring every rule and h on the model, data and device:
-    objective: str = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |
+    objective: Objective = "tradeoff"  # memory (budget) | speed (min_alignment, min_progress) |
     # tradeoff (penalty)
     memory_budget_mib: float = 0.0  # memory: the most per device
     min_alignment: float = 0.5  # speed: cos^2(theta_h) with back-propagation at least
@@ -72,24 +82,69 @@ class HorizonConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | fashion_mnist | cifar10 | cifar100 | synthetic
-    root: str | None = None  # folder with dataset files (CIFAR; optional for MNIST variants)
+    # In memory: mnist | fashion_mnist | cifar10 | cifar100 | synthetic. From disk (data.root):
+    # folder (ImageNet layout: root/train and root/val of class folders of images) | tar (root/
+    # train.tar and root/val.tar of class folders, or root/train/ and root/val/ of per-class
+    # tars) | wds (WebDataset shards root/*.tar with timm's _info.json) | hf (a Hugging Face
+    # dataset saved with save_to_disk). See docs/data.md.
+    dataset: str = "mnist"
+    root: str | None = None  # dataset files (CIFAR, the disk sources; optional for MNIST)
     batch_size: int = 128  # minibatch (one optimizer step)
     num_microbatches: int = 1  # microbatches per minibatch; must divide batch_size
     eval_batch_size: int = 1000
     standardise: bool = True  # inputs to zero mean, unit variance per channel; false: pixels in
     # [0, 1] only (PEPITA's codes feed those: its feedback matrix's scale is set against them)
     synthetic_size: int = 2048  # samples per split of the synthetic set
+    image_size: int | None = None  # side of the images fed to the model; None: the in-memory
+    # set's own (28, 32), 224 for disk sources. In memory, a size other than the set's own
+    # resizes through the image path (timm's transforms), like augment.enabled does
+    num_workers: int = 0  # DataLoader worker processes decoding images (0: in the trainer's)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    shuffle: bool = True  # shuffle the training split each epoch (the evaluation split never)
+    shuffle_buffer: int = 2048  # wds: samples in the seeded shuffle buffer across shards
+    # a corrupt or truncated image or shard: fail (stop, naming the file) | skip (count it,
+    # report it at the end; its row takes the batch's next good one)
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation through timm (create_transform, Mixup); off by default. Values and
+    their meaning are timm's (train.py's arguments of the same names); docs/data.md."""
+
+    enabled: bool = False  # the training split's per-image transform: random resized crop, flip,
+    # auto_augment, color_jitter, random erasing; false: the evaluation transform (resize + crop)
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT); None: none
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])  # its aspect ratios
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.4  # timm applies it only without auto_augment
+    re_prob: float = 0.0  # random erasing probability (DeiT: 0.25)
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"  # random erasing fill
+    re_count: int = 1  # random erasing regions
+    interpolation: Literal["bilinear", "bicubic", "nearest", "random"] = "bilinear"  # resize
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, centre crop
+    mean: list[float] | None = None  # normalization; None: the in-memory set's own, or
+    std: list[float] | None = None  # ImageNet's (timm's default) for images from disk
+    # Batch-level, on each microbatch (soft targets (N, C); on without augment.enabled too):
+    mixup: float = 0.0  # mixup alpha; 0: off (DeiT: 0.8)
+    cutmix: float = 0.0  # cutmix alpha; 0: off (DeiT: 1.0)
+    mixup_prob: float = 1.0  # probability of mixing a microbatch (or element, see mixup_mode)
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    # one draw per microbatch, per pair or per sample
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.0  # (DeiT: 0.1)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | constant | halfway_linear (constant, then linear to zero
-    # over the second half: forward-forward's) | step (times decay_factor at each decay_at)
+    # cosine | constant | halfway_linear (constant, then linear to zero over the second half:
+    # forward-forward's) | step (times decay_factor at each of decay_at); per step, after warmup
+    schedule: Literal["cosine", "constant", "halfway_linear", "step"] = "cosine"
     decay_at: list[float] = field(default_factory=list)  # step: fractions of training: [0.6, 0.9]
     decay_factor: float = 0.1  # step: the factor at each of decay_at
     warmup_steps: int = 0
@@ -116,10 +171,12 @@ class RulesConfig:
 class TrainConfig:
     epochs: int = 3
     seed: int = 0
-    dtype: str = "float32"  # of the parameters: float32 | float64 | bfloat16
-    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (autocast; fp32 master weights)
-    activation_checkpointing: str = "none"  # none | blocks (recompute each block in backward)
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"  # of the parameters
+    # autocast in bf16 or fp16 with fp32 master weights, or plain fp32
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
+    activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
+    tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     log_every: int = 50  # steps between metric lines in metrics.jsonl
     eval_every: int = 0  # steps between test-set evaluations besides epoch ends; 0: epoch ends
@@ -140,22 +197,32 @@ class RunConfig:
 class PipelineConfig:
     stages: int = 1  # P pipeline stages (processes per replica); 1 = single-process training
     replicas: int = 1  # D data-parallel copies of the pipeline; world size = P * D
-    mode: str = "sync"  # sync (flush + step together per minibatch) | async (spec section 4)
-    schedule: str = "auto"  # auto (horizon schedule) | 1f1b | gpipe (back-propagation only)
+    mode: Literal["sync", "async"] = "sync"  # flush + step together per minibatch | spec sec. 4
+    # auto (the horizon schedule) | 1f1b | gpipe (the last two for back-propagation only)
+    schedule: Literal["auto", "1f1b", "gpipe"] = "auto"
     defer_weights: bool = False  # zero-bubble: weight gradients deferred to fill idle time
-    partition: str = "uniform"  # uniform | params | time (profiled) | explicit (blocks_per_stage)
+    # uniform | params | time (profiled) | explicit (blocks_per_stage)
+    partition: Literal["uniform", "params", "time", "explicit"] = "uniform"
     blocks_per_stage: list[int] | None = None  # explicit partition, e.g. [3, 2, 2, 1]
     async_window: int = 64  # minibatches per async schedule; it drains between them (< 1% time)
-    timeout: float = 45.0  # seconds any rank waits on a message or a peer before failing
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-    sharding: str = "none"  # none | fsdp (FSDP2: parameters, gradients, optimizer state) over D
+    timeout: float = 45.0  # seconds a rank waits for a message or a silent peer before failing
+    # seconds a collective may take (checkpoint barriers on slow storage, rank 0 profiling or
+    # choosing the horizon while the others wait): the process groups' timeout
+    collective_timeout: float = 1800.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+    # fsdp: FSDP2 shards parameters, gradients and optimizer state over the D replicas
+    sharding: Literal["none", "fsdp"] = "none"
+    # fsdp under bf16-mixed: bfloat16 gathers parameters and accumulates gradients in bf16
+    # (half the all-gather; shards and reduction stay float32)
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass
 class RayConfig:
     """How ``mpc-dist ray`` runs the job on a Ray cluster (one Ray Train worker per rank)."""
 
-    placement: str = "PACK"  # PACK (pipelines on as few nodes as possible) | STRICT_PACK | SPREAD
+    # PACK: pipelines on as few nodes as possible
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
     cpus_per_worker: float = 1.0  # also the worker's torch threads
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has enough
     max_failures: int = 0  # restarts of the worker group after a failure (-1: unlimited)
@@ -167,6 +234,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -207,7 +275,8 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         raise ConfigError(f"{where}={value!r}: expected {names}")
     if get_origin(kind) is Literal:
         if value not in get_args(kind):
-            raise ConfigError(f"{where}={value!r}: expected {_name(kind)}")
+            fix = _HINTS.get(f"{where}={value}", f"use one of {', '.join(get_args(kind))}")
+            raise ConfigError(f"{where}={value}: {fix}")
         return value
     if dataclasses.is_dataclass(kind):  # a nested section, e.g. model.lora
         if not isinstance(value, dict):
@@ -230,6 +299,13 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}={value!r}: expected {kind.__name__}")
     return value
+
+
+_HINTS = {  # a value users reach for that we refuse on purpose: why, and what instead
+    "pipeline.sharding=zero1": "not offered (torch's ZeroRedundancyOptimizer cannot be "
+    "checkpointed with DCP, DeepSpeed's ZeRO-1 takes over the step); use pipeline.sharding="
+    "fsdp, which also shards parameters and gradients",
+}
 
 
 def _name(kind: Any) -> str:

@@ -8,7 +8,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from multiprocess import run
+from processes import run
 from torch import nn
 
 from mpc_dist.bench.baselines import (

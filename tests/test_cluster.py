@@ -14,7 +14,7 @@ import ray.autoscaler
 import yaml
 
 from mpc_dist.config import Config, load_config
-from mpc_dist.train import validate
+from mpc_dist.train import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -22,7 +22,7 @@ CLUSTER = ROOT / "cluster"
 
 def run_config(path: str) -> Config:
     config = load_config(ROOT / path)
-    validate(config)
+    validate_config(config)
     return config
 
 
@@ -32,13 +32,28 @@ def check_fits(config: Config, nodes: int, gpus_per_node: int) -> None:
     assert gpus_per_node % config.pipeline.stages == 0, (gpus_per_node, config.pipeline.stages)
 
 
-def check_command(command: str, app: str = "") -> Config:
-    """The script a command runs exists, and so does the --config it passes (a valid one)."""
+def check_command(command: str, app: str = "", config: str | None = None) -> Config:
+    """The script a command runs exists, and so does the --config it passes (a valid one, with
+    the command's --set overrides)."""
     words = shlex.split(command.replace('"${CONFIG}"', "CONFIG"))
     script = next(w for w in words if w.endswith(".py"))
     assert (ROOT / script.removeprefix(app)).is_file(), script
-    config = words[words.index("--config") + 1]
-    return run_config(config.removeprefix(app))
+    named = words[words.index("--config") + 1]
+    path = config if named == "CONFIG" else named.removeprefix(app)
+    overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    config = load_config(ROOT / path, overrides)
+    validate_config(config)
+    return config
+
+
+NCCL_EXPORTED = ("NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING")  # set for every GPU job
+NCCL_NAMED = ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA")  # shown, commented: the cluster's own names
+
+
+def test_gpu_configs_ask_ray_for_gpus():
+    """A Ray job of a GPU config waits for GPU workers rather than falling back to CPUs."""
+    for name in ("vit_b16_cifar100", "vit_l16_cifar100", "vit_b16_lora"):
+        assert run_config(f"configs/{name}.yaml").ray.use_gpu is True, name
 
 
 def test_ray_cluster_launcher_yaml():
@@ -51,6 +66,7 @@ def test_ray_cluster_launcher_yaml():
     readme = (CLUSTER / "README.md").read_text()
     (command,) = re.findall(r"ray job submit .*? -- (python launch/ray_train\.py [^\n]*)", readme)
     config = check_command(command)
+    assert config.ray.use_gpu is True
     check_fits(config, workers["min_workers"], workers["resources"]["GPU"])
 
 
@@ -62,28 +78,54 @@ def test_kuberay_rayjob():
     (group,) = cluster["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     check_fits(config, group["replicas"], int(container["resources"]["limits"]["nvidia.com/gpu"]))
+    assert config.ray.use_gpu is True
     for template in [cluster["headGroupSpec"]["template"], group["template"]]:
-        volumes = {v["name"] for v in template["spec"]["volumes"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         for c in template["spec"]["containers"]:
-            assert {m["name"] for m in c["volumeMounts"]} <= volumes
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert set(mounts.values()) <= set(volumes)
+            shm = volumes[mounts["/dev/shm"]]  # not the 64 MB a container gets by default
+            assert shm["emptyDir"]["medium"] == "Memory", shm
+            memory = int(c["resources"]["limits"]["memory"].removesuffix("Gi"))
+            assert int(shm["emptyDir"]["sizeLimit"].removesuffix("Gi")) <= memory / 2
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert set(NCCL_EXPORTED) <= set(env), env
+            assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    text = (CLUSTER / "kuberay-rayjob.yaml").read_text()
+    for name in NCCL_NAMED:
+        assert re.search(rf"^\s*# - {{name: {name}, value: \S+}}", text, re.MULTILINE), name
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert f"rayproject/ray:{cluster['rayVersion']}-" in dockerfile
     assert "COPY --chown=ray:users . /app" in dockerfile
 
 
 def sbatch(name: str) -> tuple[str, dict[str, str]]:
+    """Its text and #SBATCH options; it parses, activates the checkout's venv before running
+    anything of it, and sets NCCL's variables (the interface and adapters shown, commented)."""
     text = (CLUSTER / name).read_text()
     subprocess.run(["bash", "-n", str(CLUSTER / name)], check=True)
     options = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.MULTILINE))
+    lines = text.splitlines()
+    (activate,) = [i for i, line in enumerate(lines) if re.match(r"source .*/bin/activate", line)]
+    assert ".venv" in lines[activate]
+    first_use = min(i for i, line in enumerate(lines)
+                    if re.match(r"\s*(srun|python|ray|torchrun)\b", line))  # fmt: skip
+    assert activate < first_use, (activate, first_use)
+    for name in NCCL_EXPORTED:
+        assert re.search(rf"^export {name}=", text, re.MULTILINE), name
+    for name in NCCL_NAMED:
+        assert re.search(rf"^# export {name}=\S+", text, re.MULTILINE), name
     return text, options
 
 
 def test_slurm_ray_script():
     text, options = sbatch("slurm-ray.sbatch")
     (config,) = re.findall(r"^CONFIG=(\S+)", text, re.MULTILINE)
-    (driver,) = re.findall(r"^python (launch/\S+)", text, re.MULTILINE)
-    assert (ROOT / driver).is_file()
-    check_fits(run_config(config), int(options["nodes"]), int(options["gpus-per-node"]))
+    joined = text.replace("\\\n", " ")  # continuation lines
+    (command,) = re.findall(r"^python launch/\S+ [^\n]*", joined, re.MULTILINE)
+    config = check_command(command, config=config)
+    assert config.ray.use_gpu is True
+    check_fits(config, int(options["nodes"]), int(options["gpus-per-node"]))
 
 
 def test_slurm_torchrun_script():

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 from launching import BIN, ENV, TINY, sets
-from multiprocess import free_port
+from processes import free_port
 
 from mpc_dist.config import ConfigError, load_config
-from mpc_dist.launch.conventions import apply_launcher_settings
+from mpc_dist.launchers.conventions import apply_launcher_settings
 
 ACCELERATE = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}
 

@@ -1,4 +1,5 @@
-"""Tests for mpc_dist.data: offline loaders, the IDX reader, deterministic minibatches."""
+"""Tests for mpc_dist.data's in-memory sets: offline loaders, the IDX reader, deterministic
+minibatches."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpc_dist.train import data
-from mpc_dist.train.data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
+from mpc_dist.data import DataError, Dataset, load_dataset, minibatches, num_batches
+from mpc_dist.data import memory as data
+from mpc_dist.data.memory import DATASETS
 
 
 def _write_idx(path: Path, array: np.ndarray, type_byte: int, compress: bool) -> None:

@@ -131,10 +131,11 @@ def test_engines_over_split_runs_chain_to_the_whole(rule, h, cut):
     copy = plan.reads_shared_head_below_top(model.head_mode)
     lower = HorizonEngine(model.split(0, cut, copy), plan)
     upper = HorizonEngine(model.split(cut, T, copy), plan)
-    assert {s.loss_point for s in lower.incoming} == {s.loss_point for s in upper.outgoing}
+    crossing = {s.loss_point for s in plan.crossing(cut)}
+    assert crossing == {s.loss_point for s in plan.part(0, cut).incoming}
     below = lower.forward(0, x, y, eager=False)
     above = upper.forward(0, below.output, y, eager=True)
-    assert set(above.cotangents) == {s.loss_point for s in upper.outgoing}
+    assert set(above.cotangents) == crossing
     for s, cotangent in above.cotangents.items():
         assert lower.backward(0, s, cotangent) is None
     for s in below.losses:  # streams born on the lower stage, run after the upper ones
@@ -149,7 +150,7 @@ def test_peak_activation_memory_grows_with_the_horizon():
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     peaks = {}
     for h in (1, 4, 8):
-        engine = HorizonEngine(model, Plan("receding", h, 8), track_memory=True)
+        engine = HorizonEngine(model, Plan("receding", h, 8))
         engine.train_microbatch(x, y)
         peaks[h] = engine.memory.peak_bytes
         assert engine.memory.current_bytes == 0, "all saved activations released after backward"

@@ -83,14 +83,12 @@ def selection_run(tmp_path, *extra: str):
 
 
 def test_select_horizon_objectives_and_their_constraints(tmp_path):
-    from mpc_dist.models import build_model
-    from mpc_dist.train import load_dataset
-    from mpc_dist.train.horizon import select_horizon, starting_model
+    from mpc_dist.train import open_run
+    from mpc_dist.train.selection import select_horizon, starting_model
 
     config = selection_run(tmp_path, "train.dtype=float32")
-    data = load_dataset("synthetic", "train", None, config.data.synthetic_size, 0)
-    meta = build_model(config.model, data.input_shape, data.num_classes, device="meta")
-    plan, selection = select_horizon(config, starting_model(config, meta), data)
+    meta, source, _ = open_run(config)
+    plan, selection = select_horizon(config, starting_model(config, meta), source)
     candidates = selection.candidates
     assert {(c.rule, c.horizon) for c in candidates} == {
         ("receding", 1), ("receding", 2), ("receding", 4), ("shrinking", 2)}  # fmt: skip

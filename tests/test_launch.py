@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from launching import BIN, ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
-from multiprocess import free_port
+from processes import free_port
 
 
 def test_torchrun_pipeline_matches_single_process(tmp_path):

@@ -7,13 +7,20 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from multiprocess import run
+from processes import run
 from safetensors.torch import save_file
 
 from mpc_dist.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, load_config
-from mpc_dist.core import HorizonEngine, Plan
+from mpc_dist.core import EngineOptions, HorizonEngine, Plan
 from mpc_dist.models import build_model, instantiate, load_weights
-from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges, uniform_partition
+from mpc_dist.parallel import (
+    Groups,
+    RuntimeOptions,
+    ScheduleSpec,
+    Topology,
+    stage_ranges,
+    uniform_partition,
+)
 from mpc_dist.train import build_optimizer, build_stage, train
 
 SHAPE = (1, 28, 28)
@@ -52,15 +59,17 @@ def check_pipeline_equals_one_process(rank: int, world: int, spec: ModelConfig) 
              torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]  # fmt: skip
     single = instantiate(meta(spec), "cpu", torch.float64, seed=1, lora=spec.lora)
     optimizer = build_optimizer(optim, single.parameters())
-    engine = HorizonEngine(single, plan, track_memory=False)
+    engine = HorizonEngine(single, plan, EngineOptions(track_memory=False))
     for x, y in data:
         for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
             engine.train_microbatch(xs, ys, 1 / m)
         optimizer.step()
         optimizer.zero_grad()
-    options = RuntimeOptions(m, "async", dtype=torch.float64)
-    stage = build_stage(meta(spec), plan, stage_ranges([2, 2]), groups, optim, options,
-                        spec=spec, seed=1)  # fmt: skip
+    options = RuntimeOptions(schedule=ScheduleSpec(m, "async"), dtype=torch.float64)
+    stage = build_stage(
+        model=meta(spec), plan=plan, ranges=stage_ranges([2, 2]), groups=groups, optim=optim,
+        runtime=options, spec=spec, seed=1,
+    )  # fmt: skip
     assert sum(p.numel() for p in stage.model.parameters()) < sum(
         p.numel() for p in single.parameters()
     )

@@ -6,12 +6,19 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
-from mpc_dist.core import HorizonEngine, Plan
+from mpc_dist.core import EngineOptions, HorizonEngine, Plan
 from mpc_dist.models import build_model
-from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges, uniform_partition
+from mpc_dist.parallel import (
+    Groups,
+    RuntimeOptions,
+    ScheduleSpec,
+    Topology,
+    stage_ranges,
+    uniform_partition,
+)
 from mpc_dist.train import build_stage
 
 T, STEPS, BATCH = 4, 3, 8
@@ -36,7 +43,7 @@ def batches(n: int = STEPS, size: int = BATCH):
 
 def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tensor]:
     model = make(head)
-    engine = HorizonEngine(model, plan, track_memory=False)
+    engine = HorizonEngine(model, plan, EngineOptions(track_memory=False))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for x, y in data:
         for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
@@ -49,8 +56,11 @@ def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tenso
 def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon", defer=False):
     topology = groups.topology
     ranges = stage_ranges(uniform_partition(T, topology.stages))
-    options = RuntimeOptions(m, mode, policy, dtype=torch.float64, defer_weights=defer)
-    stage = build_stage(make(head), plan, ranges, groups, OptimConfig("adam", lr=0.01), options)
+    options = RuntimeOptions(schedule=ScheduleSpec(m, mode, policy, defer), dtype=torch.float64)
+    optim = OptimConfig("adam", lr=0.01)
+    stage = build_stage(
+        model=make(head), plan=plan, ranges=ranges, groups=groups, optim=optim, runtime=options
+    )
     part, runtime = stage.model, stage.runtime
     share = data[0][0].shape[0] // topology.replicas
     d = topology.replica

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 from helpers import grads, make_batch, make_model
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig, load_config
-from mpc_dist.core import ComputeOptions, HorizonEngine, Plan
+from mpc_dist.core import ComputeOptions, EngineOptions, HorizonEngine, Plan
 from mpc_dist.models import build_model
-from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges
+from mpc_dist.parallel import Groups, RuntimeOptions, ScheduleSpec, Topology, stage_ranges
 from mpc_dist.train import OptimizerStep, build_optimizer, build_stage, train
 from mpc_dist.train.precision import grad_scaler
 
@@ -18,7 +18,7 @@ PLAIN, CHECKPOINTED = ComputeOptions(), ComputeOptions(checkpoint_blocks=True)
 
 def engine_grads(model, plan, x, y, compute=PLAIN):
     model.zero_grad(set_to_none=True)
-    engine = HorizonEngine(model, plan, compute=compute)
+    engine = HorizonEngine(model, plan, EngineOptions(compute=compute))
     engine.train_microbatch(x, y)
     assert engine.outstanding == 0
     return grads(model), engine.memory.peak_bytes
@@ -47,7 +47,7 @@ def test_bf16_states_between_blocks_and_gradients_close_to_fp32():
     plan = Plan("receding", 2, 4)
     full, _ = engine_grads(model, plan, x, y)
     bf16 = ComputeOptions(autocast_dtype=torch.bfloat16)
-    engine = HorizonEngine(model, plan, compute=bf16)
+    engine = HorizonEngine(model, plan, EngineOptions(compute=bf16))
     result = engine.forward(0, x, y, eager=False)
     assert result.logits.dtype == torch.bfloat16
     mixed, _ = engine_grads(model, plan, x, y, bf16)
@@ -101,7 +101,7 @@ def check_mixed_pipeline(rank: int, world: int, precision: torch.dtype) -> None:
     single = build_model(spec, (1, 6, 6), 5)
     optimizer = build_optimizer(optim, single.parameters())
     step = OptimizerStep(optimizer, scaler=grad_scaler(compute, torch.device("cpu")))
-    engine = HorizonEngine(single, plan, compute=compute, scale_loss=step.scale_loss)
+    engine = HorizonEngine(single, plan, EngineOptions(compute=compute, scale_loss=step.scale_loss))
     for x, y in data:
         loss = sum(
             r.losses[T]
@@ -112,9 +112,13 @@ def check_mixed_pipeline(rank: int, world: int, precision: torch.dtype) -> None:
         )
         step(loss, 0.01)  # fmt: skip
     torch.manual_seed(0)
-    options = RuntimeOptions(m, "sync", compute=compute)
+    options = RuntimeOptions(schedule=ScheduleSpec(m, "sync"))
     ranges = stage_ranges([2, 2])
-    stage = build_stage(build_model(spec, (1, 6, 6), 5), plan, ranges, groups, optim, options)
+    model = build_model(spec, (1, 6, 6), 5)
+    stage = build_stage(
+        model=model, plan=plan, ranges=ranges, groups=groups, optim=optim, runtime=options,
+        compute=compute,
+    )  # fmt: skip
     for x, y in data:
         stage.runtime.run([(x, y)], [0.01])
     expected = dict(single.named_parameters())

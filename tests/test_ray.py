@@ -14,7 +14,7 @@ import ray
 from launching import ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
 
 from mpc_dist.config import load_config
-from mpc_dist.launch.ray_train import ATTEMPTS, ray_train
+from mpc_dist.launchers.ray_job import ATTEMPTS, ray_train
 from mpc_dist.train import Callback
 
 RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}  # a second driver reads the token Ray wrote

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from launching import BIN, ENV, TINY, sets
-from multiprocess import free_port
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray 2.60 clusters require a token; `ray start` writes one under ~/.ray, which the job client

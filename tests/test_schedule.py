@@ -10,6 +10,7 @@ from mpc_dist.parallel import (
     Action,
     Costs,
     ScheduleError,
+    ScheduleSpec,
     balanced_partition,
     bubble_fraction,
     check_rendezvous,
@@ -17,7 +18,7 @@ from mpc_dist.parallel import (
     simulate,
     stage_ranges,
     uniform_partition,
-    validate,
+    validate_schedule,
 )
 
 
@@ -25,7 +26,8 @@ def make(P, m, h=None, rule="receding", mode="sync", policy="horizon", blocks=No
          defer=False):  # fmt: skip
     blocks = blocks or P
     plan = Plan(rule, h or blocks, blocks)
-    return generate(plan, stage_ranges(uniform_partition(blocks, P)), m, n, mode, policy, defer)
+    ranges = stage_ranges(uniform_partition(blocks, P))
+    return generate(plan, ranges, ScheduleSpec(m, mode, policy, defer), n)
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 6])
@@ -34,14 +36,14 @@ def make(P, m, h=None, rule="receding", mode="sync", policy="horizon", blocks=No
 def test_every_horizon_schedule_is_valid(P, mode, rule):
     for m in (1, 2, 3, 5, 8):
         for h in range(1, P + 1):
-            validate(make(P, m, h, rule, mode))
+            validate_schedule(make(P, m, h, rule, mode))
 
 
 @pytest.mark.parametrize("policy", ["1f1b", "gpipe"])
 def test_backprop_schedules_are_valid_with_more_blocks_than_stages(policy):
     for P, blocks in ((2, 5), (3, 8), (4, 4)):
         for m in (1, 4, 7):
-            validate(make(P, m, policy=policy, blocks=blocks))
+            validate_schedule(make(P, m, policy=policy, blocks=blocks))
 
 
 @pytest.mark.parametrize("policy", ["1f1b", "gpipe"])
@@ -86,7 +88,7 @@ def test_async_is_faster_than_sync_and_beats_1f1b_at_small_horizons():
         ("h2", 2, "async", "horizon"),
         ("h2-sync", 2, "sync", "horizon"),
     ):
-        events = validate(make(8, 8, h=h, mode=mode, policy=policy, n=4))
+        events = validate_schedule(make(8, 8, h=h, mode=mode, policy=policy, n=4))
         per_minibatch[name] = max(e.end for e in events) / 4
     assert per_minibatch["h1"] < per_minibatch["h2"] < per_minibatch["bp"]
     assert per_minibatch["h2"] < per_minibatch["h2-sync"]
@@ -100,14 +102,14 @@ def test_validator_catches_broken_schedules():
     broken = dataclasses.replace(schedule, actions=[list(a) for a in schedule.actions])
     broken.actions[1].remove(next(a for a in broken.actions[1] if a.kind == "B"))
     with pytest.raises(ScheduleError, match="incomplete"):
-        validate(broken)
+        validate_schedule(broken)
     swapped = dataclasses.replace(schedule, actions=[list(a) for a in schedule.actions])
     stage = swapped.actions[2]
     f = next(i for i, a in enumerate(stage) if a.kind == "F")
     b = next(i for i, a in enumerate(stage) if a.kind == "B")
     stage[f], stage[b] = stage[b], stage[f]
     with pytest.raises(ScheduleError, match="depends on"):
-        validate(swapped)
+        validate_schedule(swapped)
     # a receive placed before the send it waits for, on both ends: deadlock
     deadlock = dataclasses.replace(schedule, actions=[list(a) for a in schedule.actions])
     stage = deadlock.actions[0]
@@ -180,7 +182,7 @@ def test_deferred_weight_schedules_are_valid_and_complete_under_rendezvous(mode,
         for m in (1, 3, 8):
             for h in range(1, P + 1):
                 schedule = make(P, m, h, rule, mode, defer=True)
-                validate(schedule)
+                validate_schedule(schedule)
                 check_rendezvous(schedule)
                 kinds = [a.kind for a in schedule.compute(0)]
                 assert kinds.count("W") >= m * schedule.num_minibatches

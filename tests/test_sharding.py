@@ -7,12 +7,12 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from launching import TINY, assert_same_weights, mpc_dist, sets, single_process_run
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
-from mpc_dist.core import HorizonEngine, Plan
+from mpc_dist.core import EngineOptions, HorizonEngine, Plan
 from mpc_dist.models import build_model
-from mpc_dist.parallel import Groups, RuntimeOptions, Topology, stage_ranges
+from mpc_dist.parallel import Groups, RuntimeOptions, ScheduleSpec, Topology, stage_ranges
 from mpc_dist.train import build_optimizer, build_stage
 
 T, SHAPE = 4, (1, 6, 6)
@@ -32,7 +32,7 @@ def data(steps: int = 3):
 
 def one_process(plan: Plan, m: int, optim: OptimConfig) -> dict[str, torch.Tensor]:
     model = build_model(SPEC, SHAPE, 5, seed=0).double()
-    engine = HorizonEngine(model, plan, track_memory=False)
+    engine = HorizonEngine(model, plan, EngineOptions(track_memory=False))
     optimizer = build_optimizer(optim, model.parameters())
     for x, y in data():
         for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
@@ -58,9 +58,11 @@ def check_sharded(rank: int, world: int, sharding: str) -> None:
             plan, m = Plan("receding", h, T), 2
             expected = one_process(plan, m * 2, optim)
             meta = build_model(SPEC, SHAPE, 5, device="meta")
-            options = RuntimeOptions(m, mode, dtype=torch.float64)
-            stage = build_stage(meta, plan, stage_ranges([2, 2]), groups, optim, options,
-                                spec=SPEC, seed=0, sharding=sharding)  # fmt: skip
+            options = RuntimeOptions(schedule=ScheduleSpec(m, mode), dtype=torch.float64)
+            stage = build_stage(
+                model=meta, plan=plan, ranges=stage_ranges([2, 2]), groups=groups, optim=optim,
+                runtime=options, spec=SPEC, seed=0, sharding=sharding,
+            )  # fmt: skip
             batches = [(x[4 * groups.topology.replica:][:4], y[4 * groups.topology.replica:][:4])
                        for x, y in data()]  # fmt: skip
             if mode == "async":

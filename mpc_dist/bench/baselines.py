@@ -21,11 +21,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import itertools
 import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -162,6 +162,7 @@ def run_torch_pipelining(
     around_step: Callable[[], ContextManager] | None = None,
     *,
     lr: float = DEFAULT_LR,
+    activation_dtype: torch.dtype | None = None,
 ) -> BaselineResult:
     """Train with a ``torch.distributed.pipelining`` schedule for ``warmup + steps`` steps.
 
@@ -171,25 +172,64 @@ def run_torch_pipelining(
     ``barrier``; then, timed and inside ``around_step()``: ``schedule.step``, SGD step,
     ``zero_grad``. Gradients are averaged over
     microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
-    when ``loss_fn`` is a mean.
+    when ``loss_fn`` is a mean. ``activation_dtype``: of the inputs and of what stages hand each
+    other (default: the parameters'), e.g. bfloat16 for blocks that compute under autocast.
     """
-    from torch.distributed.pipelining import PipelineStage, schedules
+    from torch.distributed.pipelining import schedules
 
     if schedule not in TORCH_SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {TORCH_SCHEDULES}")
     _check_common(microbatch_shape, num_microbatches, steps, warmup)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    num_stages = world * stages_per_rank(schedule)
+    num_stages = dist.get_world_size() * stages_per_rank(schedule)
     if schedule == "Schedule1F1B" and num_microbatches < num_stages:
         raise ValueError(
             f"Schedule1F1B needs num_microbatches >= stages ({num_stages}); got {num_microbatches}"
         )
-    ranges = stage_block_ranges(schedule, num_blocks, world, rank)
-    ids = stage_ids(schedule, world, rank)
-
     device = _device()
+    modules, stages, dtype = _torch_stages(
+        schedule, make_block, num_blocks, microbatch_shape, device, activation_dtype
+    )
+    schedule_cls = getattr(schedules, schedule)
+    pipe = schedule_cls(
+        stages if len(stages) > 1 else stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn
+    )
+    is_first = any(s.is_first for s in stages)
+    is_last = any(s.is_last for s in stages)
+
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.SGD(params, lr=lr) if params else None
+    inputs, targets = make_batch(microbatch_shape, num_microbatches, dtype)
+    args = (inputs.to(device),) if is_first else ()
+    kwargs: dict[str, Any] = {"target": targets.to(device)} if is_last else {}
+
+    def step() -> float | None:
+        mb_losses: list[torch.Tensor] = []
+        pipe.step(*args, losses=mb_losses, return_outputs=False, **kwargs)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack([x.detach() for x in mb_losses]).mean()) if is_last else None
+
+    return _timed_steps(step, steps, warmup, around_step, device)
+
+
+def _torch_stages(
+    schedule: str,
+    make_block: Callable[[int], nn.Module],
+    num_blocks: int,
+    microbatch_shape: tuple[int, ...],
+    device: torch.device,
+    activation_dtype: torch.dtype | None = None,
+) -> tuple[list[nn.Module], list, torch.dtype]:
+    """This rank's modules under ``schedule``, a ``PipelineStage`` for each, and the dtype of
+    the activations they take and hand on."""
+    from torch.distributed.pipelining import PipelineStage
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    num_stages = world * stages_per_rank(schedule)
+    ranges = stage_block_ranges(schedule, num_blocks, world, rank)
     modules = [nn.Sequential(*[make_block(i) for i in blocks]).to(device) for blocks in ranges]
-    dtype = _dtype_of(modules)
+    dtype = activation_dtype or _dtype_of(modules)
 
     def example(requires_grad: bool) -> torch.Tensor:
         tensor = torch.empty(microbatch_shape, dtype=dtype, device=device)
@@ -207,29 +247,9 @@ def run_torch_pipelining(
             input_args=example(stage_id > 0),
             output_args=example(True),
         )
-        for module, stage_id in zip(modules, ids, strict=True)
+        for module, stage_id in zip(modules, stage_ids(schedule, world, rank), strict=True)
     ]
-    schedule_cls = getattr(schedules, schedule)
-    pipe = schedule_cls(stages if len(stages) > 1 else stages[0], n_microbatches=num_microbatches,
-                        loss_fn=loss_fn)  # fmt: skip
-    is_first = any(s.is_first for s in stages)
-    is_last = any(s.is_last for s in stages)
-
-    params = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.SGD(params, lr=lr) if params else None
-    inputs, targets = (t.to(device) for t in make_batch(microbatch_shape, num_microbatches, dtype))
-    args = (inputs,) if is_first else ()
-    kwargs: dict[str, Any] = {"target": targets} if is_last else {}
-
-    def step() -> float | None:
-        mb_losses: list[torch.Tensor] = []
-        pipe.step(*args, losses=mb_losses, return_outputs=False, **kwargs)
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return float(torch.stack([x.detach() for x in mb_losses]).mean()) if is_last else None
-
-    return _timed_steps(step, steps, warmup, around_step)
+    return modules, stages, dtype
 
 
 def _timed_steps(
@@ -237,21 +257,22 @@ def _timed_steps(
     steps: int,
     warmup: int,
     around_step: Callable[[], ContextManager] | None,
+    device: torch.device,
 ) -> BaselineResult:
-    """Call ``step`` (inside ``around_step()``) ``warmup + steps`` times, each after a barrier;
-    record the last ``steps``: wall time, window, and the loss where ``step`` returns one."""
-    result = BaselineResult()
+    """Call ``step`` (inside ``around_step()``) ``warmup + steps`` times, each from a barrier
+    with the device idle (``timing.StepTimer``: CUDA events on a GPU); record the last ``steps``:
+    time, window, and the loss where ``step`` returns one."""
+    from .timing import StepTimer
+
+    result, timer = BaselineResult(), StepTimer(device)
     for number in range(warmup + steps):
-        dist.barrier()
-        start = time.perf_counter()
-        with _context(around_step):
+        with timer.step(), _context(around_step):
             loss = step()
-        elapsed = time.perf_counter() - start
         if number >= warmup:
-            result.step_times.append(elapsed)
-            result.windows.append((start, start + elapsed))
+            result.windows.append(timer.windows[-1])
             if loss is not None:
                 result.losses.append(loss)
+    result.step_times = timer.durations(skip=warmup)
     dist.barrier()
     return result
 
@@ -280,10 +301,10 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
 
 
 def _import_deepspeed():
-    """Import DeepSpeed (CPU accelerator when there is no GPU) with its logger at WARNING."""
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """Import DeepSpeed with its logger at WARNING: its CUDA accelerator under NCCL, its CPU
+    accelerator otherwise (unless ``DS_ACCELERATOR`` says; ``_deepspeed_module`` checks it)."""
+    cpu = dist.get_backend() != "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if cpu else "cuda")
     # On CPU machines with a CUDA toolkit dir, importing torch.utils.cpp_extension (DeepSpeed's
     # op builders do) warns "No CUDA runtime is found" once per process.
     quiet_ext = logging.ERROR if cpu else logging.NOTSET
@@ -362,15 +383,53 @@ def run_deepspeed_pipeline(
     os.environ.setdefault("LOCAL_RANK", str(rank % gpus if gpus else rank))
 
     deepspeed = _import_deepspeed()
+    module = _deepspeed_module(deepspeed, make_block, num_blocks, loss_fn, skip_shm_comm_op)
+    params = [p for p in module.parameters() if p.requires_grad]
+    # torch refuses an empty parameter list; a stage without parameters gets a dummy one.
+    optimizer = torch.optim.SGD(params or [nn.Parameter(torch.zeros(1))], lr=lr)
+    config = _deepspeed_config(microbatch_shape[0], num_microbatches)
+    with _silenced():
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+
+    inputs, targets = make_batch(microbatch_shape, num_microbatches, _dtype_of([module]))
+    size = microbatch_shape[0]
+    stream = itertools.cycle(list(zip(inputs.split(size), targets.split(size), strict=True)))
+    is_last = engine.is_last_stage()
+
+    def step() -> float | None:
+        loss = engine.train_batch(data_iter=stream)
+        if not is_last:
+            return None
+        return float(loss.detach()) if loss is not None else math.nan
+
+    return _timed_steps(step, steps, warmup, around_step, engine.device)
+
+
+def _deepspeed_module(
+    deepspeed,
+    make_block: Callable[[int], nn.Module],
+    num_blocks: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    skip_shm_comm_op: bool,
+) -> nn.Module:
+    """DeepSpeed's communication started and this rank's ``PipelineModule`` (uniform
+    partition of ``LayerSpec``s, so only this stage's blocks are built), in a dtype it trains."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import LayerSpec, PipelineModule
 
+    accelerator = get_accelerator().device_name()
+    if (accelerator == "cuda") != (dist.get_backend() == "nccl"):
+        wanted = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        raise ValueError(
+            f"DeepSpeed's accelerator is {accelerator} but the process group is "
+            f"{dist.get_backend()}: set DS_ACCELERATOR={wanted} before DeepSpeed is imported"
+        )
     with _silenced():
         with _without_shm_comm_op(skip_shm_comm_op):
             deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
         module = PipelineModule(
             layers=[LayerSpec(_BuildBlock, make_block, i) for i in range(num_blocks)],
-            num_stages=world,
+            num_stages=dist.get_world_size(),
             loss_fn=loss_fn,
             partition_method="uniform",
         )
@@ -381,13 +440,15 @@ def run_deepspeed_pipeline(
             f"DeepSpeed's {get_accelerator().device_name()} accelerator does not train {dtype} "
             f"parameters (supported: {supported}); build the blocks in one of those dtypes"
         )
-    params = [p for p in module.parameters() if p.requires_grad]
-    # torch refuses an empty parameter list; a stage without parameters gets a dummy one.
-    optimizer = torch.optim.SGD(params or [nn.Parameter(torch.zeros(1))], lr=lr)
-    config = {
-        "train_micro_batch_size_per_gpu": microbatch_shape[0],
+    return module
+
+
+def _deepspeed_config(microbatch_size: int, num_microbatches: int) -> dict[str, Any]:
+    """Plain pipeline training: fp32, ZeRO stage 0, no clipping, nothing printed."""
+    return {
+        "train_micro_batch_size_per_gpu": microbatch_size,
         "gradient_accumulation_steps": num_microbatches,
-        "train_batch_size": microbatch_shape[0] * num_microbatches,  # data-parallel degree 1
+        "train_batch_size": microbatch_size * num_microbatches,  # data-parallel degree 1
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         "fp16": {"enabled": False},
@@ -396,27 +457,3 @@ def run_deepspeed_pipeline(
         "gradient_clipping": 0.0,
         "dump_state": False,
     }
-    with _silenced():
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-
-    inputs, targets = make_batch(microbatch_shape, num_microbatches, dtype)
-    mb = microbatch_shape[0]
-    batches = [
-        (inputs[j * mb : (j + 1) * mb], targets[j * mb : (j + 1) * mb])
-        for j in range(num_microbatches)
-    ]
-
-    def data_iter() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from batches
-
-    stream = data_iter()
-    is_last = engine.is_last_stage()
-
-    def step() -> float | None:
-        loss = engine.train_batch(data_iter=stream)
-        if not is_last:
-            return None
-        return float(loss.detach()) if loss is not None else math.nan
-
-    return _timed_steps(step, steps, warmup, around_step)

@@ -75,9 +75,8 @@ class EmulatedBlock(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(width))
         self.block, self.recorder = block, recorder
-        self.forward_s, self.input_grad_s, self.weight_grad_s = (
-            forward_s, input_grad_s, weight_grad_s,
-        )  # fmt: skip
+        self.forward_s, self.input_grad_s = forward_s, input_grad_s
+        self.weight_grad_s = weight_grad_s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         saved = x.detach()
@@ -86,19 +85,23 @@ class EmulatedBlock(nn.Module):
 
 
 def emulated_model(
-    num_blocks: int, width: int, forward_s: float, input_grad_s: float, weight_grad_s: float,
-    num_classes: int = 10, aux_heads: bool = True, recorder: Recorder | None = None,
-) -> BlockModel:  # fmt: skip
+    num_blocks: int,
+    width: int,
+    forward_s: float,
+    input_grad_s: float,
+    weight_grad_s: float,
+    num_classes: int = 10,
+    aux_heads: bool = True,
+    recorder: Recorder | None = None,
+) -> BlockModel:
     """A BlockModel of emulated blocks; the (real, tiny) heads evaluate the loss points."""
     blocks = {
         t: EmulatedBlock(width, t, forward_s, input_grad_s, weight_grad_s, recorder)
         for t in range(num_blocks)
     }
     aux = {s: nn.Linear(width, num_classes) for s in range(1, num_blocks)} if aux_heads else {}
-    model = BlockModel(
-        nn.Identity(), blocks, nn.Linear(width, num_classes), aux, num_blocks,
-        "aux" if aux_heads else "shared",
-    )  # fmt: skip
+    head, head_mode = nn.Linear(width, num_classes), "aux" if aux_heads else "shared"
+    model = BlockModel(nn.Identity(), blocks, head, aux, num_blocks, head_mode)
     model.input_shape = (width,)
     model.state_shapes = [(width,)] * (num_blocks + 1)
     return model

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..core import ActivationMemory, HorizonEngine, Plan
+from ..console import console
+from ..core import ActivationMemory, EngineOptions, HorizonEngine, Plan
 from ..models import build_model
-from ..train.metrics import console
 
 # Issue targets for the ratio to plain BP (a benchmark, read from the output).
 TARGETS = {"bp": 1.10, "receding-2": 1.30, "shrinking": 1.15}
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     steps = {"plain autograd BP": plain_step}
     engines = {}
     for rule, h in _configurations(args.blocks):
-        engine = HorizonEngine(model, Plan(rule, h, args.blocks), track_memory=False)
+        engine = HorizonEngine(model, Plan(rule, h, args.blocks), EngineOptions(track_memory=False))
         engines[(rule, h)] = engine
 
         def engine_step(engine: HorizonEngine = engine) -> None:
@@ -63,16 +64,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
 
         steps[f"{rule} h={h}"] = engine_step
 
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            for _ in range(3):  # warm-up
-                step()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-
+    times = _interleaved_times(steps, args.repeats, args.steps)
     base = statistics.median(times["plain autograd BP"])
     console.print(
         f"residual MLP T={args.blocks} width={args.width} hidden={args.hidden} "
@@ -97,8 +89,25 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     return ratios
 
 
+def _interleaved_times(
+    steps: dict[str, Callable[[], None]], repeats: int, count: int
+) -> dict[str, list[float]]:
+    """Seconds per step of every configuration in each of ``repeats`` rounds (a round times
+    ``count`` steps of each after 3 warm-up steps), so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            for _ in range(3):  # warm-up
+                step()
+            start = time.perf_counter()
+            for _ in range(count):
+                step()
+            times[name].append((time.perf_counter() - start) / count)
+    return times
+
+
 def _peak_activation_mib(plan: Plan, model, x, y) -> float:
-    engine = HorizonEngine(model, plan, track_memory=True)
+    engine = HorizonEngine(model, plan)
     engine.train_microbatch(x, y)
     model.zero_grad(set_to_none=True)
     assert isinstance(engine.memory, ActivationMemory)

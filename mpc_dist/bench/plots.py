@@ -1,4 +1,5 @@
-"""Pictures of pipelines: Gantt charts of timelines and the horizon sweep."""
+"""Pictures of pipelines: Gantt charts of timelines, the horizon sweep, throughput against
+memory."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ def gantt(
     fig, ax = plt.subplots(figsize=(12, 0.45 * num_stages + 1.2))
     for kind, colour in COLOURS.items():
         for stage in range(num_stages):
-            bars = [(1000 * (s - start), 1000 * (e - s)) for k, c, s, e in trace
-                    if k == stage and c == kind]  # fmt: skip
+            bars = [
+                (1000 * (s - start), 1000 * (e - s))
+                for k, c, s, e in trace
+                if k == stage and c == kind
+            ]
             if bars:
                 ax.broken_barh(bars, (stage - 0.4, 0.8), facecolors=colour, linewidth=0)
     ax.set_yticks(range(num_stages), [f"stage {k}" for k in range(num_stages)])
@@ -81,67 +85,14 @@ def throughput_vs_memory(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     for system, (marker, colour) in styles.items():
         ax.scatter([], [], marker=marker, color=colour, label=system)
-    ax.set(xlabel="peak activation memory of the busiest rank (MiB)", ylabel="samples / s",
-           title=title or "throughput against memory")  # fmt: skip
+    ax.set(
+        xlabel="peak activation memory of the busiest rank (MiB)",
+        ylabel="samples / s",
+        title=title or "throughput against memory",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-def horizon_accuracy_memory(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Like the paper's Fig. 3: test accuracy (mean, error bars = std over seeds) as lines,
-    peak activation memory as bars, against h; one line and bar series per rule."""
-    fig, ax_acc = plt.subplots(figsize=(7, 4.2))
-    ax_mem = ax_acc.twinx()
-    hs = sorted({r["horizon"] for r in rows})
-    width = 0.38
-    for i, (rule, colour) in enumerate((("receding", "#4C72B0"), ("shrinking", "#DD8452"))):
-        mine = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["horizon"])
-        if not mine:
-            continue
-        x = [hs.index(r["horizon"]) for r in mine]
-        ax_mem.bar([p + (i - 0.5) * width for p in x], [r["peak_mib"] for r in mine], width,
-                   color=colour, alpha=0.25, label=f"{rule} memory")  # fmt: skip
-        ax_acc.errorbar(x, [100 * r["accuracy_mean"] for r in mine],
-                        [100 * r["accuracy_std"] for r in mine], fmt="o-", color=colour,
-                        capsize=3, label=f"{rule} accuracy")  # fmt: skip
-    ax_acc.set_xticks(range(len(hs)), [str(h) for h in hs])
-    ax_acc.set(xlabel="horizon h", ylabel="test accuracy (%)", title=title)
-    ax_mem.set_ylabel("peak activation memory (MiB)")
-    ax_acc.set_zorder(ax_mem.get_zorder() + 1)
-    ax_acc.patch.set_visible(False)
-    handles = ax_acc.get_legend_handles_labels()
-    more = ax_mem.get_legend_handles_labels()
-    ax_acc.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower right")
-    ax_acc.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def time_to_accuracy(
-    runs: list[dict], rows: list[dict], path: Path, target: float, title: str = ""
-) -> Path:
-    """Test accuracy against simulated pipeline time (steps x the setting's step time), seed 0,
-    one line per (rule, h); the target as a dashed line."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for row in rows:
-        key = (row["model"], row["dataset"], row["rule"], row["horizon"], 0, "")
-        run = next((r for r in runs if _run_key(r) == key), None)
-        if run is None:
-            continue
-        seconds = [step * row["step_ms"] / 1000 for step, _ in run["evals"]]
-        ax.plot(seconds, [100 * a for _, a in run["evals"]],
-                "-" if row["rule"] == "receding" else "--",
-                label=f"{row['rule']} h={row['horizon']}")  # fmt: skip
-    ax.axhline(100 * target, color="grey", ls=":", label=f"target {100 * target:.0f}%")
-    ax.set(xlabel="simulated pipeline time (s, P = T stages)", ylabel="test accuracy (%)",
-           title=title, ylim=(100 * target - 10, 100))  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
-
-
-def _run_key(run: dict) -> tuple:
-    return tuple(run[k] for k in ("model", "dataset", "rule", "horizon", "seed", "variant"))
 
 
 def _save(fig, path: Path, dpi: int = 120) -> Path:

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import torch
 
+from ..console import console
 from ..core import Plan
-from ..parallel import Costs, bubble_fraction, generate, simulate, stage_ranges, steady_state
-from ..train.metrics import console
+from ..parallel import (
+    Costs,
+    ScheduleSpec,
+    bubble_fraction,
+    generate,
+    simulate,
+    stage_ranges,
+    steady_state,
+)
 
 
 def project(
@@ -34,7 +42,7 @@ def project(
     """(time per minibatch, bubble) of one configuration over a few minibatches."""
     plan = Plan(rule, horizon, stages)
     ranges = stage_ranges([1] * stages)
-    schedule = generate(plan, ranges, microbatches, minibatches, mode, policy, defer)
+    schedule = generate(plan, ranges, ScheduleSpec(microbatches, mode, policy, defer), minibatches)
     events = simulate(schedule, costs)
     if mode == "sync":
         return max(e.end for e in events) / minibatches, bubble_fraction(events)
@@ -53,8 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-grad-ms", type=float, default=1.0)
     parser.add_argument("--latency-ms", type=float, default=0.02, help="per message")
     parser.add_argument("--from-bench", help="take costs from a bench.json of `mpc-dist bench`")
-    parser.add_argument("--model", help="measure F, B, W of one block of this model here "
-                        "(vit_b_16, vit_l_16, timm/vit_base_patch16_224, ...)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        help="measure F, B, W of one block of this model here "
+        "(vit_b_16, vit_l_16, timm/vit_base_patch16_224, ...)",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="with --model")
     parser.add_argument("--batch-size", type=int, default=8, help="with --model: per microbatch")
 
@@ -69,7 +80,7 @@ def costs_from(args: argparse.Namespace) -> Costs:
         latency = recorded["latency_ms"]
     if args.model:
         from ..config import ModelConfig
-        from ..horizon.costs import model_block_costs
+        from ..core.costs import model_block_costs
 
         spec = ModelConfig(name=args.model, image_size=args.image_size)
         size = (3, args.image_size, args.image_size)
@@ -100,13 +111,17 @@ def main(args: argparse.Namespace) -> None:
 def project_row(P: int, m: int, args: argparse.Namespace, costs: Costs) -> None:
     """Our configurations at P stages and m microbatches, against BP-1F1B."""
     bp_time, _ = project(P, m, P, "receding", "sync", "1f1b", costs)
-    rows = [("BP-1F1B", P, "receding", "sync", "1f1b", False),
-            ("BP-1F1B +W", P, "receding", "sync", "1f1b", True)]  # fmt: skip
+    rows = [
+        ("BP-1F1B", P, "receding", "sync", "1f1b", False),
+        ("BP-1F1B +W", P, "receding", "sync", "1f1b", True),
+    ]
     for rule in args.rules:
         for h in args.horizons:
             if h < P and not (rule == "shrinking" and h == 1):
-                rows += [(f"{rule} h={h} {mode}", h, rule, mode, "horizon", False)
-                         for mode in ("sync", "async")]  # fmt: skip
+                rows += [
+                    (f"{rule} h={h} {mode}", h, rule, mode, "horizon", False)
+                    for mode in ("sync", "async")
+                ]
     for name, h, rule, mode, policy, defer in rows:
         t, bubble = project(P, m, h, rule, mode, policy, costs, defer=defer)
         console.print(f"{P:>3} {m:>4}  {name:<28}{t:>13.1f}{bp_time / t:>11.2f}{bubble:>8.1%}")

@@ -1,7 +1,16 @@
 """The horizon semantics (spec sections 1, 2 and 6): plans, the engine, the reference definition
 and activation accounting. Nothing here knows about processes or torch.distributed."""
 
-from .engine import ComputeOptions, Criterion, ForwardResult, HorizonEngine
+from .engine import (
+    ComputeOptions,
+    Criterion,
+    Engine,
+    EngineFactory,
+    EngineOptions,
+    ForwardResult,
+    LossScaler,
+)
+from .horizon_engine import HorizonEngine
 from .memory import ActivationMemory
 from .plan import (
     HORIZON_RULES,
@@ -22,8 +31,12 @@ __all__ = [
     "ActivationMemory",
     "ComputeOptions",
     "Criterion",
+    "Engine",
+    "EngineFactory",
+    "EngineOptions",
     "ForwardResult",
     "HorizonEngine",
+    "LossScaler",
     "Plan",
     "PlanPart",
     "Stream",

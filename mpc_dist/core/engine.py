@@ -1,13 +1,12 @@
-"""The horizon engine: forward and stream-by-stream backward over a contiguous run of blocks.
+"""The engine contract: what a pipeline stage (or the single-process trainer) runs on its run of
+blocks, whatever the learning rule.
 
-The single-process trainer runs one engine over all blocks; the pipeline runtime runs one per
-stage over that stage's blocks. Each block's forward is run once per microbatch and kept as its
-own graph (its input is a detached leaf), so a stream is a chain of vector-Jacobian products
-through the graphs it passes. A block's graph is freed when the last stream through it has passed.
-
-``ComputeOptions`` adds mixed precision (autocast; the states between blocks, and so the
-pipeline's messages, in the compute dtype; an optional loss scale for fp16) and activation
-checkpointing (a block keeps only its input and recomputes its forward in its backward).
+An engine forwards a microbatch through its blocks (``forward``), runs a stream's backward
+(``backward``) and a deferred stream's weight gradients (``weight_backward``) where the rule has
+streams, a top-down rule's second pass (``second_pass``), and inference (``infer``). The horizon
+engine (``core.horizon_engine``) and the rules' engines (``mpc_dist.rules``) implement it; the
+runtime is handed one and never asks which rule it runs. Every engine is built from a model part,
+a plan and one ``EngineOptions``.
 """
 
 from __future__ import annotations
@@ -15,17 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
+from ..config import RulesConfig
 from ..models import BlockModel
-from .deferral import DeferredWeights, input_backward
 from .memory import ActivationMemory
-from .plan import Plan, Stream
+from .plan import Plan
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossScaler = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,6 @@ class ComputeOptions:
     autocast_dtype: torch.dtype | None = None  # mixed precision: compute in this dtype
     device_type: str = "cpu"  # autocast's device type
     checkpoint_blocks: bool = False  # recompute each block's forward in its backward
-
-    @property
-    def state_dtype(self) -> torch.dtype | None:
-        """The dtype of the states between blocks (None: whatever the block returns)."""
-        return self.autocast_dtype
 
     def autocast(self):
         """The context blocks compute in."""
@@ -47,18 +42,18 @@ class ComputeOptions:
 
     def state(self, out: torch.Tensor) -> torch.Tensor:
         """The detached state handed to the next block (or stage), in the compute dtype."""
-        dtype = self.state_dtype
+        dtype = self.autocast_dtype
         return out.detach() if dtype is None else out.detach().to(dtype)
 
 
-@dataclass
-class _Microbatch:
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # leaf input of block t
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # output of block t
-    pending: dict[int, int] = field(default_factory=dict)  # streams yet to pass block t
-    born: dict[int, torch.Tensor] = field(default_factory=dict)  # cotangent at x(s), not yet run
-    deferred: dict[int, list[tuple[int, DeferredWeights]]] = field(default_factory=dict)  # by s
-    forwarded: bool = False
+@dataclass(frozen=True)
+class EngineOptions:
+    compute: ComputeOptions = ComputeOptions()  # mixed precision, activation checkpointing
+    track_memory: bool = True  # count saved activations (``engine.memory``)
+    scale_loss: LossScaler | None = None  # multiplies each loss before its backward (fp16)
+    seed: int = 0  # of a rule's random draws (forward-forward negatives, forward-gradient noise)
+    criterion: Criterion = field(default=F.cross_entropy)  # the loss at every loss point
+    rules: RulesConfig | None = None  # the options of the rules beyond the horizon (None: defaults)
 
 
 @dataclass
@@ -72,36 +67,25 @@ class ForwardResult:
     top_down: torch.Tensor | None = None  # a top-down rule's message to the first stage
 
 
-class HorizonEngine:
+class Engine:
+    """What every engine shares: its run of blocks [first, last), options, memory accounting,
+    and training a whole model one microbatch at a time. Subclasses implement ``forward`` and
+    ``infer`` and the actions their rule's schedules contain."""
+
     samples_per_input = 1  # states per input sample (a block-local rule may carry several)
 
-    def __init__(
-        self,
-        model: BlockModel,
-        plan: Plan,
-        criterion: Criterion = F.cross_entropy,
-        track_memory: bool = True,
-        compute: ComputeOptions = ComputeOptions(),
-        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        """``scale_loss`` multiplies each loss before its backward (fp16 loss scaling)."""
+    def __init__(self, model: BlockModel, plan: Plan, options: EngineOptions | None = None) -> None:
         if plan.num_blocks != model.num_blocks:
             raise ValueError(f"plan has {plan.num_blocks} blocks, model {model.num_blocks}")
-        self.model, self.plan, self.criterion = model, plan, criterion
-        self.compute, self.scale_loss = compute, scale_loss
+        options = options or EngineOptions()
+        self.model, self.plan, self.options = model, plan, options
+        self.compute = options.compute
         blocks = model.block_indices
         self.first, self.last = blocks[0], blocks[-1] + 1
         if blocks != list(range(self.first, self.last)):
             raise ValueError(f"engine needs a contiguous run of blocks, got {blocks}")
-        self._through = {t: plan.streams_through(t) for t in blocks}
-        # A block's input needs a gradient only if some stream continues below it.
-        self._input_grad = {t: t > 0 and any(s.low < t for s in self._through[t]) for t in blocks}
-        part = plan.part(self.first, self.last)
-        self.incoming, self.outgoing = part.incoming, part.outgoing
-        self.memory = ActivationMemory(model.parameters) if track_memory else None
-        self._microbatches: dict[int, _Microbatch] = {}
-
-    # ------------------------------------------------------------------ forward
+        self.is_last = self.last == plan.num_blocks
+        self.memory = ActivationMemory(model.parameters) if options.track_memory else None
 
     def forward(
         self,
@@ -111,51 +95,10 @@ class HorizonEngine:
         loss_scale: float = 1.0,
         eager: bool = True,
     ) -> ForwardResult:
-        """Forward one microbatch through the run, evaluating the loss points inside it.
-
-        With ``eager`` every stream born here runs backward at once, as far as the run reaches,
-        so its graphs are freed as early as possible; otherwise call ``backward(microbatch, s)``.
-        """
-        state = self._microbatches.setdefault(microbatch, _Microbatch())
-        losses, cotangents, logits = {}, {}, None
-        x = inputs
-        for t in range(self.first, self.last):
-            with self._hooks(), self.compute.autocast():
-                leaf = x.detach().requires_grad_(self._input_grad[t])
-                out = self._block(t, leaf)
-            state.inputs[t], state.outputs[t] = leaf, out
-            state.pending[t] = len(self._through[t])
-            x = self.compute.state(out)
-            s = t + 1
-            if s not in self.plan.loss_points:
-                continue
-            loss, cotangent, head_out = self._loss(s, x, targets, loss_scale)
-            losses[s] = loss
-            if s == self.plan.num_blocks:
-                logits = head_out
-            state.born[s] = cotangent
-            if eager:
-                below = self.backward(microbatch, s)
-                if below is not None:
-                    cotangents[s] = below
-        state.forwarded = True
-        self._release(microbatch, state)
-        output = x if self.last < self.plan.num_blocks else None
-        return ForwardResult(output, logits, losses, cotangents)
-
-    def _loss(self, s: int, state: torch.Tensor, targets: torch.Tensor, scale: float):
-        """l_s, its cotangent at x(s), and the head's output; trains the head if l_s owns it."""
-        head, trainable = self.model.loss_head(s)
-        leaf = state.detach().requires_grad_()
-        with self._hooks(), self.compute.autocast():
-            head_out = head(leaf)
-            loss = self.criterion(head_out, targets) * scale
-        params = [p for p in head.parameters() if p.requires_grad] if trainable else []
-        scaled = self.scale_loss(loss) if self.scale_loss is not None else loss
-        torch.autograd.backward(scaled, inputs=[leaf, *params])
-        return loss.detach(), leaf.grad, head_out.detach()
-
-    # ------------------------------------------------------------------ backward
+        """Forward one microbatch through the run, evaluating the loss points inside it. With
+        ``eager`` the microbatch's other actions run at once where they can (a whole model
+        trains in one call); otherwise the schedule calls them."""
+        raise NotImplementedError
 
     def backward(
         self,
@@ -164,114 +107,45 @@ class HorizonEngine:
         cotangent: torch.Tensor | None = None,
         defer_weights: bool = False,
     ) -> torch.Tensor | None:
-        """Run stream ``loss_point`` through this run's blocks.
-
-        ``cotangent`` is dl_s/dx(last) for a stream arriving from above; a stream born in the run
-        uses the cotangent its loss produced. Returns dl_s/dx(first) if the stream continues
-        below the run, else None. With ``defer_weights`` only input gradients are computed now;
-        ``weight_backward(microbatch, loss_point)`` takes the stream's weight gradients later.
-        """
-        stream = self.plan.stream(loss_point)
-        state = self._microbatches[microbatch]
-        if cotangent is None:
-            cotangent = state.born.pop(loss_point)
-            top = loss_point - 1
-        else:
-            top = self.last - 1
-        for t in range(top, max(stream.low, self.first) - 1, -1):
-            cotangent = self._block_backward(state, stream, t, cotangent, defer_weights)
-        self._release(microbatch, state)
-        return cotangent if stream.low < self.first else None
+        """Run stream ``loss_point`` of ``microbatch`` through the run (a ``B`` action)."""
+        raise NotImplementedError(f"rule {self.plan.rule} has no backward action")
 
     def weight_backward(self, microbatch: int, loss_point: int) -> None:
-        """The weight gradients a deferred ``backward`` of stream ``loss_point`` left."""
-        state = self._microbatches.get(microbatch)
-        if state is None:  # released already: the stream's blocks had no trainable weights
-            return
-        for t, deferred in state.deferred.pop(loss_point, []):
-            deferred.run()
-            self._passed(state, t)
-        self._release(microbatch, state)
+        """The weight gradients a deferred ``backward`` left (a ``W`` action)."""
+        raise NotImplementedError(f"rule {self.plan.rule} has no deferred weight gradients")
 
-    def _block_backward(
-        self,
-        state: _Microbatch,
-        stream: Stream,
-        t: int,
-        cotangent: torch.Tensor,
-        defer_weights: bool = False,
-    ) -> torch.Tensor | None:
-        leaf, out = state.inputs[t], state.outputs[t]
-        wants_input = t > stream.low and leaf.requires_grad
-        params = self.model.block_parameters(t) if stream.trains(t) else []
-        params = [p for p in params if p.requires_grad]
-        if defer_weights and params:  # the block's graph stays until the weight pass
-            cotangent = cotangent.to(out.dtype)
-            if wants_input:
-                grad, deferred = input_backward(out, cotangent, leaf, params)
-            else:
-                grad, deferred = None, DeferredWeights(whole=(out, cotangent, params))
-            state.deferred.setdefault(stream.loss_point, []).append((t, deferred))
-            return grad
-        state.pending[t] -= 1
-        done = state.pending[t] == 0
-        inputs = ([leaf] if wants_input else []) + params
-        # backward(inputs=...) accumulates into .grad in place and computes only what `inputs`
-        # need: a pass-through block costs one input-gradient product, no weight gradient.
-        # Nothing to compute (the stream ends on a block with no trainable parameter): skip.
-        if inputs:
-            cotangent = cotangent.to(out.dtype)  # a mixed-precision state may be narrower
-            torch.autograd.backward(out, cotangent, inputs=inputs, retain_graph=not done)
-        if done:
-            del state.inputs[t], state.outputs[t], state.pending[t]
-        if not wants_input:
-            return None
-        grad, leaf.grad = leaf.grad, None
-        return grad
+    def second_pass(self, microbatch: int, message: torch.Tensor) -> torch.Tensor | None:
+        """A top-down rule's second forward pass (a ``G`` action)."""
+        raise NotImplementedError(f"rule {self.plan.rule} has no second pass")
 
-    def _passed(self, state: _Microbatch, t: int) -> None:
-        """One more stream is done with block t; the last one frees its graph."""
-        state.pending[t] -= 1
-        if state.pending[t] == 0:
-            del state.inputs[t], state.outputs[t], state.pending[t]
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without graphs: x(last), or the prediction if the run ends the network."""
+        raise NotImplementedError
 
-    def _release(self, microbatch: int, state: _Microbatch) -> None:
-        if state.forwarded and not state.outputs:
-            del self._microbatches[microbatch]
-
-    # ------------------------------------------------------------------ helpers
+    @property
+    def outstanding(self) -> int:
+        """Microbatches whose state is still held (an action of theirs is still to run)."""
+        raise NotImplementedError
 
     def train_microbatch(
         self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
     ) -> ForwardResult:
-        """Forward and backward one microbatch over a run holding every block."""
-        if self.first != 0 or self.last != self.plan.num_blocks:
-            raise RuntimeError("train_microbatch needs the whole model; use forward/backward")
+        """Forward and every other action of one microbatch over a run holding every block."""
+        if self.first != 0 or not self.is_last:
+            raise RuntimeError("train_microbatch needs the whole model; use the pipeline")
         result = self.forward(0, inputs, targets, loss_scale, eager=True)
-        assert not self._microbatches, "every stream is born and consumed in a whole-model run"
+        assert not self.outstanding, "a whole-model run finishes its microbatch in forward"
         return result
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward without graphs: x(last), or the logits if the run ends the network."""
-        with self.compute.autocast():
-            for t in range(self.first, self.last):
-                x = self.compute.state(self.model.block_forward(t, x))
-            return self.model.head(x) if self.last == self.plan.num_blocks else x
-
-    @property
-    def outstanding(self) -> int:
-        """Microbatches whose graphs are still held (some stream has not passed yet)."""
-        return len(self._microbatches)
+    def hold(self, tensor: torch.Tensor):
+        """Keep ``tensor`` (``.tensor`` of the handle) and count it as held activations."""
+        if self.memory is None:
+            return SimpleNamespace(tensor=tensor)
+        return self.memory.hold(tensor)
 
     def _hooks(self):
         return self.memory.hooks() if self.memory is not None else nullcontext()
 
-    def _block(self, t: int, leaf: torch.Tensor) -> torch.Tensor:
-        if not self.compute.checkpoint_blocks:
-            return self.model.block_forward(t, leaf)
-        # torch's non-reentrant checkpoint: only the block's input is kept; each backward
-        # through the block recomputes its forward (same RNG state, same autocast).
-        return torch.utils.checkpoint.checkpoint(
-            self.model.block_forward, t, leaf, use_reentrant=False
-        )
+
+EngineFactory = Callable[[BlockModel, Plan, EngineOptions], Engine]

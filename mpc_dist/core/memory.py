@@ -49,9 +49,6 @@ class ActivationMemory:
         packed = self._pack(tensor)
         return packed if isinstance(packed, _Saved) else _Saved(tensor, (0, 0), self)
 
-    def reset_peak(self) -> None:
-        self.peak_bytes = self.current_bytes
-
     def _pack(self, tensor: torch.Tensor):
         if tensor.layout != torch.strided or tensor.is_meta:
             return tensor

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import get_args
 
-from ..config import ConfigError
+from ..config import ConfigError, HorizonRule, LocalRule, TopDownRule
 
-HORIZON_RULES = ("receding", "shrinking")
+HORIZON_RULES: tuple[str, ...] = get_args(HorizonRule)
 # Block-local rules: every block is trained by a loss at its own output, as at h = 1, and no
 # signal crosses a block boundary backwards. What the loss is and how a block's gradient is
 # formed (forward-forward goodness, forward gradients) is the rule's: ``mpc_dist.rules``.
-LOCAL_RULES = ("ff", "sff", "forward_gradient")
+LOCAL_RULES: tuple[str, ...] = get_args(LocalRule)
 # Top-down rules: no stream at all; after the forward pass the last stage sends one message per
 # microbatch to the first, and a second forward pass carries the updates (PEPITA).
-TOP_DOWN_RULES = ("pepita",)
+TOP_DOWN_RULES: tuple[str, ...] = get_args(TopDownRule)
 RULES = HORIZON_RULES + LOCAL_RULES + TOP_DOWN_RULES
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core import Criterion, HorizonEngine, Plan
+from ..core import Criterion, EngineOptions, HorizonEngine, Plan
 from ..models import BlockModel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -38,7 +38,7 @@ def block_gradients(
 ) -> list[torch.Tensor]:
     """The flattened gradient of each block's parameters under ``plan``, summed over batches."""
     model.zero_grad(set_to_none=True)
-    engine = HorizonEngine(model, plan, criterion, track_memory=False)
+    engine = HorizonEngine(model, plan, EngineOptions(track_memory=False, criterion=criterion))
     for x, y in batches:
         engine.train_microbatch(x, y, loss_scale=1.0 / len(batches))
     flat = []

@@ -21,15 +21,18 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import get_args
 
 import torch
 
-from ..config import ConfigError
-from ..core import HorizonEngine, Plan
+from ..config import ConfigError, Objective
+from ..core import EngineOptions, HorizonEngine, Plan
+from ..core.costs import BlockCosts
 from ..models import BlockModel
 from ..parallel import (
     Costs,
+    ScheduleSpec,
     generate,
     held_microbatches,
     simulate,
@@ -40,7 +43,7 @@ from ..parallel import (
 from .alignment import Alignment, Batch, block_gradients, probe
 from .laws import AlignmentLaw, LinearLaw, fit_alignment, fit_linear
 
-OBJECTIVES = ("memory", "speed", "tradeoff")
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 @dataclass
@@ -103,7 +106,7 @@ def loss_progress(
     model = copy.deepcopy(model)
     model.zero_grad(set_to_none=True)
     optimizer = make_optimizer(model)
-    engine = HorizonEngine(model, plan, track_memory=False)
+    engine = HorizonEngine(model, plan, EngineOptions(track_memory=False))
 
     def final_loss() -> float:
         model.eval()
@@ -137,7 +140,9 @@ def off_zero(
         return model
     model = copy.deepcopy(model)
     optimizer = make_optimizer(model)
-    HorizonEngine(model, Plan("receding", T, T), track_memory=False).train_microbatch(*batches[0])
+    HorizonEngine(
+        model, Plan("receding", T, T), EngineOptions(track_memory=False)
+    ).train_microbatch(*batches[0])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return model
@@ -148,14 +153,14 @@ def stage_activation_bytes(model: BlockModel, plan: Plan, ranges, sample: Batch)
     in one process, the peak of a whole microbatch's step."""
     x, y = sample
     if len(ranges) == 1:  # one process: streams run as soon as their loss is there
-        engine = HorizonEngine(model, plan, track_memory=True)
+        engine = HorizonEngine(model, plan)
         engine.train_microbatch(x, y)
         model.zero_grad(set_to_none=True)
         return [engine.memory.peak_bytes]
     out = []
     for first, last in ranges:
         part = model.split(first, last, plan.reads_shared_head_below_top(model.head_mode))
-        engine = HorizonEngine(part, plan, track_memory=True)
+        engine = HorizonEngine(part, plan)
         state = x
         with torch.no_grad():
             for t in range(first):
@@ -167,13 +172,11 @@ def stage_activation_bytes(model: BlockModel, plan: Plan, ranges, sample: Batch)
     return out
 
 
-def step_seconds(
-    plan: Plan, ranges, microbatches: int, mode: str, costs: Costs, defer: bool = False
-) -> float:
+def step_seconds(plan: Plan, ranges, spec: ScheduleSpec, costs: Costs) -> float:
     """Simulated time per minibatch of the schedule for ``plan``."""
-    schedule = generate(plan, ranges, microbatches, 4, mode, "horizon", defer)
+    schedule = generate(plan, ranges, spec, 4)
     events = simulate(schedule, costs)
-    if mode == "sync":
+    if spec.mode == "sync":
         return max(e.end for e in events) / 4
     stages = len(ranges)
     ends = [[e.end for e in events if e.stage == k and e.action.kind == "S"] for k in range(stages)]
@@ -185,18 +188,16 @@ class Setting:
     """What the candidates are measured under."""
 
     stages: int = 1
-    microbatches: int = 1
-    mode: str = "sync"
+    schedule: ScheduleSpec = ScheduleSpec()  # the run's (microbatches, mode, deferral)
     rules: tuple[str, ...] = ("receding", "shrinking")
     horizons: tuple[int, ...] = ()  # default: candidate_horizons(T)
-    defer_weights: bool = False  # pipeline.defer_weights
     static_mib_per_device: float = 0.0  # weights, gradients, optimizer state per stage (mean)
 
 
 def measure(
     model: BlockModel,
     batches: Sequence[Batch],
-    costs: Costs,
+    block: BlockCosts,
     setting: Setting,
     make_optimizer: Callable[[BlockModel], torch.optim.Optimizer],
     stream: Callable[[], Iterable[Batch]] = lambda: (),
@@ -204,8 +205,10 @@ def measure(
 ) -> tuple[list[Candidate], list[Alignment], AlignmentLaw, dict[str, LinearLaw]]:
     """Measure every candidate (see the module's docstring) on microbatches like ``batches``:
     alignment on ``batches``; progress (when there are ``held_out`` batches) by training on
-    ``stream()`` (a fresh iterator per candidate) and scoring on ``held_out``."""
+    ``stream()`` (a fresh iterator per candidate) and scoring on ``held_out``; time by
+    simulating with the measured ``block``'s costs for every block."""
     T = model.num_blocks
+    costs = Costs(**asdict(block))
     model = off_zero(model, batches, make_optimizer)
     horizons = list(setting.horizons or candidate_horizons(T))
     alignments = probe(model, batches, horizons, setting.rules)
@@ -219,8 +222,7 @@ def measure(
     candidates = []
     for a in alignments:
         plan = Plan(a.rule, a.horizon, T)
-        schedule = generate(plan, ranges, setting.microbatches, 2, setting.mode, "horizon",
-                            setting.defer_weights)  # fmt: skip
+        schedule = generate(plan, ranges, setting.schedule, 2)
         held = held_microbatches(schedule)
         saved = stage_activation_bytes(model, plan, ranges, batches[0])
         memory = max(h * s for h, s in zip(held, saved, strict=True)) / 2**20
@@ -232,8 +234,7 @@ def measure(
         candidates.append(Candidate(
             a.rule, a.horizon, max(a.cos, 0.0) ** 2, law.alignment(a.horizon, T), progress,
             memory + setting.static_mib_per_device,
-            1000 * step_seconds(plan, ranges, setting.microbatches, setting.mode, costs,
-                                setting.defer_weights),
+            1000 * step_seconds(plan, ranges, setting.schedule, costs),
         ))  # fmt: skip
     memory_laws = {
         rule: fit_linear([c.horizon for c in candidates if c.rule == rule],

@@ -1,7 +1,20 @@
-"""The parallel machinery: topology and process groups, partitions, schedules as data (with
-generation, validation and simulation), point-to-point messages, the runtime and the watchdog."""
+"""The parallel machinery: topology and process groups, partitions, the schedule IR (actions,
+schedules, generation and validation, simulation, the rendezvous check), point-to-point
+messages, the runtime and the watchdog. It runs whatever engine it is handed: it imports
+``core``, ``models`` and ``config`` only."""
 
-from .generate import generate, validate
+from .actions import (
+    COMPUTE,
+    RECEIVES,
+    SENDS,
+    Action,
+    ActionKind,
+    Message,
+    MessageKind,
+    ScheduleError,
+    peer,
+)
+from .generate import generate, validate_schedule
 from .groups import (
     Groups,
     all_reduce_gradients,
@@ -14,22 +27,16 @@ from .groups import (
 )
 from .mailbox import Mailbox
 from .partition import balanced_partition, block_costs, partition, stage_ranges, uniform_partition
-from .runtime import PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
-from .schedule import (
-    COMPUTE,
-    Action,
+from .rendezvous import check_rendezvous
+from .runtime import EventClock, PipelineRuntime, RuntimeOptions, StageTimes, StepFunction
+from .schedule import Mode, Policy, Schedule, ScheduleSpec
+from .simulate import (
     Costs,
     Event,
-    Schedule,
-    ScheduleError,
     action_costs,
-    backward_cost,
     bubble_fraction,
     busy_time,
-    check_rendezvous,
     held_microbatches,
-    peer,
-    send_order,
     simulate,
     steady_state,
     unit_costs,
@@ -39,22 +46,30 @@ from .watchdog import Watchdog
 
 __all__ = [
     "COMPUTE",
+    "RECEIVES",
+    "SENDS",
     "Action",
+    "ActionKind",
     "Costs",
     "Event",
+    "EventClock",
     "Groups",
     "Mailbox",
+    "Message",
+    "MessageKind",
+    "Mode",
     "PipelineRuntime",
+    "Policy",
     "RuntimeOptions",
     "Schedule",
     "ScheduleError",
+    "ScheduleSpec",
     "StageTimes",
     "StepFunction",
     "Topology",
     "Watchdog",
     "action_costs",
     "all_reduce_gradients",
-    "backward_cost",
     "balanced_partition",
     "block_costs",
     "broadcast_parameters",
@@ -68,15 +83,14 @@ __all__ = [
     "init_process_group",
     "launched_world_size",
     "pack_pipelines",
+    "peer",
     "place_ranks",
     "partition",
-    "peer",
-    "send_order",
     "simulate",
     "spanning_pipelines",
     "stage_ranges",
     "steady_state",
     "uniform_partition",
     "unit_costs",
-    "validate",
+    "validate_schedule",
 ]

@@ -7,7 +7,7 @@ microbatches in flight per stage as the stages its streams come back from) for a
 stage runs them when nothing else can run. A microbatch stays in flight (its activations held)
 until its W actions are done; every stage may hold as many as the busiest stage of the same
 schedule without deferral, so the peak over stages is unchanged (zero-bubble's ZB-H1).
-``validate`` proves a schedule complete, exact (no stale weights) and deadlock-free.
+``validate_schedule`` proves a schedule complete, exact (no stale weights) and deadlock-free.
 """
 
 from __future__ import annotations
@@ -17,34 +17,21 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from ..core import Plan
-from .schedule import (
-    RECEIVES,
-    SENDS,
-    Action,
-    Event,
-    Schedule,
-    ScheduleError,
-    peer,
-    simulate,
-    unit_costs,
-)
+from .actions import Action, ActionKind, ScheduleError
+from .schedule import Schedule, ScheduleSpec
+from .simulate import Event, simulate, unit_costs
+
+F, B, W, G, S = ActionKind.F, ActionKind.B, ActionKind.W, ActionKind.G, ActionKind.S
 
 
 def generate(
-    plan: Plan,
-    ranges: list[tuple[int, int]],
-    num_microbatches: int,
-    num_minibatches: int = 1,
-    mode: str = "sync",
-    policy: str = "horizon",
-    defer_weights: bool = False,
+    plan: Plan, ranges: list[tuple[int, int]], spec: ScheduleSpec, num_minibatches: int = 1
 ) -> Schedule:
     """List-schedule the dependency graph with unit costs, then lower to messages."""
-    if policy in ("1f1b", "gpipe") and plan.horizon != plan.num_blocks:
-        raise ScheduleError(f"{policy} is a back-propagation schedule; it needs h = T")
-    schedule = Schedule(policy, mode, plan, ranges, num_microbatches, num_minibatches,
-                        defer_weights=defer_weights)  # fmt: skip
-    graph = _Graph(schedule, policy)
+    if spec.policy in ("1f1b", "gpipe") and plan.horizon != plan.num_blocks:
+        raise ScheduleError(f"{spec.policy} is a back-propagation schedule; it needs h = T")
+    schedule = Schedule(spec, plan, ranges, num_minibatches)
+    graph = _Graph(schedule)
     order = graph.list_schedule(unit_costs(schedule))
     schedule.actions = [_lower(schedule, stage, order[stage]) for stage in range(len(ranges))]
     return schedule
@@ -53,8 +40,8 @@ def generate(
 class _Graph:
     """Dependencies between compute actions (spec sections 3 and 4)."""
 
-    def __init__(self, schedule: Schedule, policy: str) -> None:
-        self.s, self.policy = schedule, policy
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule, self.policy = schedule, schedule.spec.policy
         self.infos = schedule.stages
         self._outgoing = [{s.loss_point for s in info.outgoing} for info in self.infos]
         # streams with weight gradients on a stage: a W action each when weights are deferred
@@ -65,7 +52,7 @@ class _Graph:
         ]  # fmt: skip
         P, m = schedule.num_stages, schedule.num_microbatches
         self.top_down = schedule.plan.top_down
-        if policy == "gpipe":
+        if self.policy == "gpipe":
             self.in_flight = [m] * P
         elif self.top_down:
             # a microbatch comes back to every stage after about P actions (up, across, up)
@@ -89,13 +76,13 @@ class _Graph:
     def actions(self, stage: int, n: int) -> list[Action]:
         info = self.infos[stage]
         acts = []
-        for i in range(self.s.num_microbatches):
-            acts.append(Action(stage, "F", n, i))
+        for i in range(self.schedule.num_microbatches):
+            acts.append(Action(stage, F, n, i))
             if self.top_down:
-                acts.append(Action(stage, "G", n, i))
-            acts += [Action(stage, "B", n, i, s.loss_point) for s in info.streams]
-            acts += [Action(stage, "W", n, i, s.loss_point) for s in self._weighted[stage]]
-        return acts + [Action(stage, "S", n)]
+                acts.append(Action(stage, G, n, i))
+            acts += [Action(stage, B, n, i, s.loss_point) for s in info.streams]
+            acts += [Action(stage, W, n, i, s.loss_point) for s in self._weighted[stage]]
+        return acts + [Action(stage, S, n)]
 
     def backward_work(self, stage: int) -> int:
         """B, W and G actions per microbatch on a stage: all done, the microbatch leaves flight."""
@@ -103,34 +90,34 @@ class _Graph:
 
     def deps(self, a: Action) -> list[Action]:
         info = self.infos[a.stage]
-        if a.kind == "F":
-            deps = [Action(a.stage - 1, "F", a.minibatch, a.microbatch)] if a.stage else []
+        if a.kind == F:
+            deps = [Action(a.stage - 1, F, a.minibatch, a.microbatch)] if a.stage else []
             if a.microbatch:
-                deps.append(Action(a.stage, "F", a.minibatch, a.microbatch - 1))
+                deps.append(Action(a.stage, F, a.minibatch, a.microbatch - 1))
             if a.minibatch:  # no stale weights: forward only after the previous step
-                deps.append(Action(a.stage, "S", a.minibatch - 1))
+                deps.append(Action(a.stage, S, a.minibatch - 1))
             return deps
-        if a.kind == "B":
+        if a.kind == B:
             if any(s.loss_point == a.stream for s in info.born):
-                return [Action(a.stage, "F", a.minibatch, a.microbatch)]
-            return [Action(a.stage + 1, "B", a.minibatch, a.microbatch, a.stream)]
-        if a.kind == "W":
-            return [Action(a.stage, "B", a.minibatch, a.microbatch, a.stream)]
-        if a.kind == "G":  # after its own forward, and the stage below's (the last's: top-down)
-            below = (a.stage - 1, "G") if a.stage else (self.s.num_stages - 1, "F")
-            return [Action(a.stage, "F", a.minibatch, a.microbatch),
+                return [Action(a.stage, F, a.minibatch, a.microbatch)]
+            return [Action(a.stage + 1, B, a.minibatch, a.microbatch, a.stream)]
+        if a.kind == W:
+            return [Action(a.stage, B, a.minibatch, a.microbatch, a.stream)]
+        if a.kind == G:  # after its own forward, and the stage below's (the last's: top-down)
+            below = (a.stage - 1, G) if a.stage else (self.schedule.num_stages - 1, F)
+            return [Action(a.stage, F, a.minibatch, a.microbatch),
                     Action(*below, a.minibatch, a.microbatch)]  # fmt: skip
-        stages = range(self.s.num_stages) if self.s.mode == "sync" else [a.stage]
-        return [x for k in stages for x in self.actions(k, a.minibatch) if x.kind != "S"]
+        stages = range(self.schedule.num_stages) if self.schedule.mode == "sync" else [a.stage]
+        return [x for k in stages for x in self.actions(k, a.minibatch) if x.kind != S]
 
     def priority(self, a: Action) -> tuple:
-        if a.kind == "S":
+        if a.kind == S:
             return (0,)
-        if a.kind == "W":  # deferred: only when nothing else can run
+        if a.kind == W:  # deferred: only when nothing else can run
             return (3, a.minibatch, a.microbatch, -a.stream)
-        if a.kind == "G":
+        if a.kind == G:
             return (1, a.minibatch, a.microbatch)
-        if a.kind == "B":
+        if a.kind == B:
             # older microbatches first; streams that continue below first (they unblock others)
             continues = a.stream in self._outgoing[a.stage]
             key = (a.minibatch, a.microbatch, not continues, -a.stream)
@@ -138,88 +125,97 @@ class _Graph:
         return (1 if self.policy == "gpipe" else 2, a.minibatch, a.microbatch)
 
     def list_schedule(self, cost: Callable[[Action], float]) -> list[list[Action]]:
-        """Greedy list scheduling: whenever a stage is idle it starts its best ready action.
+        """Greedy list scheduling: whenever a stage is idle it starts its best ready action."""
+        return _ListScheduler(self, cost).run()
 
-        Event-driven with dependency counters, so it scales to 64+ stages.
-        """
-        P, N = self.s.num_stages, self.s.num_minibatches
-        everything = [a for k in range(P) for n in range(N) for a in self.actions(k, n)]
-        unmet: dict[Action, int] = {}
-        successors: dict[Action, list[Action]] = defaultdict(list)
-        step_waits: dict[tuple, list[Action]] = defaultdict(list)  # flush group -> its steps
-        step_left: dict[tuple, int] = defaultdict(int)  # flush group -> actions outstanding
-        for a in everything:
-            if a.kind == "S":
-                group = self._flush_group(a)
-                step_waits[group].append(a)
-                unmet[a] = 1  # released when its flush group is complete
-            else:
-                deps = self.deps(a)
-                unmet[a] = len(deps)
-                for d in deps:
-                    successors[d].append(a)
-                step_left[self._flush_group(a)] += 1
-        ready_f: list[list] = [[] for _ in range(P)]
-        ready_other: list[list] = [[] for _ in range(P)]
+    def flush_group(self, a: Action) -> tuple:
+        """The actions a step waits for: its minibatch on every stage (sync) or its own (async)."""
+        return (a.minibatch,) if self.schedule.mode == "sync" else (a.minibatch, a.stage)
 
-        def release(a: Action) -> None:
-            heap = ready_f if a.kind == "F" else ready_other
-            heapq.heappush(heap[a.stage], (self.priority(a), a))
 
-        for a in everything:
-            if unmet[a] == 0:
-                release(a)
-        in_flight = [0] * P  # microbatches forwarded whose streams have not all passed
-        left_b = {}
-        order: list[list[Action]] = [[] for _ in range(P)]
-        busy: list[tuple[float, Action] | None] = [None] * P
-        now, finished = 0.0, 0
-        while finished < len(everything):
+class _ListScheduler:
+    """Event-driven list scheduling with dependency counters, so it scales to 64+ stages."""
+
+    def __init__(self, graph: _Graph, cost: Callable[[Action], float]) -> None:
+        self.graph, self.cost = graph, cost
+        P, N = graph.schedule.num_stages, graph.schedule.num_minibatches
+        self.everything = [a for k in range(P) for n in range(N) for a in graph.actions(k, n)]
+        self.unmet: dict[Action, int] = {}
+        self.successors: dict[Action, list[Action]] = defaultdict(list)
+        self.step_waits: dict[tuple, list[Action]] = defaultdict(list)  # flush group: its steps
+        self.step_left: dict[tuple, int] = defaultdict(int)  # flush group: actions outstanding
+        for a in self.everything:
+            group = graph.flush_group(a)
+            if a.kind == S:
+                self.step_waits[group].append(a)
+                self.unmet[a] = 1  # released when its flush group is complete
+                continue
+            deps = graph.deps(a)
+            self.unmet[a] = len(deps)
+            for d in deps:
+                self.successors[d].append(a)
+            self.step_left[group] += 1
+        self.ready_forward: list[list] = [[] for _ in range(P)]
+        self.ready_other: list[list] = [[] for _ in range(P)]
+        self.in_flight = [0] * P  # microbatches forwarded whose work is not all done
+        self.work_left: dict[tuple, int] = {}
+        self.order: list[list[Action]] = [[] for _ in range(P)]
+        self.busy: list[tuple[float, Action] | None] = [None] * P
+
+    def run(self) -> list[list[Action]]:
+        for a in self.everything:
+            if self.unmet[a] == 0:
+                self.release(a)
+        now, finished, P = 0.0, 0, len(self.busy)
+        while finished < len(self.everything):
             for k in range(P):
-                if busy[k] is not None:
-                    continue
-                options = []
-                if ready_other[k]:
-                    options.append(ready_other[k])
-                if ready_f[k] and in_flight[k] < self.in_flight[k]:
-                    options.append(ready_f[k])
-                if not options:
-                    continue
-                heap = min(options, key=lambda h: h[0][0])
-                _, a = heapq.heappop(heap)
-                order[k].append(a)
-                busy[k] = (now + cost(a), a)
-                if a.kind == "F":
-                    in_flight[k] += 1
-                    left_b[(a.minibatch, a.microbatch, k)] = self.backward_work(k)
-            running = [b for b in busy if b is not None]
+                if self.busy[k] is None:
+                    self.start(k, now)
+            running = [b for b in self.busy if b is not None]
             if not running:
-                raise ScheduleError(f"dependency cycle while generating {self.s.name}")
+                raise ScheduleError(f"dependency cycle while generating {self.graph.policy}")
             now = min(end for end, _ in running)
             for k in range(P):
-                if busy[k] is None or busy[k][0] > now:
-                    continue
-                a, busy[k] = busy[k][1], None
-                finished += 1
-                if a.kind in ("B", "W", "G"):
-                    key = (a.minibatch, a.microbatch, k)
-                    left_b[key] -= 1
-                    in_flight[k] -= left_b[key] == 0
-                if a.kind != "S":
-                    group = self._flush_group(a)
-                    step_left[group] -= 1
-                    if step_left[group] == 0:
-                        for step in step_waits[group]:
-                            release(step)
-                for b in successors[a]:
-                    unmet[b] -= 1
-                    if unmet[b] == 0:
-                        release(b)
-        return order
+                if self.busy[k] is not None and self.busy[k][0] <= now:
+                    self.finish(k)
+                    finished += 1
+        return self.order
 
-    def _flush_group(self, a: Action) -> tuple:
-        """The actions a step waits for: its minibatch on every stage (sync) or its own (async)."""
-        return (a.minibatch,) if self.s.mode == "sync" else (a.minibatch, a.stage)
+    def release(self, a: Action) -> None:
+        heap = self.ready_forward if a.kind == F else self.ready_other
+        heapq.heappush(heap[a.stage], (self.graph.priority(a), a))
+
+    def start(self, k: int, now: float) -> None:
+        """Stage k starts its best ready action (a forward only within its in-flight limit)."""
+        options = [self.ready_other[k]] if self.ready_other[k] else []
+        if self.ready_forward[k] and self.in_flight[k] < self.graph.in_flight[k]:
+            options.append(self.ready_forward[k])
+        if not options:
+            return
+        _, a = heapq.heappop(min(options, key=lambda heap: heap[0][0]))
+        self.order[k].append(a)
+        self.busy[k] = (now + self.cost(a), a)
+        if a.kind == F:
+            self.in_flight[k] += 1
+            self.work_left[(a.minibatch, a.microbatch, k)] = self.graph.backward_work(k)
+
+    def finish(self, k: int) -> None:
+        """Stage k's action is done: release what waited for it."""
+        a, self.busy[k] = self.busy[k][1], None
+        if a.kind.is_work:
+            key = (a.minibatch, a.microbatch, k)
+            self.work_left[key] -= 1
+            self.in_flight[k] -= self.work_left[key] == 0
+        if a.kind != S:
+            group = self.graph.flush_group(a)
+            self.step_left[group] -= 1
+            if self.step_left[group] == 0:
+                for step in self.step_waits[group]:
+                    self.release(step)
+        for b in self.successors[a]:
+            self.unmet[b] -= 1
+            if self.unmet[b] == 0:
+                self.release(b)
 
 
 def _lower(schedule: Schedule, stage: int, compute: list[Action]) -> list[Action]:
@@ -233,39 +229,39 @@ def _lower(schedule: Schedule, stage: int, compute: list[Action]) -> list[Action
     lowered = []
     for a in compute:
         n, i, s = a.minibatch, a.microbatch, a.stream
-        if a.kind == "F":
+        if a.kind == F:
             if stage > 0:
-                lowered.append(Action(stage, "RF", n, i))
+                lowered.append(Action(stage, ActionKind.RF, n, i))
             lowered.append(a)
             if not last_stage:
-                lowered.append(Action(stage, "SF", n, i))
+                lowered.append(Action(stage, ActionKind.SF, n, i))
             elif top_down:
-                lowered.append(Action(stage, "ST", n, i, last))
-        elif a.kind == "G":
+                lowered.append(Action(stage, ActionKind.ST, n, i, last))
+        elif a.kind == G:
             if stage > 0:
-                lowered.append(Action(stage, "RG", n, i))
+                lowered.append(Action(stage, ActionKind.RG, n, i))
             elif top_down:
-                lowered.append(Action(stage, "RT", n, i, last))
+                lowered.append(Action(stage, ActionKind.RT, n, i, last))
             lowered.append(a)
             if not last_stage:
-                lowered.append(Action(stage, "SG", n, i))
-        elif a.kind == "B":
+                lowered.append(Action(stage, ActionKind.SG, n, i))
+        elif a.kind == B:
             if s in incoming:
-                lowered.append(Action(stage, "RB", n, i, s))
+                lowered.append(Action(stage, ActionKind.RB, n, i, s))
             lowered.append(a)
             if s in outgoing:
-                lowered.append(Action(stage, "SB", n, i, s))
+                lowered.append(Action(stage, ActionKind.SB, n, i, s))
         else:
             lowered.append(a)
     return lowered
 
 
-def validate(schedule: Schedule) -> list[Event]:
+def validate_schedule(schedule: Schedule) -> list[Event]:
     """Prove a schedule complete, exact (no stale weights) and deadlock-free; returns its timeline.
 
     Raises ScheduleError with the first violation found.
     """
-    graph = _Graph(schedule, schedule.name)
+    graph = _Graph(schedule)
     sends: dict[tuple, int] = {}
     receives: dict[tuple, int] = {}
     for k in range(schedule.num_stages):
@@ -281,14 +277,14 @@ def validate(schedule: Schedule) -> list[Event]:
         seen: set[Action] = set()
         for a in got:  # local dependencies must come earlier in the stage's own order
             for d in graph.deps(a):
-                if d.stage == k and d not in seen and not (a.kind == "S" and d.kind == "S"):
+                if d.stage == k and d not in seen and not (a.kind == S and d.kind == S):
                     raise ScheduleError(f"stage {k}: {a} comes before {d}, which it depends on")
             seen.add(a)
         for a in schedule.actions[k]:
-            if a.kind in SENDS:
-                sends[(k, peer(a), a.message)] = sends.get((k, peer(a), a.message), 0) + 1
-            elif a.kind in RECEIVES:
-                key = (peer(a), k, a.message)
+            if a.kind.is_send:
+                sends[(k, a.peer, a.message)] = sends.get((k, a.peer, a.message), 0) + 1
+            elif a.kind.is_receive:
+                key = (a.peer, k, a.message)
                 receives[key] = receives.get(key, 0) + 1
     if sends != receives or any(v != 1 for v in sends.values()):
         unmatched = set(sends).symmetric_difference(receives)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..config import ConfigError
+from ..devices import resolve_device
 from .topology import Topology, pack_pipelines, spanning_pipelines
 
 BUCKET_BYTES = 25 * 2**20
@@ -31,27 +32,37 @@ def device_and_backend(
 ) -> tuple[torch.device, str]:
     """This rank's device and process-group backend: ``device`` auto means CUDA when a GPU is
     present (the local rank's GPU), else CPU; ``backend`` auto means NCCL on CUDA, gloo on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda: no CUDA device is visible; use train.device=auto")
-        chosen = torch.device("cuda", local_rank % torch.cuda.device_count())
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count()
+        if local_rank >= count:  # two ranks on one GPU: NCCL fails with "Duplicate GPU"
+            raise ConfigError(
+                f"train.device={device}: local rank {local_rank} has no GPU of its own (this "
+                f"node shows {count}); start at most {count} rank(s) per node, or set "
+                f"train.device=cpu"
+            )
+        chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
-    else:
-        chosen = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if chosen.type == "cuda" else "gloo"
     return chosen, backend
 
 
-def init_process_group(backend: str, timeout_s: float) -> tuple[int, int, int]:
-    """Join the job's default group from the launcher's environment; returns rank, world, local."""
+def init_process_group(
+    backend: str, timeout_s: float, device: torch.device | None = None
+) -> tuple[int, int, int]:
+    """Join the job's default group from the launcher's environment (with the collectives'
+    timeout, and under NCCL bound to this rank's GPU); returns rank, world, local rank."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not dist.is_initialized():
+        bound = device if device is not None and device.type == "cuda" else None
         dist.init_process_group(
-            backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=bound,
         )
     return rank, world, local_rank
 
@@ -115,20 +126,55 @@ class Groups:
     messages: dict[str, dist.ProcessGroup | None] = field(default_factory=dict)  # F: up, B: down
 
     @staticmethod
-    def create(topology: Topology) -> Groups:
+    def create(
+        topology: Topology,
+        message_timeout_s: float | None = None,
+        collective_timeout_s: float | None = None,
+    ) -> Groups:
+        """Every group with its timeout: the message groups ``message_timeout_s`` (a message
+        that does not come is a failure: ``pipeline.timeout``), the pipeline's and the
+        data-parallel collectives ``collective_timeout_s`` (None: torch's default)."""
+        timeouts = {
+            name: timedelta(seconds=value) if value is not None else None
+            for name, value in (("F", message_timeout_s), ("B", message_timeout_s),
+                                ("pipeline", collective_timeout_s),
+                                ("data_parallel", collective_timeout_s))
+        }  # fmt: skip
         # new_group is collective over the world: every rank creates every group, in order.
         mine: dict[str, dist.ProcessGroup | None] = {}
         for d in range(topology.replicas):
             for name in ("pipeline", "F", "B"):
-                group = dist.new_group(topology.pipeline_ranks(d))
+                group = dist.new_group(topology.pipeline_ranks(d), timeout=timeouts[name])
                 if d == topology.replica and topology.stages > 1:
                     mine[name] = group
         for k in range(topology.stages):
-            group = dist.new_group(topology.data_parallel_ranks(k))
+            ranks = topology.data_parallel_ranks(k)
+            group = dist.new_group(ranks, timeout=timeouts["data_parallel"])
             if k == topology.stage and topology.replicas > 1:
                 mine["data_parallel"] = group
         messages = {kind: mine.get(kind) for kind in ("F", "B")}
         return Groups(topology, mine.get("pipeline"), mine.get("data_parallel"), messages)
+
+    def warm_up(self, device: torch.device) -> None:
+        """Open every point-to-point channel before the first timed step: NCCL creates a pair's
+        communicator at its first message, blocking the host. Every rank walks the same list of
+        (channel, lower stage, upper stage) pairs in one global order, so the blocking first
+        messages pair up and cannot wait on each other."""
+        t = self.topology
+        if t.stages == 1:
+            return
+        pairs = [(k, k + 1) for k in range(t.stages - 1)]
+        pairs += [(0, t.stages - 1)] if t.stages > 2 else []  # a top-down rule's error
+        token = torch.zeros(1, device=device)
+        for channel in ("F", "B"):
+            group = self.messages[channel]
+            for low, high in pairs:
+                if t.stage not in (low, high):
+                    continue
+                if t.stage == low:
+                    dist.send(token, dst=t.rank_of(high), group=group)
+                else:
+                    dist.recv(token, src=t.rank_of(low), group=group)
 
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup) -> None:

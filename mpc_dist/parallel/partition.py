@@ -4,11 +4,12 @@ explicit. The partition is a list of blocks per stage; ``stage_ranges`` turns it
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
 from ..config import PipelineConfig
+from ..core import ComputeOptions
+from ..core.costs import FULL_PRECISION, measure_model_block
 from ..models import BlockModel, is_meta, materialize
 
 
@@ -46,12 +47,15 @@ def block_costs(
     sample: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute: ComputeOptions = FULL_PRECISION,
 ) -> list[float]:
     """Per-block cost: parameter count (stem with block 0, head with the last block) or time.
 
-    Time is forward + backward of a sample microbatch, median of a few runs, measured on a copy
-    of each block moved to ``device`` and ``dtype`` (so the model's own weights and batch-norm
-    statistics are untouched, and a GPU run is profiled on the GPU).
+    Time is a block's forward, input gradient and weight gradient on the ``sample``
+    microbatch (``core.costs``: median of repeats, CUDA-synchronised, under the run's autocast;
+    block 0 computes no input gradient, as in training), measured on a copy of each block moved
+    to ``device`` and ``dtype`` (so the model's own weights and batch-norm statistics are
+    untouched, and a GPU run is profiled on the GPU).
     """
     T = model.num_blocks
     if method == "params":
@@ -64,23 +68,11 @@ def block_costs(
         if is_meta(part):  # built on the meta device: time a freshly initialised copy
             materialize(part, device, seed=t)
         part = part.to(device, dtype)
-        runs = []
-        for _ in range(5):
-            leaf = x.detach().requires_grad_(t > 0)
-            start = _synchronized(device)
-            out = part.block_forward(t, leaf)
-            out.backward(torch.ones_like(out))
-            runs.append(_synchronized(device) - start)
-        costs.append(sorted(runs)[len(runs) // 2])
-        x = out.detach()
+        costs.append(measure_model_block(part, t, x, compute, input_grad=t > 0).total)
+        with torch.no_grad(), compute.autocast():
+            x = compute.state(part.block_forward(t, x))
         del part
     return costs
-
-
-def _synchronized(device: torch.device | str) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def partition(
@@ -89,13 +81,15 @@ def partition(
     sample: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    compute: ComputeOptions = FULL_PRECISION,
 ) -> list[int]:
-    """Blocks per stage for the method the config names (time: profiled on device, dtype)."""
+    """Blocks per stage for the method the config names (time: profiled on ``device`` in
+    ``dtype`` under ``compute``'s autocast, with ``sample`` one microbatch of one replica)."""
     if config.blocks_per_stage is not None:
         return list(config.blocks_per_stage)
     if config.partition == "uniform" or config.stages == 1:
         return uniform_partition(model.num_blocks, config.stages)
-    costs = block_costs(model, config.partition, sample, device, dtype)
+    costs = block_costs(model, config.partition, sample, device, dtype, compute)
     return balanced_partition(costs, config.stages)
 
 

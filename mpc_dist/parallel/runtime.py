@@ -1,9 +1,10 @@
 """The pipeline runtime: one process per stage and replica executes its schedule's action list.
 
-A table maps each action kind to its handler: compute handlers run the engine of the plan's rule
-(``mpc_dist.rules``) on the stage's blocks and the step function; message handlers move
-activations and cotangents with non-blocking point-to-point operations. Message shapes follow
-from the model, so nothing about shapes is negotiated at run time.
+A table maps each action kind to its handler: compute handlers run the engine the runtime was
+handed (any rule's: the engine contract of ``mpc_dist.core``) on the stage's blocks and the step
+function; message handlers move activations and cotangents with non-blocking point-to-point
+operations. Message shapes follow from the model, so nothing about shapes is negotiated at run
+time.
 """
 
 from __future__ import annotations
@@ -16,42 +17,30 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from ..config import RulesConfig
-from ..core import ComputeOptions, Plan
-from ..models import BlockModel
-from ..rules import make_engine
-from .generate import generate, validate
+from ..core import Engine, LossScaler
+from .actions import Action, ActionKind, Message, MessageKind
+from .generate import generate, validate_schedule
 from .groups import Groups, broadcast_parameters
 from .mailbox import Mailbox
-from .schedule import COMPUTE, Action, Schedule, peer
+from .schedule import Schedule, ScheduleSpec
 
 
 class StepFunction(Protocol):
     """The one optimizer step (``mpc_dist.train.step``): called with the minibatch's loss on
     this stage (0 where no loss is evaluated) and its learning rate; it may raise to stop."""
 
-    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None  # applied before backward (fp16)
+    scale_loss: LossScaler | None  # applied before backward (fp16)
 
     def __call__(self, loss: torch.Tensor, lr: float) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RuntimeOptions:
-    num_microbatches: int = 1  # per minibatch, on this replica
-    mode: str = "sync"  # sync (flush per minibatch) | async (spec section 4)
-    policy: str = "horizon"  # horizon | 1f1b | gpipe
+    schedule: ScheduleSpec = ScheduleSpec()  # microbatches, mode, policy, weight deferral
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # of the parameters and the inputs
-    compute: ComputeOptions = ComputeOptions()  # mixed precision, activation checkpointing
-    defer_weights: bool = False  # zero-bubble split: weight gradients as deferred W actions
     trace: bool = False  # keep (action, start, end) of every compute action in runtime.trace
-    seed: int = 0  # of a rule's noise and negatives (forward gradient, forward-forward)
-    rules: RulesConfig | None = None  # the options of the rules beyond the horizon
-
-    @property
-    def message_dtype(self) -> torch.dtype:
-        """Activations and cotangents travel in the compute dtype."""
-        return self.compute.state_dtype or self.dtype
+    soft_targets: bool = False  # targets are class probabilities (mixup, label smoothing)
 
 
 @dataclass
@@ -60,7 +49,7 @@ class StageTimes:
     wall: float = 0.0  # seconds inside run()
 
 
-class _Clock:
+class EventClock:
     """Start and end of compute actions, in seconds of the host clock. On GPUs kernels run
     asynchronously, so actions are timed with CUDA events (resolved once per chunk)."""
 
@@ -103,85 +92,83 @@ class PipelineRuntime:
 
     def __init__(
         self,
-        model: BlockModel,
-        plan: Plan,
+        engine: Engine,
         ranges: list[tuple[int, int]],
         groups: Groups,
         step: StepFunction,
         options: RuntimeOptions,
     ) -> None:
-        self.model, self.plan, self.ranges, self.groups = model, plan, ranges, groups
-        self.step, self.options = step, options
+        """``engine`` runs this rank's blocks (``ranges[stage]``) for the plan's rule."""
+        self.engine, self.model, self.plan = engine, engine.model, engine.plan
+        self.ranges, self.groups, self.step, self.options = ranges, groups, step, options
         self.topology = groups.topology
         self.stage = self.topology.stage
         self.first, self.last = ranges[self.stage]
         self.is_last = self.topology.is_last_stage
-        self.engine = make_engine(model, plan, True, options.compute, step.scale_loss, options.seed,
-                                  options.rules)  # fmt: skip
-        self.head_copies = plan.reads_shared_head_below_top(model.head_mode)
-        self.evaluates_loss = bool(plan.part(self.first, self.last).born) or (
-            plan.top_down and self.is_last
-        )
+        self.message_dtype = engine.compute.autocast_dtype or options.dtype  # the compute dtype
+        plan = self.plan
+        self.head_copies = plan.reads_shared_head_below_top(self.model.head_mode)
+        # Only the first stage reads data; the targets travel up with the activations as far
+        # as the last stage that evaluates a loss.
+        needs = [bool(plan.part(*r).born) for r in ranges]
+        needs[-1] |= plan.top_down
+        self.sends_targets = any(needs[self.stage + 1 :])
+        self.receives_targets = self.stage > 0 and any(needs[self.stage :])
         self.times = StageTimes()
         self.trace: list[tuple[Action, float, float]] = []
         self._schedules: dict[int, Schedule] = {}
         self._microbatch_size = 0
-        self.handlers: dict[str, Callable[[Action, _Chunk], None]] = {
-            "F": self._forward,
-            "B": self._backward,
-            "W": self._weights,
-            "G": self._second_pass,
-            "S": self._step,
-            "RF": self._receive,
-            "RB": self._receive,
-            "RG": self._receive,
-            "RT": self._receive,
-            "SF": self._send,
-            "SB": self._send,
-            "SG": self._send,
-            "ST": self._send,
+        self.handlers: dict[ActionKind, Callable[[Action, _Chunk], None]] = {
+            ActionKind.F: self._forward,
+            ActionKind.B: self._backward,
+            ActionKind.W: self._weights,
+            ActionKind.G: self._second_pass,
+            ActionKind.S: self._step,
+            **{kind: self._receive for kind in ActionKind if kind.is_receive},
+            **{kind: self._send for kind in ActionKind if kind.is_send},
         }
 
     def schedule(self, num_minibatches: int) -> Schedule:
         if num_minibatches not in self._schedules:
-            o = self.options
-            schedule = generate(
-                self.plan, self.ranges, o.num_microbatches, num_minibatches, o.mode, o.policy,
-                o.defer_weights,
-            )  # fmt: skip
-            validate(schedule)
+            schedule = generate(self.plan, self.ranges, self.options.schedule, num_minibatches)
+            validate_schedule(schedule)
             self._schedules[num_minibatches] = schedule
         return self._schedules[num_minibatches]
 
     # ------------------------------------------------------------------ one chunk
 
     def run(
-        self, batches: list[tuple[torch.Tensor | None, torch.Tensor]], learning_rates: list[float]
+        self,
+        batches: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+        learning_rates: list[float],
+        batch_size: int | None = None,
     ) -> list[tuple[float, int]]:
-        """Train on ``batches`` (this replica's share of each minibatch), one step each.
+        """Train on ``batches`` (this replica's share of each minibatch: ``batch_size`` samples,
+        by default the first batch's), one step each.
 
-        Inputs are needed on the first stage only; targets are moved to the device only where
-        a loss is evaluated. Returns (final loss, correct predictions) per minibatch on the last
-        stage, [] elsewhere.
+        Inputs and targets are read on the first stage only (elsewhere they may be None); the
+        targets travel with the activations. Returns (final loss, correct predictions) per
+        minibatch on the last stage, [] elsewhere.
         """
-        m, device = self.options.num_microbatches, self.options.device
-        if any(y.shape[0] % m for _, y in batches):
-            raise ValueError(f"a minibatch of {batches[0][1].shape[0]} does not split into {m}")
+        m, device = self.options.schedule.num_microbatches, self.options.device
+        batch_size = batch_size or len(batches[0][1])
+        if batch_size % m:
+            raise ValueError(f"a minibatch of {batch_size} does not split into {m}")
         schedule = self.schedule(len(batches))
-        self._microbatch_size = batches[0][1].shape[0] // m
+        self._microbatch_size = batch_size // m
         zeros = [torch.zeros((), dtype=torch.float64, device=device) for _ in batches]
         chunk = _Chunk(
             [(self._split(x, self.options.dtype), self._split(y)) for x, y in batches],
             learning_rates,
-            Mailbox(schedule, self.groups, self._shape_of, self.options.message_dtype, device),
+            Mailbox(schedule, self.groups, self._payload, device),
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
-        started, clock = time.perf_counter(), _Clock(device)
+        started, clock = time.perf_counter(), EventClock(device)
         for action in schedule.actions[self.stage]:
             tick = clock.now()
             self.handlers[action.kind](action, chunk)
-            if action.kind in COMPUTE:
+            if action.kind.is_compute:
                 clock.marks.append((action, tick, clock.now()))
         chunk.mailbox.flush()
         intervals = clock.intervals()
@@ -198,55 +185,73 @@ class PipelineRuntime:
         ]
 
     def _split(self, tensor: torch.Tensor | None, dtype: torch.dtype | None = None) -> tuple:
-        """Microbatches of ``tensor`` on the device where this stage uses it, else Nones: inputs
-        (given a ``dtype``) on the first stage, targets where a loss is evaluated."""
-        m = self.options.num_microbatches
-        used = self.stage == 0 if dtype is not None else self.evaluates_loss
-        if tensor is None or not used:
+        """Microbatches of ``tensor`` on the device (in ``dtype``) on the first stage, which
+        reads the data; Nones elsewhere."""
+        m = self.options.schedule.num_microbatches
+        if tensor is None or self.stage != 0:
             return (None,) * m
+        if dtype is None and tensor.is_floating_point():  # soft targets: the parameters' dtype
+            dtype = self.options.dtype
         return tensor.to(self.options.device, dtype).chunk(m)
 
-    def _shape_of(self, message: tuple) -> tuple[int, ...]:
-        if message[0] == "T":  # the top-down message: one vector per sample
-            return (self._microbatch_size, self.model.num_classes)
-        boundary = self.last if message[0] == "B" else self.first
-        samples = self._microbatch_size * self.engine.samples_per_input
-        return (samples, *self.model.state_shapes[boundary])
+    def _payload(self, message: Message) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of the tensors a message carries: the model says, not the wire."""
+        size, dtype = self._microbatch_size, self.message_dtype
+        if message.kind == MessageKind.TOP_DOWN:  # one vector per sample
+            return [((size, self.model.num_classes), dtype)]
+        boundary = self.last if message.kind == MessageKind.COTANGENT else self.first
+        samples = size * self.engine.samples_per_input
+        payload = [((samples, *self.model.state_shapes[boundary]), dtype)]
+        if message.kind == MessageKind.ACTIVATION and self.receives_targets:
+            payload.append(self._targets_payload(size))
+        return payload
+
+    def _targets_payload(self, size: int) -> tuple[tuple[int, ...], torch.dtype]:
+        if self.options.soft_targets:
+            return (size, self.model.num_classes), self.options.dtype
+        return (size,), torch.int64
 
     # ------------------------------------------------------------------ handlers
 
     def _forward(self, action: Action, chunk: _Chunk) -> None:
-        n, i, m = action.minibatch, action.microbatch, self.options.num_microbatches
-        inputs, targets = chunk.microbatches[n]
-        x = inputs[i] if self.stage == 0 else chunk.inbox.pop(action.message)
+        n, i, m = action.minibatch, action.microbatch, self.options.schedule.num_microbatches
+        if self.stage == 0:
+            inputs, targets = chunk.microbatches[n]
+            x, y = inputs[i], targets[i]
+        else:
+            x, *rest = chunk.inbox.pop(action.message)
+            y = rest[0] if rest else None
         scale = 1.0 / (m * self.topology.replicas)
-        result = self.engine.forward(n * m + i, x, targets[i], scale, eager=False)
+        result = self.engine.forward(n * m + i, x, y, scale, eager=False)
         if result.output is not None:
-            chunk.outbox[action.message] = result.output
+            chunk.outbox[action.message] = (
+                [result.output, y] if self.sends_targets else [result.output]
+            )
         if result.top_down is not None:  # to the first stage (this one, on a single stage)
             box = chunk.outbox if self.topology.stages > 1 else chunk.inbox
-            box[("T", n, i, self.topology.stages - 1)] = result.top_down
+            box[self._top_down(n, i)] = [result.top_down]
         if result.logits is not None:
             chunk.losses[n] += result.losses[self.plan.num_blocks].double()
-            chunk.correct[n] += (result.logits.argmax(-1) == targets[i]).sum()
+            labels = y.argmax(-1) if y.is_floating_point() else y
+            chunk.correct[n] += (result.logits.argmax(-1) == labels).sum()
 
     def _backward(self, action: Action, chunk: _Chunk) -> None:
         n, i, s = action.minibatch, action.microbatch, action.stream
-        cotangent = chunk.inbox.pop(action.message, None)  # None: the stream is born here
-        microbatch = n * self.options.num_microbatches + i
-        below = self.engine.backward(microbatch, s, cotangent, self.options.defer_weights)
+        cotangent = chunk.inbox.pop(action.message, [None])[0]  # None: the stream is born here
+        microbatch = n * self.options.schedule.num_microbatches + i
+        below = self.engine.backward(microbatch, s, cotangent, self.options.schedule.defer_weights)
         if below is not None:
-            chunk.outbox[action.message] = below
+            chunk.outbox[action.message] = [below]
 
     def _second_pass(self, action: Action, chunk: _Chunk) -> None:
-        n, i, m = action.minibatch, action.microbatch, self.options.num_microbatches
-        key = ("T", n, i, self.topology.stages - 1) if self.stage == 0 else action.message
-        output = self.engine.second_pass(n * m + i, chunk.inbox.pop(key))
+        n, i, m = action.minibatch, action.microbatch, self.options.schedule.num_microbatches
+        key = self._top_down(n, i) if self.stage == 0 else action.message
+        output = self.engine.second_pass(n * m + i, chunk.inbox.pop(key)[0])
         if output is not None:
-            chunk.outbox[action.message] = output
+            chunk.outbox[action.message] = [output]
 
     def _weights(self, action: Action, chunk: _Chunk) -> None:
-        m = self.options.num_microbatches
+        m = self.options.schedule.num_microbatches
         self.engine.weight_backward(action.minibatch * m + action.microbatch, action.stream)
 
     def _step(self, action: Action, chunk: _Chunk) -> None:
@@ -258,26 +263,41 @@ class PipelineRuntime:
             broadcast_parameters(list(self.model.head.parameters()), src, self.groups.pipeline)
 
     def _receive(self, action: Action, chunk: _Chunk) -> None:
-        chunk.inbox[action.message] = chunk.mailbox.receive(action.message, peer(action))
+        chunk.inbox[action.message] = chunk.mailbox.receive(action.message, action.peer)
 
     def _send(self, action: Action, chunk: _Chunk) -> None:
-        chunk.mailbox.send(chunk.outbox.pop(action.message), peer(action), action.message[0])
+        chunk.mailbox.send(chunk.outbox.pop(action.message), action.peer, action.message)
+
+    def _top_down(self, minibatch: int, microbatch: int) -> Message:
+        """The top-down message of a microbatch (from the last stage)."""
+        return Message(MessageKind.TOP_DOWN, minibatch, microbatch, self.topology.stages - 1)
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def infer(self, x: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
-        """Forward-only through this replica's stages: the logits on the last stage, else None.
-        ``x`` is read on the first stage only."""
+    def infer(
+        self, x: torch.Tensor | None, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Forward-only through this replica's stages: (logits, targets) on the last stage, else
+        None. ``x`` and ``y`` (class indices) are read on the first stage only; the targets
+        travel up, after the batch's size (an evaluation's last batch may be short)."""
         device, dtype = self.options.device, self.options.dtype
         if self.stage == 0:
-            state = x.to(device, dtype)
+            state, y = x.to(device, dtype), y.to(device)
         else:
-            shape = (batch_size, *self.model.state_shapes[self.first])
-            state = torch.empty(shape, dtype=self.options.message_dtype, device=device)
-            dist.recv(state, src=self.topology.rank_of(self.stage - 1))
+            source = self.topology.rank_of(self.stage - 1)
+            size = torch.empty((), dtype=torch.int64, device=device)
+            dist.recv(size, src=source)
+            shape = (int(size), *self.model.state_shapes[self.first])
+            state = torch.empty(shape, dtype=self.message_dtype, device=device)
+            y = torch.empty(shape[:1], dtype=torch.int64, device=device)
+            dist.recv(state, src=source)
+            dist.recv(y, src=source)
         out = self.engine.infer(state)
         if self.is_last:
-            return out
-        dist.send(out.contiguous(), dst=self.topology.rank_of(self.stage + 1))
+            return out, y
+        destination = self.topology.rank_of(self.stage + 1)
+        dist.send(torch.tensor(len(y), device=device), dst=destination)
+        dist.send(out.contiguous(), dst=destination)
+        dist.send(y, dst=destination)
         return None

@@ -7,26 +7,21 @@ own loss at its output, so their plan is h = 1's and no message goes backward: t
 generator, validator, simulator and runtime take that from the plan. The top-down rule
 (``pepita``) has no streams: the last stage sends one message per microbatch to the first, and a
 second forward pass (``G`` actions) carries the updates. ``make_engine`` gives the
-engine a stage runs for its rule.
+engine a stage runs for its rule; the stage builder hands it to the runtime.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from ..config import ConfigError, RulesConfig
-from ..core import ComputeOptions, HorizonEngine, Plan
+from ..core import Engine, EngineOptions, HorizonEngine, Plan
 from ..models import BlockModel
-from .engine import LocalEngine, LocalRule, LocalStep
 from .ff import ForwardForward, predict_by_goodness, relu_inputs
 from .forward_gradient import ForwardGradient, perturbations
+from .local import LocalEngine, LocalRule, LocalStep
 from .pepita import PepitaEngine, check_pepita
 from .sff import ScalableForwardForward, predict_by_average
 
 HEADS = {"ff": ("shared",), "sff": ("goodness",), "forward_gradient": ("aux",)}
-Engine = HorizonEngine | LocalEngine | PepitaEngine
 
 
 def local_rule(name: str, num_classes: int, options: RulesConfig | None = None) -> LocalRule:
@@ -58,31 +53,20 @@ def check_rule(
         check_pepita(model, options or RulesConfig(), stages)
 
 
-def make_engine(
-    model: BlockModel,
-    plan: Plan,
-    track_memory: bool = True,
-    compute: ComputeOptions | None = None,
-    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    seed: int = 0,
-    options: RulesConfig | None = None,
-) -> Engine:
-    """The engine for ``plan``'s rule over the blocks ``model`` holds (``options``: the rules'
-    section of the config)."""
+def make_engine(model: BlockModel, plan: Plan, options: EngineOptions | None = None) -> Engine:
+    """The engine for ``plan``'s rule over the blocks ``model`` holds (an ``EngineFactory``;
+    ``options.rules``: the options of the rules beyond the horizon)."""
+    options = options or EngineOptions()
     if plan.top_down:
-        return PepitaEngine(model, plan, track_memory, compute, scale_loss, seed, options)
-    if not plan.is_local:
-        compute = compute or ComputeOptions()
-        return HorizonEngine(model, plan, track_memory=track_memory, compute=compute,
-                             scale_loss=scale_loss)  # fmt: skip
-    rule = local_rule(plan.rule, model.num_classes, options)
-    return LocalEngine(model, plan, rule, track_memory, compute,
-                       scale_loss, seed)  # fmt: skip
+        return PepitaEngine(model, plan, options)
+    if plan.is_local:
+        rule = local_rule(plan.rule, model.num_classes, options.rules)
+        return LocalEngine(model, plan, options, rule)
+    return HorizonEngine(model, plan, options)
 
 
 __all__ = [
     "HEADS",
-    "Engine",
     "ForwardForward",
     "ForwardGradient",
     "LocalEngine",

@@ -20,11 +20,29 @@ def draws(seed: int, t: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{t}/{k}".encode()))
 
 
-def loss_factor(scale_loss: Callable[[torch.Tensor], torch.Tensor] | None, scale: float) -> float:
-    """What a microbatch's gradients are multiplied by: its share, times the fp16 loss scale."""
+def on_device(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator that draws on ``device``: ``generator`` itself on the CPU; elsewhere a new
+    one seeded as ``generator`` was (``draws``' seed), so the noise is made where it is used
+    with no copy. A CUDA generator's numbers differ from the CPU's (another algorithm), but
+    they too depend on the seed only, not on the stage layout. Call it once per stream."""
+    if device.type == "cpu":
+        return generator
+    return torch.Generator(device).manual_seed(generator.initial_seed())
+
+
+def loss_factor(
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None,
+    scale: float,
+    device: torch.device,
+) -> float:
+    """What a microbatch's gradients are multiplied by: its share, times the fp16 loss scale.
+
+    The share is scaled on ``device``, where the loss scale lives, and read back with a
+    synchronising ``float``: scaling a CPU tensor would copy a CUDA scale with
+    ``non_blocking=True`` and multiply before the copy has landed."""
     if scale_loss is None:
         return scale
-    return float(scale_loss(torch.tensor(scale, dtype=torch.float64)))
+    return float(scale_loss(torch.tensor(scale, dtype=torch.float64, device=device)))
 
 
 def add_grad(param: nn.Parameter, grad: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, RulesConfig
 from ..models import BlockModel
-from .common import accumulate, block_and_head_parameters, hooked, normalise_length
-from .engine import LocalStep
+from .common import accumulate, block_and_head_parameters, hooked, normalise_length, on_device
+from .local import LocalStep
 
 PEER_MOMENTUM = 0.9  # of the running mean activity (both codes)
 PEER_START = 0.5  # the running means' first value (both codes)
@@ -48,7 +48,8 @@ class ForwardForward:
         return flat.reshape(x.shape)
 
     def inputs(self, x, y, generator):
-        offset = torch.randint(1, self.num_classes, y.shape, generator=generator).to(y.device)
+        generator = on_device(generator, y.device)
+        offset = torch.randint(1, self.num_classes, y.shape, generator=generator, device=y.device)
         wrong = (y + offset) % self.num_classes
         return torch.cat([self.with_labels(x, y), self.with_labels(x, wrong),
                           self.with_labels(x, None)])  # fmt: skip

@@ -32,8 +32,8 @@ from torch import nn
 from ..config import ConfigError
 from ..models import BlockModel
 from ..models.local_mixer import Site
-from .common import accumulate, add_linear_grads, hooked
-from .engine import LocalStep, PlainRule
+from .common import accumulate, add_linear_grads, hooked, on_device
+from .local import LocalStep, PlainRule
 
 
 @dataclass
@@ -114,10 +114,10 @@ class ForwardGradient(PlainRule):
         owners = [item.site or item.point for item in sites]  # what each update recomputes
         with torch.no_grad(), hooked(list({id(m): m for m in points + owners}.values()), record):
             out = model.block_forward(t, x)
-        noise = []
+        noise, generator = [], on_device(generator, out.device)
         for item, owner in zip(sites, owners, strict=True):
             z = seen[id(item.point)][1]
-            u = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+            u = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
             if item.relu:  # the ReLU after the site (its output), or after the linear layer
                 u = u * (seen[id(owner)][1] > 0)
             noise.append(u)

@@ -16,13 +16,12 @@ deviation: mirroring chooses its direction, not its size. The mirror factors are
 layers they mirror (checkpointed with them); mirroring needs every layer on one stage.
 
 Blocks are single linear layers with their nonlinearity (``model.name: relu_mlp``), the head
-one linear layer. The engine has the horizon engine's interface plus ``second_pass``.
+one linear layer. The engine implements the contract's ``forward``, ``second_pass`` and ``infer``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, RulesConfig
-from ..core import ComputeOptions, ForwardResult, Plan
+from ..core import Engine, EngineOptions, ForwardResult, Plan
 from ..models import BlockModel
 from .common import EPS, add_linear_grads, draws, hooked, loss_factor
-from .engine import RuleEngine
 from .forward_gradient import linear_layers
 
 MIRROR_NOISE = 0.1  # sigma of the mirroring noise (Srinivasan et al.'s code)
@@ -92,30 +90,22 @@ class _Held:
     scale: float = 1.0
 
 
-class PepitaEngine(RuleEngine):
-    def __init__(
-        self,
-        model: BlockModel,
-        plan: Plan,
-        track_memory: bool = True,
-        compute: ComputeOptions | None = None,
-        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        seed: int = 0,
-        options: RulesConfig | None = None,
-    ) -> None:
-        self.options = options or RulesConfig()
-        check_pepita(model, self.options)
-        super().__init__(model, plan, track_memory, compute, scale_loss, seed)
-        if self.options.pepita_mirror_lr > 0 and not (self.first == 0 and self.is_last):
-            check_pepita(model, self.options, stages=2)  # raises: mirroring needs every layer
+class PepitaEngine(Engine):
+    def __init__(self, model: BlockModel, plan: Plan, options: EngineOptions | None = None) -> None:
+        rules = (options.rules if options is not None else None) or RulesConfig()
+        check_pepita(model, rules)
+        super().__init__(model, plan, options)
+        self.rules, seed = rules, self.options.seed
+        if rules.pepita_mirror_lr > 0 and not (self.first == 0 and self.is_last):
+            check_pepita(model, rules, stages=2)  # raises: mirroring needs every layer
         self.feedback = None
         if self.first == 0:
             d_in = math.prod(model.input_shape)
             param = next(model.parameters())
-            scale = self.options.pepita_feedback_scale
+            scale = self.rules.pepita_feedback_scale
             fixed = feedback_matrix(seed, d_in, model.num_classes, scale)
             self.feedback = fixed.to(param.device, param.dtype)
-            if self.options.pepita_mirror_lr > 0:
+            if self.rules.pepita_mirror_lr > 0:
                 self._add_mirrors(float(fixed.std()))
         self._held: dict[int, _Held] = {}
         self._forwards = dict.fromkeys(range(-3, self.last), 0)  # -3: mirroring noise
@@ -134,13 +124,13 @@ class PepitaEngine(RuleEngine):
         self.target_std = std
         for k, layer in enumerate(layers):
             if not hasattr(layer, MIRROR_BUFFER):
-                g = draws(self.seed, -4, k)
+                g = draws(self.options.seed, -4, k)
                 shape = (layer.in_features, layer.out_features)
                 b = torch.randn(shape, generator=g, dtype=torch.float64) * s
                 layer.register_buffer(MIRROR_BUFFER, b.to(layer.weight.device, layer.weight.dtype))
 
     def _feedback(self) -> torch.Tensor:
-        if self.options.pepita_mirror_lr == 0:
+        if self.rules.pepita_mirror_lr == 0:
             return self.feedback
         product = None
         for layer in reversed(self._layers()):
@@ -152,15 +142,16 @@ class PepitaEngine(RuleEngine):
         """A hidden layer's output: dropped out, then normalised (as the options say)."""
         if mask is not None:
             h = h * mask
-        return normalise_rms(h) if self.options.pepita_normalise else h
+        return normalise_rms(h) if self.rules.pepita_normalise else h
 
     def _mask(self, t: int, like: torch.Tensor) -> torch.Tensor | None:
-        rate = self.options.pepita_dropout
+        rate = self.rules.pepita_dropout
         if rate == 0:
             return None
         k = self._forwards[t]
         self._forwards[t] += 1
-        keep = torch.rand(like.shape, generator=draws(self.seed, t, k), dtype=torch.float64) >= rate
+        draw = draws(self.options.seed, t, k)
+        keep = torch.rand(like.shape, generator=draw, dtype=torch.float64) >= rate
         return (keep.to(like.dtype) / (1 - rate)).to(like.device)
 
     @torch.no_grad()
@@ -173,7 +164,8 @@ class PepitaEngine(RuleEngine):
         eager: bool = True,
     ) -> ForwardResult:
         """The first pass; on the last stage, the error it sends to the first."""
-        held = self._held[microbatch] = _Held(scale=loss_factor(self.scale_loss, loss_scale))
+        scale = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
+        held = self._held[microbatch] = _Held(scale=scale)
         held.inputs = inputs if self.first == 0 else None
         x = inputs
         with self.compute.autocast():
@@ -216,7 +208,7 @@ class PepitaEngine(RuleEngine):
                     modulated = self._after(self.model.block_forward(t, x), mask)
                 add_linear_grads(layer, (h.tensor - modulated) * weight, inputs[-1])
                 x = modulated
-            if self.options.pepita_mirror_lr > 0:
+            if self.rules.pepita_mirror_lr > 0:
                 self._mirror(len(x))
             if not self.is_last:
                 return x
@@ -227,12 +219,12 @@ class PepitaEngine(RuleEngine):
 
     def _mirror(self, samples: int) -> None:
         """Move every B_l towards its layer's mirror estimate (noise through the layer)."""
-        rate, k = self.options.pepita_mirror_lr, self._forwards[-3]
+        rate, k = self.rules.pepita_mirror_lr, self._forwards[-3]
         self._forwards[-3] += 1
         layers = self._layers()
         for i, layer in enumerate(layers):
             b = getattr(layer, MIRROR_BUFFER)
-            g = draws(self.seed, -3, k * len(layers) + i)
+            g = draws(self.options.seed, -3, k * len(layers) + i)
             noise = torch.randn(samples, layer.in_features, generator=g, dtype=torch.float64)
             noise = (noise * MIRROR_NOISE).to(b.device, b.dtype)
             out = layer(noise)
@@ -240,12 +232,6 @@ class PepitaEngine(RuleEngine):
             estimate = noise.T @ out / (samples * MIRROR_NOISE**2)
             sign = -1.0 if i == 0 else 1.0
             b.mul_(1 - rate).add_(sign * rate * estimate)
-
-    def backward(self, *args, **kwargs) -> None:
-        raise RuntimeError("pepita has no backward pass; its schedule has none")
-
-    def weight_backward(self, *args, **kwargs) -> None:
-        raise RuntimeError("pepita has no backward pass; its schedule has none")
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..models import BlockModel
 from .common import accumulate, block_and_head_parameters
-from .engine import LocalStep, PlainRule
+from .local import LocalStep, PlainRule
 
 
 class ScalableForwardForward(PlainRule):

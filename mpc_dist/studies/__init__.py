@@ -1,1 +1,6 @@
-"""Studies that train many runs and write a document."""
+"""Studies: many short training runs and what they show. ``horizon.py`` (`mpc-dist
+horizon-study`, docs/horizon-study.md), ``rules.py`` (`mpc-dist rules-study`, docs/rules.md)
+and ``paper_rules.py`` (its ``--paper`` runs at the papers' recipes, resumable), with what every
+study shares in ``common.py`` (a run's config, training it once and reading it back, a pool of
+worker processes, a finished run's evaluations and weights); a new study is a module beside
+them. Unlike the benchmarks (``bench/``) they call ``train()``."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
+from ..console import console
 from ..models import build_model
 from ..rules import predict_by_goodness
 from ..train import (
@@ -31,7 +32,7 @@ from ..train import (
     num_batches,
     train,
 )
-from ..train.metrics import MetricsLogger, console
+from ..train.metrics import MetricsLogger
 
 
 @dataclasses.dataclass(frozen=True)

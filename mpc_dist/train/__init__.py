@@ -1,14 +1,15 @@
 """Training: the loop and its parts (step, optimizer and learning rate, runners, stage wiring,
 checkpoints, metrics, data, config validation)."""
 
+from ..data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
+from .bootstrap import Job, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
-from .data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
-from .loop import Progress, prepare_run_dir, train
+from .loop import Progress, open_run, prepare_run_dir, train
 from .runner import PipelineRunner, Runner, SingleRunner, evaluate
-from .stage import Stage, build_stage
+from .stage import Stage, build_stage, schedule_spec
 from .step import OptimizerStep, TrainingError, build_optimizer, learning_rate
-from .validate import validate
+from .validate import validate_config
 
 __all__ = [
     "DATASETS",
@@ -17,6 +18,7 @@ __all__ = [
     "Checkpointer",
     "DataError",
     "Dataset",
+    "Job",
     "OptimizerStep",
     "PipelineRunner",
     "Progress",
@@ -28,12 +30,15 @@ __all__ = [
     "build_stage",
     "compare_runs",
     "evaluate",
+    "join_job",
     "learning_rate",
     "load_dataset",
     "load_run_weights",
     "minibatches",
+    "open_run",
     "num_batches",
     "prepare_run_dir",
+    "schedule_spec",
     "train",
-    "validate",
+    "validate_config",
 ]

@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -63,11 +65,11 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+        model_state, optim_state = _get_state(model, optimizer)
         with warnings.catch_warnings():  # DCP warns when it runs without a process group
             warnings.simplefilter("ignore")
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
-        torch.save(torch.get_rng_state(), partial / f"rng_rank{_rank()}.pt")
+        torch.save(rng_state(model), partial / f"rng_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
             (partial / TRAINER_STATE).write_text(json.dumps(trainer_state))
@@ -92,7 +94,7 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore model, optimizer and RNG in place; returns the trainer state."""
         self.verify(path)
-        model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+        model_state, optim_state = _get_state(model, optimizer)
         try:
             saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
             missing = [k for k in model_state if f"model.{k}" not in saved]
@@ -116,12 +118,15 @@ class Checkpointer:
                 f"checkpoint {path} could not be read ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:120]}); delete it to resume from an earlier one"
             ) from error
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state
-        )
+        if _trains(optimizer):
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state
+            )
+        else:
+            set_model_state_dict(model, state["model"], options=OPTIONS)
         rng = path / f"rng_rank{_rank()}.pt"
         if rng.exists():
-            torch.set_rng_state(torch.load(rng))
+            set_rng_state(torch.load(rng), model)
         return json.loads((path / TRAINER_STATE).read_text())
 
     @staticmethod
@@ -143,6 +148,46 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in self.all()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _trains(optimizer: torch.optim.Optimizer) -> bool:
+    return any(group["params"] for group in optimizer.param_groups)
+
+
+def _get_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state by parameter name; a stage with nothing to train (all frozen)
+    has no optimizer state, which ``get_state_dict`` refuses."""
+    if not _trains(optimizer):
+        return get_model_state_dict(model, options=OPTIONS), {}
+    return get_state_dict(model, optimizer, options=OPTIONS)
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    """The CUDA devices ``model``'s parameters are on (its rank's devices)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def rng_state(model: torch.nn.Module) -> dict[str, Any]:
+    """This rank's random state: the CPU generator's, and the CUDA generator of each device the
+    model's parameters are on (dropout on a GPU draws from those); no other GPU is touched."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    devices = _cuda_devices(model)
+    if devices:
+        state["cuda"] = {index: torch.cuda.get_rng_state(index) for index in devices}
+    return state
+
+
+def set_rng_state(state: torch.Tensor | dict[str, Any], model: torch.nn.Module) -> None:
+    """Restore ``rng_state``'s result on the devices ``model`` is on now; a bare tensor is the
+    CPU state older checkpoints hold (their CUDA generators keep their seeds)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    saved = state.get("cuda", {})
+    for index in _cuda_devices(model):
+        if index in saved:
+            torch.cuda.set_rng_state(saved[index], index)
 
 
 def load_run_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:

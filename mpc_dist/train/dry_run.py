@@ -7,14 +7,15 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
+from ..data import check_data
+from ..devices import dtype_of
 from ..models import BlockModel, build_model
 from ..parallel import generate, held_microbatches, partition, stage_ranges, uniform_partition
-from .data import SHAPES
-from .metrics import console
 from .precision import AUTOCAST
-from .runner import DTYPES
-from .validate import validate
+from .stage import schedule_spec
+from .validate import validate_config
 
 MiB = 2**20
 ADAM_STATES = {"adamw": 2, "adam": 2, "sgd": 1}  # fp32 tensors of optimizer state per parameter
@@ -40,8 +41,16 @@ def saved_bytes_per_sample(model: BlockModel, t: int) -> int:
 
 def dry_run(config: Config) -> list[dict]:
     """Print the stage map; returns its rows (for tests)."""
-    validate(config)
-    input_shape, num_classes = SHAPES[config.data.dataset]
+    rows, model, microbatch = stage_map(config)
+    _print(config, model, rows, microbatch)
+    return rows
+
+
+def stage_map(config: Config) -> tuple[list[dict], BlockModel, int]:
+    """The rows of the stage map (``memory_bytes``: the estimate per device), the meta-device
+    model and the microbatch size; prints nothing."""
+    validate_config(config)
+    input_shape, num_classes = check_data(config)  # disk sources too
     model = build_model(config.model, input_shape, num_classes, device="meta")
     p, t, d = config.pipeline, config.train, config.data
     h = config.horizon.horizon
@@ -52,12 +61,11 @@ def dry_run(config: Config) -> list[dict]:
     counts = uniform_partition(model.num_blocks, p.stages) if p.partition == "time" else None
     ranges = stage_ranges(counts or partition(p, model))
     microbatch = d.batch_size // (d.num_microbatches * p.replicas)
-    param_bytes = torch.tensor([], dtype=DTYPES[t.dtype]).element_size()
+    param_bytes = torch.tensor([], dtype=dtype_of(t.dtype)).element_size()
     compute = AUTOCAST[t.precision]
     act_bytes = torch.tensor([], dtype=compute).element_size() if compute else param_bytes
     shard = p.replicas if p.sharding != "none" else 1
-    policy = "horizon" if p.schedule == "auto" else p.schedule
-    schedule = generate(plan, ranges, d.num_microbatches, 2, p.mode, policy, p.defer_weights)
+    schedule = generate(plan, ranges, schedule_spec(config), 2)
     held = held_microbatches(schedule)
     rows = []
     for k, (first, last) in enumerate(ranges):
@@ -86,8 +94,7 @@ def dry_run(config: Config) -> list[dict]:
             "activations_held_bytes": held_bytes,
             "memory_bytes": weights + grads + optimizer + held_bytes,
         })  # fmt: skip
-    _print(config, model, rows, microbatch)
-    return rows
+    return rows, model, microbatch
 
 
 def _adapter_params(part: BlockModel, lora) -> int:

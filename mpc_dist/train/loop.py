@@ -14,15 +14,18 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from ..models import build_model
+from ..console import console, print_summary, progress_bar
+from ..data import Loader, Source, open_source
+from ..models import BlockModel, build_model
+from .bootstrap import Job, check_shared_directory, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
-from .data import Dataset, load_dataset, minibatches, num_batches
-from .horizon import Reselect, plan_chooser, report
-from .metrics import MetricsLogger, StepLog, console, plot_run, print_summary, progress_bar
-from .runner import Runner, make_runner
+from .metrics import MetricsLogger, StepLog, plot_run
+from .precision import configure_tf32
+from .runner import PipelineRunner, Runner, SingleRunner
+from .selection import Reselect, report, run_plan
 from .step import TrainingError, learning_rate
-from .validate import validate
+from .validate import validate_config
 
 
 @dataclass
@@ -41,31 +44,66 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` hook
     into the loop (``mpc_dist.train.Callback``).
     """
-    validate(config)
-    data, seed = config.data, config.train.seed
-    train_set = load_dataset(data.dataset, "train", data.root, data.synthetic_size, seed,
-                             data.standardise)  # fmt: skip
-    test_set = load_dataset(data.dataset, "test", data.root, data.synthetic_size, seed,
-                            data.standardise)  # fmt: skip
-    torch.manual_seed(seed)
-    # on the meta device: each process allocates only what it holds (all of it, or its stage)
-    model = build_model(config.model, train_set.input_shape, train_set.num_classes, device="meta")
-    choose, selected = plan_chooser(config, model, train_set, resume)
+    validate_config(config)
+    model, train_source, test_source = open_run(config)
+    seed = config.train.seed
     callbacks = list(callbacks)
-    prepare = lambda write: prepare_run_dir(config, resume, write)  # noqa: E731
-    runner = make_runner(config, model, choose, prepare, callbacks)
-    for selection in selected:
-        report(selection, config.run_dir)
+    check_world_size(config)
+    job = join_job(config) if config.world_size > 1 else None
+    runner = _start(config, model, train_source, resume, job, callbacks)
+    configure_tf32(config.train.tf32, runner.device)
+    train_data, test_data = (
+        Loader(source, config.data, config.augment, split, seed, runner.shard,
+               config.data.num_microbatches, runner.device)
+        for source, split in ((train_source, "train"), (test_source, "test"))
+    )  # fmt: skip
     if config.horizon.reselect_every:
-        steps_per_epoch = num_batches(train_set, config.data.batch_size)
-        callbacks.append(Reselect(config, runner, train_set, steps_per_epoch))
+        steps = train_data.batches_per_epoch
+        callbacks.append(Reselect(config, runner, train_source, steps))
     try:
-        result = fit(config, runner, train_set, test_set, resume, callbacks)
+        result = fit(config, runner, train_data, test_data, resume, callbacks)
     except BaseException as error:
         runner.fail(error)
         raise
     runner.close()
     return result
+
+
+def open_run(config: Config) -> tuple[BlockModel, Source, Source]:
+    """A config's model, built on the meta device (each process allocates only what it holds:
+    all of it, or its stage), and its training and test splits, listed (in-memory sets load
+    whole; no image file is opened)."""
+    seed = config.train.seed
+    train_source = open_source(config.data, "train", seed)
+    test_source = open_source(config.data, "test", seed)
+    torch.manual_seed(seed)
+    shape, classes = train_source.input_shape, train_source.num_classes
+    return build_model(config.model, shape, classes, device="meta"), train_source, test_source
+
+
+def _start(
+    config: Config,
+    model: BlockModel,
+    train_source: Source,
+    resume: bool,
+    job: Job | None,
+    callbacks: list[Callback],
+) -> Runner:
+    """The plan, the run directory (written by one rank) and the runner of this process."""
+    try:
+        plan, selections = run_plan(config, model, train_source, resume, job)
+        prepare_run_dir(config, resume, write=job is None or job.is_rank_zero)
+        if job is not None:  # every rank writes its shards of a checkpoint there
+            check_shared_directory(config.run_dir)
+        for selection in selections:
+            report(selection, config.run_dir)
+        if job is None:
+            return SingleRunner(config, model, plan, callbacks)
+        return PipelineRunner(config, model, plan, job, callbacks)
+    except BaseException as error:
+        if job is not None:
+            job.watchdog.fail(error)
+        raise
 
 
 def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
@@ -87,30 +125,31 @@ def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
 def fit(
     config: Config,
     runner: Runner,
-    train_set: Dataset,
-    test_set: Dataset,
+    train_data: Loader,
+    test_data: Loader,
     resume: bool,
     callbacks: Sequence[Callback] = (),
 ) -> dict:
     """The loop: chunks of minibatches, evaluation at epoch ends, checkpoints, the summary."""
-    run = TrainingRun(config, runner, train_set, test_set, resume, callbacks)
+    run = TrainingRun(config, runner, train_data, test_data, resume, callbacks)
     state, data = run.state, config.data
     with progress_bar(config.run.progress and runner.is_logger) as bar:
         log = StepLog(bar, run.logger, config.train.log_every, state.step, run.stop_at)
         while state.epoch < config.train.epochs and state.step < run.stop_at:
-            batches = minibatches(
-                train_set, data.batch_size, config.train.seed, state.epoch,
-                start_batch=state.batch, shard=runner.shard,
-            )  # fmt: skip
+            batches = train_data.epoch(state.epoch, state.batch)
             while state.batch < run.steps_per_epoch and state.step < run.stop_at:
                 size = run.chunk_size()
-                chunk = [next(batches) for _ in range(size)]
+                chunk, waits = [], []
+                for _ in range(size):
+                    chunk.append(next(batches))
+                    waits.append(train_data.last_wait_s)
                 rates = [learning_rate(config.optim, state.step + j, run.total_steps)
                          for j in range(size)]  # fmt: skip
                 results = run.train_chunk(chunk, rates)
                 for j in range(size):
                     state.step, state.batch = state.step + 1, state.batch + 1
-                    log.step(state.step, data.batch_size, results[j] if results else None, rates[j])
+                    result = results[j] if results else None
+                    log.step(state.step, data.batch_size, result, rates[j], waits[j])
                 run.after_chunk()
             if state.batch == run.steps_per_epoch:
                 state.epoch, state.batch = state.epoch + 1, 0
@@ -128,12 +167,13 @@ class TrainingRun:
         self,
         config: Config,
         runner: Runner,
-        train_set: Dataset,
-        test_set: Dataset,
+        train_data: Loader,
+        test_data: Loader,
         resume: bool,
         callbacks: Sequence[Callback],
     ) -> None:
-        self.config, self.runner, self.test_set = config, runner, test_set
+        self.config, self.runner = config, runner
+        self.train_data, self.test_data = train_data, test_data
         self.callbacks = callbacks
         self.checkpointer = Checkpointer(
             config.run_dir / "checkpoints", config.run.keep_checkpoints
@@ -142,7 +182,7 @@ class TrainingRun:
         if resume:
             latest = self.checkpointer.latest()
             self.state = Progress(**self.checkpointer.load(latest, runner.model, runner.optimizer))
-        self.steps_per_epoch = num_batches(train_set, config.data.batch_size)
+        self.steps_per_epoch = train_data.batches_per_epoch
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.train.max_steps or self.total_steps)
         self.logger = None
@@ -151,6 +191,7 @@ class TrainingRun:
                 config.run_dir, config.run.tensorboard, self.state.step if resume else None
             )
         self.final: dict[str, float] = {}
+        self.data_stats: dict = {"wait_s": 0.0, "skipped": 0, "skipped_files": []}
         self.stages: dict[str, list[float]] = {}
         self.evaluated_at = -1
 
@@ -195,18 +236,20 @@ class TrainingRun:
 
     def evaluate(self, announce: bool = False) -> None:
         self.evaluated_at = self.state.step
-        self.final = self.runner.evaluate(self.test_set)
+        self.final = self.runner.evaluate(self.test_data)
+        self.data_stats = self.runner.data_report(self.train_data.stats())  # collective
         self.stages.update(self.runner.stage_report())  # collective in a pipeline
         for callback in self.callbacks:
             callback.after_evaluate(self.state.step, self.final)
         if self.logger is not None:
             self.logger.log(
-                "eval", self.state.step, epoch=self.state.epoch, **self.final, **self.stages
-            )
+                "eval", self.state.step, epoch=self.state.epoch, **self.final, **self.stages,
+                data_wait_s=self.data_stats["wait_s"], skipped_images=self.data_stats["skipped"],
+            )  # fmt: skip
         if announce and self.runner.is_logger:
             console.print(
-                f"epoch {self.state.epoch}: test accuracy {100 * self.final['accuracy']:.2f}%  "
-                f"test loss {self.final['loss']:.4f}"
+                f"epoch {self.state.epoch}: test accuracy {100 * self.final['accuracy']:.2f}% "
+                f"(top-5 {100 * self.final['top5']:.2f}%)  test loss {self.final['loss']:.4f}"
             )
 
     def summary(self, log: StepLog) -> dict:
@@ -225,7 +268,14 @@ class TrainingRun:
             "samples/s": log.seen / elapsed if elapsed else 0.0,
             "test loss": self.final["loss"],
             "test accuracy": self.final["accuracy"],
+            "test top-5 accuracy": self.final["top5"],
+            "data wait (s)": self.data_stats["wait_s"],
         }
+        skipped = self.data_stats["skipped"]
+        if skipped:
+            files = ", ".join(self.data_stats["skipped_files"][:3])
+            more = " ..." if skipped > 3 else ""
+            summary["skipped images (data.on_error=skip)"] = f"{skipped}: {files}{more}"
         if self.stages:
             pairs = zip(self.stages["stage_busy_s"], self.stages["stage_idle_s"], strict=True)
             summary["stage busy / idle (s)"] = "  ".join(f"{b:.1f}/{i:.1f}" for b, i in pairs)

@@ -1,4 +1,5 @@
-"""Metrics: JSONL (always), TensorBoard (when installed), a progress bar, a summary and a plot."""
+"""Metrics: JSONL (always), TensorBoard (when installed), the progress lines and a plot. The
+console, the progress bar and the summary table are in ``mpc_dist.console``."""
 
 from __future__ import annotations
 
@@ -7,18 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-
-console = Console(stderr=True)
+from rich.progress import Progress
 
 
 class MetricsLogger:
@@ -61,20 +51,6 @@ class MetricsLogger:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     """Train loss against step and test accuracy against step, side by side."""
     import matplotlib
@@ -99,15 +75,6 @@ def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     return out_path
 
 
-def print_summary(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
-
-
 class StepLog:
     """The progress bar and the metrics lines (means over the steps since the last line).
 
@@ -121,24 +88,31 @@ class StepLog:
         self.bar, self.logger, self.every, self.last = bar, logger, every, last
         self.task = bar.add_task("train", total=last, completed=completed, status="")
         self.started, self.seen = time.perf_counter(), 0
-        self.window = [0.0, 0, 0]  # loss x samples, correct, samples
+        self.window = [0.0, 0, 0, 0.0, 0]  # loss x samples, correct, samples, data wait, steps
 
-    def step(self, step: int, batch_size: int, result: tuple | None, lr: float) -> None:
+    def step(
+        self, step: int, batch_size: int, result: tuple | None, lr: float, wait_s: float = 0.0
+    ) -> None:
+        """One optimizer step: its (loss, correct, samples) where the final loss is seen, and
+        the seconds this process waited for the step's data."""
         self.seen += batch_size
         if result is None:  # only the rank holding the last stage sees the loss
             return
         loss, correct, count = result
-        self.window = [self.window[0] + loss * count, self.window[1] + correct,
-                       self.window[2] + count]  # fmt: skip
+        window = self.window
+        self.window = [window[0] + loss * count, window[1] + correct, window[2] + count,
+                       window[3] + wait_s, window[4] + 1]  # fmt: skip
         rate = self.seen / (time.perf_counter() - self.started)
         status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
+        if self.window[3]:  # this process reads the data: is the loader keeping up?
+            status += f"  data wait {1000 * self.window[3] / self.window[4]:.0f} ms"
         self.bar.update(self.task, advance=1, status=status)
         if self.logger and (step % self.every == 0 or step == self.last):
-            total_loss, total_correct, samples = self.window
+            total_loss, total_correct, samples, wait, steps = self.window
             self.logger.log(
                 "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
-                lr=lr, samples_per_s=rate,
+                lr=lr, samples_per_s=rate, data_wait_s=wait / steps,
             )  # fmt: skip
-            self.window = [0.0, 0, 0]
+            self.window = [0.0, 0, 0, 0.0, 0]
             if not self.bar.disable and not self.bar.console.is_terminal:
                 self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)

@@ -5,40 +5,25 @@ a chunk of minibatches (one optimizer step each) with the same step, and evaluat
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config, ConfigError
-from ..core import Plan
+from ..config import Config
+from ..core import EngineOptions, Plan
+from ..data import Loader, Shard, mixes
+from ..devices import dtype_of, resolve_device
 from ..models import BlockModel, instantiate
-from ..parallel import (
-    Groups,
-    RuntimeOptions,
-    Topology,
-    Watchdog,
-    check_same_config,
-    device_and_backend,
-    init_process_group,
-    launched_world_size,
-    partition,
-    place_ranks,
-    stage_ranges,
-)
+from ..parallel import Groups, RuntimeOptions, partition, stage_ranges
 from ..rules import make_engine
+from .bootstrap import Job
 from .callbacks import Callback
-from .data import WHOLE, Dataset, Shard, minibatches
-from .precision import compute_options, grad_scaler
-from .stage import build_stage
+from .precision import FSDP_PARAM_DTYPES, compute_options, grad_scaler
+from .stage import build_stage, schedule_spec
 from .step import OptimizerStep, build_optimizer
-
-SELECTION_TIMEOUT_S = 4 * 3600  # the longest horizon selection a pipeline waits for
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 Batch = tuple[torch.Tensor | None, torch.Tensor]  # inputs (where the runner reads them), targets
 StepResult = tuple[float, int, int]  # final loss, correct predictions, samples
@@ -50,13 +35,17 @@ class Runner(Protocol):
     plan: Plan
     chunk_size: int  # minibatches per run() call
     shard: Shard  # what this process reads of each minibatch
+    device: torch.device
     is_logger: bool  # this process sees the final loss and writes the run's metrics
     description: str
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         """One optimizer step per minibatch; results where the final loss is seen, else []."""
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]: ...
+    def evaluate(self, data: Loader) -> dict[str, float]: ...
+
+    def data_report(self, stats: dict) -> dict:
+        """The reading process's loader statistics, on every process (collective)."""
 
     def stage_report(self) -> dict[str, list[float]]: ...
 
@@ -65,45 +54,41 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda: no CUDA device is visible; use train.device=auto")
-    return torch.device(name)
+Forward = Callable[[torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, ...] | None]
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    forward: Callable[[torch.Tensor | None, int], torch.Tensor | None],
-    dataset: Dataset,
-    batch_size: int,
-    shard: Shard = WHOLE,
-) -> tuple[float, int]:
-    """Summed loss and correct predictions over ``dataset`` (this replica's ``shard`` of every
-    batch); ``forward(inputs, batch_size)`` returns logits (None on a pipeline rank without the
-    head; inputs only where the shard reads them)."""
+def evaluate(model: torch.nn.Module, forward: Forward, data: Loader) -> list[float]:
+    """Summed loss, top-1 and top-5 correct predictions over this process's part of ``data``;
+    ``forward(inputs, targets)`` returns the logits and the targets (None on a pipeline rank
+    without the head; data only where this process reads it)."""
     was_training = model.training
     model.eval()
-    loss, correct = 0.0, 0
-    batches = minibatches(dataset, batch_size, 0, 0, shuffle=False, drop_last=False, shard=shard)
-    for x, y in batches:
-        logits = forward(x, len(y))
-        if logits is None:  # a pipeline rank that does not hold the head
+    sums = [0.0, 0, 0]
+    for x, y in data.epoch(0):
+        out = forward(x, y)
+        if out is None:  # a pipeline rank that does not hold the head
             continue
-        y = y.to(logits.device)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += int((logits.argmax(-1) == y).sum())
+        logits, y = out
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top == y.to(logits.device).unsqueeze(-1)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        sums[1] += int(hits[:, 0].sum())
+        sums[2] += int(hits.any(-1).sum())
     model.train(was_training)
-    return loss, correct
+    return sums
+
+
+def _metrics(sums: list[float], samples: int) -> dict[str, float]:
+    loss, top1, top5 = sums
+    return {"loss": loss / samples, "accuracy": top1 / samples, "top5": top5 / samples}
 
 
 class SingleRunner:
     """The horizon engine over every block, in this process."""
 
     chunk_size = 1
-    shard = WHOLE
+    shard = Shard()
     is_logger = True
     description = "single process"
 
@@ -111,7 +96,7 @@ class SingleRunner:
         self, config: Config, model: BlockModel, plan: Plan, callbacks: Sequence[Callback] = ()
     ) -> None:
         self.config, self.plan = config, plan
-        self.device, self.dtype = resolve_device(config.train.device), DTYPES[config.train.dtype]
+        self.device, self.dtype = resolve_device(config.train.device), dtype_of(config.train.dtype)
         m = config.model
         self.model = instantiate(
             model, self.device, self.dtype, config.train.seed, m.weights, m.lora
@@ -127,8 +112,11 @@ class SingleRunner:
     def set_plan(self, plan: Plan) -> None:
         """Train on under another plan (horizon re-selection)."""
         self.plan = plan
-        self.engine = make_engine(self.model, plan, False, self.compute, self.step.scale_loss,
-                                  self.config.train.seed, self.config.rules)  # fmt: skip
+        options = EngineOptions(
+            self.compute, track_memory=False, scale_loss=self.step.scale_loss,
+            seed=self.config.train.seed, rules=self.config.rules,
+        )  # fmt: skip
+        self.engine = make_engine(self.model, plan, options)
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
         m, T = self.config.data.num_microbatches, self.plan.num_blocks
@@ -137,20 +125,25 @@ class SingleRunner:
             inputs, targets = inputs.to(self.device, self.dtype), targets.to(self.device)
             loss = torch.zeros((), dtype=torch.float64, device=self.device)
             correct = torch.zeros((), dtype=torch.int64, device=self.device)
-            for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True):
+            labels = targets.argmax(-1) if targets.is_floating_point() else targets
+            if targets.is_floating_point():  # soft targets: in the parameters' dtype
+                targets = targets.to(self.dtype)
+            for x, y, k in zip(inputs.chunk(m), targets.chunk(m), labels.chunk(m), strict=True):
                 result = self.engine.train_microbatch(x, y, loss_scale=1.0 / m)
                 loss += result.losses[T].double()
-                correct += (result.logits.argmax(-1) == y).sum()
+                correct += (result.logits.argmax(-1) == k).sum()
             self.step(loss, lr)
             results.append((loss.item(), int(correct), len(targets)))
         return results
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        def forward(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-            return self.engine.infer(x.to(self.device, self.dtype))
+    def evaluate(self, data: Loader) -> dict[str, float]:
+        def forward(x: torch.Tensor, y: torch.Tensor):
+            return self.engine.infer(x.to(self.device, self.dtype)), y.to(self.device)
 
-        loss, correct = evaluate(self.model, forward, dataset, self.config.data.eval_batch_size)
-        return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+        return _metrics(evaluate(self.model, forward, data), len(data.source))
+
+    def data_report(self, stats: dict) -> dict:
+        return stats
 
     def stage_report(self) -> dict[str, list[float]]:
         return {}
@@ -162,35 +155,6 @@ class SingleRunner:
         pass
 
 
-def _launch_hint(config: Config) -> str:
-    n = config.world_size
-    return (
-        f"run `mpc-dist train --nproc {n} ...`, `torchrun --nproc-per-node {n} launch/train.py "
-        f"...`, or `accelerate launch --multi_gpu --num_processes {n} launch/train.py ...` "
-        f"(with ACCELERATE_USE_CPU=true on CPU)"
-    )
-
-
-def check_world_size(config: Config) -> None:
-    """The processes the launcher started must be the config's P x D (one when not launched)."""
-    world, p = launched_world_size(), config.pipeline
-    if config.world_size == 1 and world not in (None, 1):
-        raise ConfigError(
-            f"pipeline.stages x pipeline.replicas = 1, but the launcher started {world} "
-            f"processes; set pipeline.stages/pipeline.replicas to match or start one process"
-        )
-    if config.world_size > 1 and world is None:
-        raise ConfigError(
-            f"pipeline.stages={p.stages}, pipeline.replicas={p.replicas}: this needs "
-            f"{config.world_size} processes; {_launch_hint(config)}"
-        )
-    if config.world_size > 1 and world != config.world_size:
-        raise ConfigError(
-            f"pipeline.stages x pipeline.replicas = {config.world_size}, but the launcher "
-            f"started {world} processes; {_launch_hint(config)}"
-        )
-
-
 class PipelineRunner:
     """This rank's stage of a P x D pipeline; the training loop drives it like SingleRunner."""
 
@@ -198,86 +162,80 @@ class PipelineRunner:
         self,
         config: Config,
         model: BlockModel,
-        choose: Callable[[], Plan],
-        on_ready: Callable[[Topology], None] = lambda topology: None,
+        plan: Plan,
+        job: Job,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        """Join the job, start the watchdog, wire this rank's stage. ``on_ready`` runs once the
-        group is up and every rank agrees on the config (the trainer prepares the run there)."""
-        p = config.pipeline
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        device, backend = device_and_backend(local_rank, p.backend, config.train.device)
-        init_process_group(backend, p.timeout)
-        self.topology = place_ranks(p.stages, p.replicas)
-        self.watchdog = Watchdog(self.topology, p.timeout).start()
+        """Partition the blocks and build this rank's stage of the joined ``job``."""
+        p, topology = config.pipeline, job.topology
+        self.topology, self.watchdog = topology, job.watchdog
         try:
-            check_same_config(config.to_yaml(), self.topology)
-            plan = self._plan(config, choose)
-            groups = Groups.create(self.topology)
-            on_ready(self.topology)
-            dtype = DTYPES[config.train.dtype]
-            ranges = stage_ranges(self._partition(config, model, device, dtype))
-            policy = "horizon" if p.schedule == "auto" else p.schedule
-            options = RuntimeOptions(
-                config.data.num_microbatches, p.mode, policy, device, dtype,
-                compute_options(config.train, device), p.defer_weights, seed=config.train.seed,
-                rules=config.rules,
+            groups = Groups.create(topology, p.timeout, p.collective_timeout)
+            groups.warm_up(job.device)
+            dtype = dtype_of(config.train.dtype)
+            compute = compute_options(config.train, job.device)
+            counts = job.from_rank_zero(lambda: self._partition(config, model, job, compute))
+            ranges = stage_ranges(counts)
+            runtime = RuntimeOptions(
+                schedule=schedule_spec(config), device=job.device, dtype=dtype,
+                soft_targets=mixes(config.augment),
             )  # fmt: skip
-            stage = build_stage(model, plan, ranges, groups, config.optim, options, callbacks,
-                                config.model, config.train.seed, p.sharding)  # fmt: skip
+            stage = build_stage(
+                model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
+                runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
+                sharding=p.sharding, callbacks=callbacks, rules=config.rules,
+                fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
+            )  # fmt: skip
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)
             raise
         self.config, self.plan, self.runtime = config, plan, stage.runtime
+        self.device = job.device
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
-        self.shard = Shard(self.topology.replica, p.replicas, inputs=self.topology.stage == 0)
-        self.is_logger = self.topology.is_last_stage and self.topology.replica == 0
+        self.shard = Shard(topology.replica, p.replicas, inputs=topology.stage == 0)
+        self.is_logger = topology.is_last_stage and topology.replica == 0
         self.description = (
-            f"{self.topology.stages} stages x {self.topology.replicas} replicas, "
-            f"{p.mode}, blocks {ranges}"
+            f"{topology.stages} stages x {topology.replicas} replicas, {p.mode}, blocks {ranges}"
         )
         self._closed = False
 
-    def _plan(self, config: Config, choose: Callable[[], Plan]) -> Plan:
-        """``horizon: auto``: rank 0 measures and chooses (minutes, heartbeating meanwhile),
-        the others wait for its choice on a group with a long timeout."""
-        if config.horizon.horizon != "auto":
-            return choose()
-        waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=SELECTION_TIMEOUT_S))
-        chosen = [choose() if self.topology.rank == 0 else None]
-        dist.broadcast_object_list(chosen, src=0, group=waiting)
-        dist.destroy_process_group(waiting)
-        return chosen[0]
-
-    def _partition(self, config: Config, model: BlockModel, device, dtype) -> list[int]:
-        """Blocks per stage; rank 0 decides (a timed partition must be the same everywhere)."""
-        counts = [None]
-        if self.topology.rank == 0:
-            data = config.data
-            sample = torch.randn(data.batch_size // data.num_microbatches, *model.input_shape)
-            counts = [partition(config.pipeline, model, sample, device, dtype)]
-        dist.broadcast_object_list(counts, src=0)
-        return counts[0]
+    @staticmethod
+    def _partition(config: Config, model: BlockModel, job: Job, compute) -> list[int]:
+        """Blocks per stage (rank 0 decides: a timed partition must be the same everywhere)."""
+        d, dtype = config.data, dtype_of(config.train.dtype)
+        microbatch = d.batch_size // (d.num_microbatches * config.pipeline.replicas)
+        sample = torch.randn(microbatch, *model.input_shape)
+        return partition(config.pipeline, model, sample, job.device, dtype, compute)
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
-        results = self.runtime.run(batches, learning_rates)
         share = self.config.data.batch_size // self.topology.replicas
+        results = self.runtime.run(batches, learning_rates, batch_size=share)
         return [(loss, correct, share) for loss, correct in results]
 
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+    def evaluate(self, data: Loader) -> dict[str, float]:
         """Every replica evaluates its share of each test batch (as it trains on its share);
         the last stages' sums are added up."""
-        batch_size = self.config.data.eval_batch_size
-        mine = evaluate(self.model, self.runtime.infer, dataset, batch_size, self.shard)
+        mine = evaluate(self.model, self.runtime.infer, data)
         gathered: list = [None] * self.topology.world_size
         dist.all_gather_object(gathered, mine)
         t = self.topology
         last = [gathered[t.rank_of(t.stages - 1, d)] for d in range(t.replicas)]
-        loss, correct = sum(r[0] for r in last), sum(r[1] for r in last)
-        return {"loss": loss / len(dataset), "accuracy": correct / len(dataset)}
+        return _metrics([sum(column) for column in zip(*last, strict=True)], len(data.source))
+
+    def data_report(self, stats: dict) -> dict:
+        """The first stages read the data: their waits summed over replicas (replica 0's
+        bottleneck is everyone's), their skipped images added up."""
+        gathered: list = [None] * self.topology.world_size
+        dist.all_gather_object(gathered, stats)
+        t = self.topology
+        first = [gathered[t.rank_of(0, d)] for d in range(t.replicas)]
+        return {
+            "wait_s": max(s["wait_s"] for s in first),
+            "skipped": sum(s["skipped"] for s in first),
+            "skipped_files": [f for s in first for f in s["skipped_files"]][:20],
+        }
 
     def stage_report(self) -> dict[str, list[float]]:
         """Per-stage busy and idle seconds and peak activation MiB (replica 0), on every rank."""
@@ -305,22 +263,3 @@ class PipelineRunner:
         self.watchdog.stop()
         self.watchdog.wait_until_all_done()
         dist.destroy_process_group()
-
-
-def make_runner(
-    config: Config,
-    model: BlockModel,
-    choose: Callable[[], Plan],
-    prepare: Callable[[bool], None],
-    callbacks: Iterable[Callback] = (),
-) -> Runner:
-    """The runner the config asks for. ``choose()`` gives the plan (a pipeline calls it once its
-    group is up; for ``horizon: auto`` on rank 0 only); ``prepare(write)`` readies the run
-    directory: called once the processes agree, writing files on one rank only."""
-    check_world_size(config)
-    callbacks = list(callbacks)
-    if config.world_size == 1:
-        runner = SingleRunner(config, model, choose(), callbacks)
-        prepare(True)
-        return runner
-    return PipelineRunner(config, model, choose, lambda t: prepare(t.rank == 0), callbacks)

@@ -29,6 +29,8 @@ def build_optimizer(
     config: OptimConfig, params: Iterable[torch.nn.Parameter]
 ) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    if not params:  # a frozen stage: torch refuses an empty list, not an empty group
+        params = [{"params": []}]
     if config.name == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -65,17 +67,23 @@ class OptimizerStep:
         norm_group: dist.ProcessGroup | None = None,
         callbacks: Sequence[Callback] = (),
         scaler: torch.amp.GradScaler | None = None,
+        device: torch.device | None = None,
     ) -> None:
         """``reduce_gradients``: sums (or reduce-scatters) the gradients over the data-parallel
         replicas first; ``norm_group``: the ranks whose gradients make up the global norm and
-        share the non-finite check (sync pipeline); ``scaler``: the fp16 loss scale."""
+        share the non-finite check (sync pipeline); ``scaler``: the fp16 loss scale;
+        ``device``: the stage's (default: its parameters'), where the norm of a stage without
+        gradients lives, as NCCL's all-reduce needs."""
         self.optimizer, self.grad_clip = optimizer, grad_clip
         self.reduce_gradients, self.norm_group = reduce_gradients, norm_group
         self.callbacks, self.scaler = list(callbacks), scaler
         self.scale_loss = scaler.scale if scaler is not None else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        if scaler is not None and self.params:  # a stage without a loss never scales one
-            scaler.scale(torch.zeros((), device=self.params[0].device))
+        if device is None:
+            device = self.params[0].device if self.params else torch.device("cpu")
+        self.device = torch.device(device)
+        if scaler is not None:  # a stage without a loss never scales one
+            scaler.scale(torch.zeros((), device=self.device))
         self.steps = 0
 
     def __call__(self, loss: torch.Tensor | float, lr: float) -> None:
@@ -102,12 +110,18 @@ class OptimizerStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def grad_norm(self) -> torch.Tensor:
+        """This stage's gradient norm, on its device (over every shard under FSDP)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:  # get_total_norm([]) is a CPU tensor, which NCCL's all-reduce refuses
+            return torch.zeros((), device=self.device)
+        norm = get_total_norm(grads)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
     def _checked_norm(self, loss: torch.Tensor) -> torch.Tensor | None:
         """The global gradient norm; raises TrainingError (gradients dropped) if the loss or the
         norm is not finite anywhere in ``norm_group`` (None for a non-finite norm under fp16)."""
-        norm = get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if isinstance(norm, DTensor):  # sharded gradients (FSDP): the norm over all shards
-            norm = norm.full_tensor()
+        norm = self.grad_norm()
         bad_loss = ~torch.isfinite(loss)
         if self.norm_group is not None:
             stats = torch.stack([norm.double().square(), bad_loss.double().to(norm.device)])

@@ -9,33 +9,42 @@ import csv
 import dataclasses
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..config import Config
+from ..console import console
 from ..core import Plan
-from ..horizon import Alignment, Selection, Setting, choose, measure_candidates, middle_block_costs
+from ..core.costs import middle_block_costs
+from ..data import Loader, Source
+from ..devices import dtype_of, resolve_device
+from ..horizon import Alignment, Selection, Setting, choose, measure_candidates
 from ..horizon import probe as probe_alignment
 from ..models import BlockModel, instantiate
+from .bootstrap import Job
 from .callbacks import Callback
-from .data import Dataset, minibatches
-from .metrics import console
-from .runner import DTYPES, resolve_device
+from .precision import compute_options
+from .stage import schedule_spec
 from .step import build_optimizer
+
+SELECTION_TIMEOUT_S = 4 * 3600  # the longest horizon selection a pipeline waits for
 
 
 def measurement_batches(
-    config: Config, dataset: Dataset, count: int, skip: int = 0, like=None, whole=False
+    config: Config, source: Source, count: int, skip: int = 0, like=None, whole=False
 ) -> Iterator:
     """``count`` microbatches of the run's size (``whole``: a replica's minibatches, what one
     optimizer step takes) after the first ``skip``, in the run's order of epoch 0 (fewer where
-    the dataset ends); inputs on the device and in the dtype of the tensor ``like``."""
+    the dataset ends), augmented as the run's; inputs on the device and in the dtype of the
+    tensor ``like``."""
     d, p = config.data, config.pipeline
     size = d.batch_size // ((1 if whole else d.num_microbatches) * p.replicas)
-    batches = minibatches(dataset, size, config.train.seed, epoch=0)
-    for x, y in itertools.islice(batches, skip, min(skip + count, len(dataset) // size)):
+    data = dataclasses.replace(d, batch_size=size)
+    loader = Loader(source, data, config.augment, "train", config.train.seed)
+    stop = min(skip + count, loader.batches_per_epoch)
+    for x, y in itertools.islice(loader.epoch(0, min(skip, stop)), max(0, stop - skip)):
         if like is not None:
             x, y = (
                 x.to(like.device, like.dtype if x.is_floating_point() else x.dtype),
@@ -47,27 +56,29 @@ def measurement_batches(
 def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
     """The run's starting weights, whole, on ``device`` (a copy of the meta-device ``model``)."""
     m = config.model
-    return instantiate(copy.deepcopy(model), device, DTYPES[config.train.dtype],
+    return instantiate(copy.deepcopy(model), device, dtype_of(config.train.dtype),
                        config.train.seed, m.weights, m.lora)  # fmt: skip
 
 
-def select_horizon(config: Config, whole: BlockModel, dataset: Dataset) -> tuple[Plan, Selection]:
+def select_horizon(config: Config, whole: BlockModel, source: Source) -> tuple[Plan, Selection]:
     """Measure every (rule, h) on ``whole`` (allocated, on its device; left as it is) and choose
     for ``horizon.objective``."""
     h, p = config.horizon, config.pipeline
     whole = copy.deepcopy(whole)
     like = next(whole.parameters())
-    batches = list(measurement_batches(config, dataset, h.probe_batches, like=like))
+    compute = compute_options(config.train, like.device)  # blocks timed as the run computes
+    batches = list(measurement_batches(config, source, h.probe_batches, like=like))
     steps = h.progress_steps  # a held-out set after the training stream, 8 minibatches
-    held_out = list(measurement_batches(config, dataset, 8 * bool(steps), steps, like, True))
+    held_out = list(measurement_batches(config, source, 8 * bool(steps), steps, like, True))
     setting = Setting(
-        stages=p.stages, microbatches=config.data.num_microbatches, mode=p.mode,
-        defer_weights=p.defer_weights, static_mib_per_device=static_mib(config, whole) / p.stages,
-    )  # fmt: skip
+        stages=p.stages,
+        schedule=schedule_spec(config),
+        static_mib_per_device=static_mib(config, whole) / p.stages,
+    )
     candidates, alignments, law, memory_laws = measure_candidates(
-        whole, batches, middle_block_costs(whole, batches[0][0]), setting,
+        whole, batches, middle_block_costs(whole, batches[0][0], compute), setting,
         lambda net: build_optimizer(config.optim, net.parameters()),
-        lambda: measurement_batches(config, dataset, steps, like=like, whole=True), held_out,
+        lambda: measurement_batches(config, source, steps, like=like, whole=True), held_out,
     )  # fmt: skip
     choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
                             h.penalty, h.min_progress)  # fmt: skip
@@ -80,7 +91,7 @@ def static_mib(config: Config, model: BlockModel) -> float:
     o = config.optim
     states = 2 if o.name.startswith("adam") else int(o.momentum > 0)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    size = torch.empty((), dtype=DTYPES[config.train.dtype]).element_size()
+    size = torch.empty((), dtype=dtype_of(config.train.dtype)).element_size()
     return size * (sum(q.numel() for q in model.parameters()) + (1 + states) * trainable) / 2**20
 
 
@@ -108,31 +119,34 @@ def report(selection: Selection, run_dir: Path | None = None) -> None:
             file.write(json.dumps(record) + "\n")
 
 
-def choose_plan(config: Config, model: BlockModel, dataset: Dataset) -> tuple[Plan, Selection]:
+def choose_plan(config: Config, model: BlockModel, source: Source) -> tuple[Plan, Selection]:
     """The plan for ``horizon.horizon: auto``, measured on this process's device."""
     device = resolve_device(config.train.device)
-    return select_horizon(config, starting_model(config, model, device), dataset)
+    return select_horizon(config, starting_model(config, model, device), source)
 
 
-def plan_chooser(
-    config: Config, model: BlockModel, dataset: Dataset, resume: bool
-) -> tuple[Callable[[], Plan], list[Selection]]:
-    """``choose()`` gives the run's plan when the runner asks for it: the configured one, or for
-    ``horizon: auto`` the measured choice (appended to the list, to be reported) or, resuming,
-    the run's last choice."""
+def run_plan(
+    config: Config, model: BlockModel, source: Source, resume: bool, job: Job | None = None
+) -> tuple[Plan, list[Selection]]:
+    """The run's plan: the configured one, or for ``horizon: auto`` the measured choice (rank 0
+    of a ``job`` measures, heartbeating meanwhile; the others wait for its choice) or,
+    resuming, the run's last choice. Returns the selections made, to be reported."""
+    T = model.num_blocks
+    if config.horizon.horizon != "auto":
+        return Plan(config.horizon.rule, config.horizon.horizon, T), []
+    if resume and (previous := chosen_before(config.run_dir, T)):
+        return previous, []
+    if job is None:
+        plan, selection = choose_plan(config, model, source)
+        return plan, [selection]
     selected: list[Selection] = []
 
-    def choose() -> Plan:
-        T = model.num_blocks
-        if config.horizon.horizon != "auto":
-            return Plan(config.horizon.rule, config.horizon.horizon, T)
-        if resume and (previous := chosen_before(config.run_dir, T)):
-            return previous
-        plan, selection = choose_plan(config, model, dataset)
+    def measure() -> Plan:
+        plan, selection = choose_plan(config, model, source)
         selected.append(selection)
         return plan
 
-    return choose, selected
+    return job.from_rank_zero(measure, timeout_s=SELECTION_TIMEOUT_S), selected
 
 
 def chosen_before(run_dir: Path, num_blocks: int) -> Plan | None:
@@ -147,15 +161,15 @@ def chosen_before(run_dir: Path, num_blocks: int) -> Plan | None:
 class Reselect(Callback):
     """``horizon.reselect_every``: choose again at every N-th epoch end (single process)."""
 
-    def __init__(self, config: Config, runner, dataset: Dataset, steps_per_epoch: int) -> None:
-        self.config, self.runner, self.dataset = config, runner, dataset
+    def __init__(self, config: Config, runner, source: Source, steps_per_epoch: int) -> None:
+        self.config, self.runner, self.source = config, runner, source
         self.steps_per_epoch = steps_per_epoch
 
     def after_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         epoch, every = step // self.steps_per_epoch, self.config.horizon.reselect_every
         if step % self.steps_per_epoch or epoch % every or epoch >= self.config.train.epochs:
             return
-        plan, selection = select_horizon(self.config, self.runner.model, self.dataset)
+        plan, selection = select_horizon(self.config, self.runner.model, self.source)
         report(selection, self.config.run_dir)
         self.runner.set_plan(plan)
 
@@ -166,7 +180,7 @@ class Reselect(Callback):
 def probe_checkpoints(
     config: Config,
     model: BlockModel,
-    dataset: Dataset,
+    source: Source,
     checkpoints: list[Path],
     horizons: list[int],
     batches: int,
@@ -174,7 +188,7 @@ def probe_checkpoints(
     """cos(theta_h) at every checkpoint (or at the starting weights when there is none)."""
     from .checkpoint import Checkpointer
 
-    data = list(measurement_batches(config, dataset, batches))
+    data = list(measurement_batches(config, source, batches))
     rows = []
     for path in checkpoints or [None]:
         whole = starting_model(config, model)

@@ -1,24 +1,22 @@
 """The engine of the block-local rules: each block is trained by its own rule's loss at its
 output, and nothing crosses a block boundary backwards (the plan is h = 1's).
 
-It has the horizon engine's interface, so the pipeline runtime and the single-process runner
-drive it unchanged: ``forward`` runs a microbatch through the run of blocks and computes what
-each block's update needs (a graph for autograd-local rules, a forward-mode directional
-derivative for forward gradients); ``backward(microbatch, s)`` applies block s-1's update, a
-stage-local action that receives and sends nothing.
+It implements the engine contract (``mpc_dist.core.Engine``), so the pipeline runtime and the
+single-process runner drive it unchanged: ``forward`` runs a microbatch through the run of
+blocks and computes what each block's update needs (a graph for autograd-local rules, a
+forward-mode directional derivative for forward gradients); ``backward(microbatch, s)``
+applies block s-1's update, a stage-local action that receives and sends nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Protocol
 
 import torch
 
-from ..core import ActivationMemory, ComputeOptions, ForwardResult, Plan
+from ..core import Engine, EngineOptions, ForwardResult, Plan
 from ..models import BlockModel
 from .common import draws, loss_factor
 
@@ -72,61 +70,16 @@ class PlainRule:
         return model.head(state)
 
 
-class RuleEngine:
-    """What the engines of the rules beyond the horizon share: the run of blocks a stage holds,
-    compute options, memory accounting, and training a whole model one microbatch at a time
-    (with the subclass's ``forward``)."""
-
-    samples_per_input = 1
+class LocalEngine(Engine):
+    """The block-local rules (``ff``, ``sff``, ``forward_gradient``): ``rule`` says what each
+    block computes and how it updates."""
 
     def __init__(
-        self,
-        model: BlockModel,
-        plan: Plan,
-        track_memory: bool = True,
-        compute: ComputeOptions | None = None,
-        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.model, self.plan = model, plan
-        self.compute = compute or ComputeOptions()
-        self.scale_loss, self.seed = scale_loss, seed
-        blocks = model.block_indices
-        self.first, self.last = blocks[0], blocks[-1] + 1
-        self.is_last = self.last == plan.num_blocks
-        self.memory = ActivationMemory(model.parameters) if track_memory else None
-
-    def train_microbatch(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
-    ) -> ForwardResult:
-        if self.first != 0 or not self.is_last:
-            raise RuntimeError("train_microbatch needs the whole model; use the pipeline")
-        return self.forward(0, inputs, targets, loss_scale, eager=True)
-
-    def hold(self, tensor: torch.Tensor):
-        """Keep ``tensor`` (``.tensor`` of the handle) and count it as held activations."""
-        return (
-            self.memory.hold(tensor) if self.memory is not None else SimpleNamespace(tensor=tensor)
-        )
-
-    def _hooks(self):
-        return self.memory.hooks() if self.memory is not None else nullcontext()
-
-
-class LocalEngine(RuleEngine):
-    def __init__(
-        self,
-        model: BlockModel,
-        plan: Plan,
-        rule: LocalRule,
-        track_memory: bool = True,
-        compute: ComputeOptions | None = None,
-        scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        seed: int = 0,
+        self, model: BlockModel, plan: Plan, options: EngineOptions, rule: LocalRule
     ) -> None:
         if not plan.is_local:
             raise ValueError(f"LocalEngine runs block-local rules, not {plan.rule}")
-        super().__init__(model, plan, track_memory, compute, scale_loss, seed)
+        super().__init__(model, plan, options)
         self.rule = rule
         self._updates: dict[int, dict[int, Callable[[], None]]] = {}
         self._forwards = dict.fromkeys(range(-1, self.last), 0)  # -1: the input transform
@@ -148,7 +101,7 @@ class LocalEngine(RuleEngine):
         if self.first == 0:
             x = self.rule.inputs(x, targets, self._generator(-1))
         losses, logits = {}, None
-        factor = loss_factor(self.scale_loss, loss_scale)
+        factor = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
         for t in range(self.first, self.last):
             with self._hooks(), self.compute.autocast():
                 step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))
@@ -198,4 +151,4 @@ class LocalEngine(RuleEngine):
     def _generator(self, t: int) -> torch.Generator:
         k = self._forwards[t]
         self._forwards[t] += 1
-        return draws(self.seed, t, k)
+        return draws(self.options.seed, t, k)

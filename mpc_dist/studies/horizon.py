@@ -18,19 +18,27 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ..config import Config, load_config
+from ..config import Config
+from ..console import console
 from ..core import HorizonEngine, Plan
-from ..horizon import choose, middle_block_costs, step_seconds
+from ..core.costs import middle_block_costs
+from ..horizon import Candidate, choose, step_seconds
 from ..models import build_model
-from ..parallel import stage_ranges, uniform_partition
-from ..train import load_dataset, train
-from ..train.horizon import select_horizon, starting_model
-from ..train.metrics import MetricsLogger, console
+from ..parallel import Costs, ScheduleSpec, stage_ranges, uniform_partition
+from ..train import load_dataset, open_run, train
+from ..train.selection import select_horizon, starting_model
+from .common import (
+    evaluations,
+    in_processes,
+    load_final_weights,
+    num_blocks,
+    study_config,
+    train_once,
+)
 
 MODELS = {  # name -> overrides of configs/quickstart.yaml
     "mlp8": ["model.num_blocks=8"],
@@ -78,7 +86,7 @@ def horizons(T: int) -> list[int]:
 
 
 def depth(model: str) -> int:
-    return next(int(o.split("=")[1]) for o in MODELS[model] if o.startswith("model.num_blocks="))
+    return num_blocks(MODELS[model])
 
 
 def settings(T: int) -> list[tuple[str, int]]:
@@ -102,72 +110,59 @@ def study_runs(args) -> list[Run]:
 def puzzle_runs() -> list[Run]:
     """The quickstart network on MNIST, receding, h = 1, 2, 3, 4, 8, seeds 0 and 1, under each
     variant (the shared-head one is the puzzle as reported, and shares the study's runs)."""
-    return [Run("mlp8", "mnist", "receding", h, seed, "" if variant == "shared" else variant)
-            for variant in VARIANTS for h in PUZZLE_HORIZONS for seed in (0, 1)]  # fmt: skip
+    return [
+        Run("mlp8", "mnist", "receding", h, seed, "" if variant == "shared" else variant)
+        for variant in VARIANTS
+        for h in PUZZLE_HORIZONS
+        for seed in (0, 1)
+    ]
 
 
 def run_config(run: Run, args) -> Config:
-    return load_config(
-        "configs/quickstart.yaml",
-        [
-            *MODELS[run.model],
-            f"data.dataset={run.dataset}",
-            f"horizon.rule={run.rule}",
-            f"horizon.horizon={run.horizon}",
-            f"train.seed={run.seed}",
-            f"train.epochs={args.epochs}",
-            f"train.max_steps={args.max_steps}",
-            f"train.eval_every={args.eval_every}",
-            f"run.out_dir={args.out}/runs",
-            f"run.name={run.name}",
-            "run.progress=false",
-            "run.tensorboard=false",
-            "run.plot=false",
-            *VARIANTS.get(run.variant, []),
-        ],
-    )
+    settings = [
+        *MODELS[run.model],
+        f"data.dataset={run.dataset}",
+        f"horizon.rule={run.rule}",
+        f"horizon.horizon={run.horizon}",
+        f"train.seed={run.seed}",
+        f"train.epochs={args.epochs}",
+        f"train.max_steps={args.max_steps}",
+        f"train.eval_every={args.eval_every}",
+    ]
+    return study_config(settings, args.out, run.name, VARIANTS.get(run.variant, []))
 
 
 def _train(item: tuple[Run, Config]) -> dict:
     """Train one run (or read back its result when an earlier study finished it)."""
     run, config = item
-    done = config.run_dir / "study.json"
-    if not done.exists():
-        torch.set_num_threads(1)
+
+    def record() -> dict:
         train(config)
-        records = MetricsLogger.read(config.run_dir / "metrics.jsonl")
-        evals = [(r["step"], r["accuracy"]) for r in records if r["kind"] == "eval"]
-        done.write_text(json.dumps({**dataclasses.asdict(run), "accuracy": evals[-1][1],
-                                    "evals": evals}))  # fmt: skip
-    return json.loads(done.read_text())
+        evals = [(r["step"], r["accuracy"]) for r in evaluations(config)]
+        return {**dataclasses.asdict(run), "accuracy": evals[-1][1], "evals": evals}
+
+    return train_once(config, record)
 
 
 def execute(runs: list[Run], args) -> list[dict]:
     items = [(run, run_config(run, args)) for run in runs]
-    started, results = time.perf_counter(), []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for (run, _), result in zip(items, pool.map(_train, items), strict=True):
-            results.append(result)
-            seconds = time.perf_counter() - started
-            console.print(
-                f"[{len(results)}/{len(items)}] {run.name}: "
-                f"{100 * result['accuracy']:.2f}%  ({seconds:.0f} s)"
-            )
+    results = []
+    for (run, _), result, seconds in in_processes(_train, items, args.workers):
+        results.append(result)
+        console.print(
+            f"[{len(results)}/{len(items)}] {run.name}: "
+            f"{100 * result['accuracy']:.2f}%  ({seconds:.0f} s)"
+        )
     return results
 
 
 def readout(run: Run, args) -> list[float]:
     """Test accuracy of the head read at every state x(1) .. x(T) of a finished run (its own
     head there: the shared one, or the aux heads): which states the plan made readable."""
-    from ..train.checkpoint import Checkpointer
-    from ..train.step import build_optimizer
-
     config = run_config(run, args)
     data = load_dataset(run.dataset, "test", None, 0, 0)
-    whole = starting_model(config, build_model(config.model, data.input_shape,
-                                               data.num_classes, device="meta"))  # fmt: skip
-    checkpoints = Checkpointer(config.run_dir / "checkpoints")
-    checkpoints.load(checkpoints.latest(), whole, build_optimizer(config.optim, whole.parameters()))
+    meta = build_model(config.model, data.input_shape, data.num_classes, device="meta")
+    whole = load_final_weights(config, starting_model(config, meta))
     correct = [0] * whole.num_blocks
     with torch.no_grad():
         for x, y in zip(data.inputs.split(1000), data.targets.split(1000), strict=True):
@@ -189,14 +184,14 @@ def costs(model: str, dataset: str, args) -> dict:
     )
     T = whole.num_blocks
     x, y = data.inputs[:128], data.targets[:128]
-    block = dataclasses.replace(middle_block_costs(whole, x[: 128 // T]), latency=2e-5)
+    block = Costs(**dataclasses.asdict(middle_block_costs(whole, x[: 128 // T])), latency=2e-5)
     out = {}
     for rule, h in settings(T):
         plan = Plan(rule, h, T)
-        engine = HorizonEngine(whole, plan, track_memory=True)
+        engine = HorizonEngine(whole, plan)
         engine.train_microbatch(x, y)
         whole.zero_grad(set_to_none=True)
-        step = step_seconds(plan, stage_ranges(uniform_partition(T, T)), T, "sync", block)
+        step = step_seconds(plan, stage_ranges(uniform_partition(T, T)), ScheduleSpec(T), block)
         out[rule, h] = {"peak_mib": engine.memory.peak_bytes / 2**20, "step_ms": 1000 * step}
     return out
 
@@ -206,12 +201,16 @@ def summarise(results: list[dict], cost: dict, model: str, dataset: str) -> list
     time (median over seeds; a seed that never gets there counts as never) to the target: the
     worst setting's mean final accuracy, rounded down to a whole percent."""
     runs = {
-        key: [r for r in results if not r["variant"]
-              and (r["model"], r["dataset"], r["rule"], r["horizon"]) == (model, dataset, *key)]
+        key: [
+            r
+            for r in results
+            if not r["variant"]
+            and (r["model"], r["dataset"], r["rule"], r["horizon"]) == (model, dataset, *key)
+        ]
         for key in cost
-    }  # fmt: skip
-    target = math.floor(min(statistics.fmean(r["accuracy"] for r in rs) for rs in runs.values())
-                        * 100) / 100  # fmt: skip
+    }
+    worst = min(statistics.fmean(r["accuracy"] for r in rs) for rs in runs.values())
+    target = math.floor(worst * 100) / 100
     rows, bp = [], cost["receding", depth(model)]
     for (rule, h), c in cost.items():
         accuracies = [r["accuracy"] for r in runs[rule, h]]
@@ -241,19 +240,8 @@ def selections(rows: list[dict], model: str, dataset: str, args) -> list[dict]:
     """The selector's choice per objective (measured at the starting weights of seed 0, for the
     study's pipeline: P = T stages, m = T microbatches) against the best setting in hindsight
     under the same constraint. The memory budget is the median of the candidates' memory."""
-    base = run_config(Run(model, dataset, "receding", 1, 0), args)
-    data = load_dataset(dataset, "train", None, 0, 0)
     T = depth(model)
-    config = dataclasses.replace(
-        base,
-        pipeline=dataclasses.replace(base.pipeline, stages=T),
-        data=dataclasses.replace(base.data, num_microbatches=T),
-    )
-    whole = starting_model(
-        config, build_model(config.model, data.input_shape, data.num_classes, device="meta")
-    )
-    _, selection = select_horizon(config, whole, data)
-    candidates = selection.candidates
+    candidates = _candidates_at_start(model, dataset, args)
     memory = {same_plan(c.rule, c.horizon, T): c.memory_mib for c in candidates}
     for row in rows:  # what the selector measured at the start, beside what the runs reached
         c = next(
@@ -303,6 +291,21 @@ def selections(rows: list[dict], model: str, dataset: str, args) -> list[dict]:
             }
         )
     return out
+
+
+def _candidates_at_start(model: str, dataset: str, args) -> list[Candidate]:
+    """Every candidate (rule, h) as the selector measures it at seed 0's starting weights, for
+    the study's pipeline (P = T stages, m = T microbatches)."""
+    base = run_config(Run(model, dataset, "receding", 1, 0), args)
+    T = depth(model)
+    config = dataclasses.replace(
+        base,
+        pipeline=dataclasses.replace(base.pipeline, stages=T),
+        data=dataclasses.replace(base.data, num_microbatches=T),
+    )
+    meta, source, _ = open_run(config)
+    _, selection = select_horizon(config, starting_model(config, meta), source)
+    return selection.candidates
 
 
 def same_plan(rule: str, h: int, T: int) -> tuple[str, int]:

