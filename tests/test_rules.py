@@ -576,6 +576,7 @@ def test_pixels_in_unit_range_for_pepita():
     torch.testing.assert_close(raw.inputs, load_dataset("mnist", "test").inputs * 0.3081 + 0.1307)
 
 
+@pytest.mark.slow
 def test_paper_study_resumes_and_reports(tmp_path):
     """`rules-study --paper`: a run stopped part-way resumes from its checkpoint; a finished one
     is read back; the report (table, per-epoch accuracies, plot) replaces its block only."""

@@ -42,6 +42,8 @@ class Recipe:
     overrides: tuple[str, ...] = ()
     paper: str = ""  # what the paper reports on MNIST (test accuracy) and where
     target: str = ""  # what this repository aims at (issue #20)
+    epochs: int | None = None  # a shortened run of the recipe (its schedule compressed)
+    default: bool = True  # trained by a plain --paper (else only when named in --recipes)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -65,6 +67,13 @@ RECIPES: dict[str, Recipe] = {
         "PEPITA, 1 x 1024", "configs/pepita_mnist.yaml",
         paper="98.01 % (Dellaferrera & Kreiman 2022, Table 1)", target="within 0.5 point",
     ),
+    "forward_gradient_12ep": Recipe(
+        "forward gradient LG-FG-A, LocalMixer M/1/16, 12 epochs",
+        "configs/forward_gradient_mnist.yaml", epochs=12, default=False,
+    ),
+    "pepita_12ep": Recipe(
+        "PEPITA, 1 x 1024, 12 epochs", "configs/pepita_mnist.yaml", epochs=12, default=False,
+    ),
     "pepita_deep": Recipe(
         "PEPITA, 4 x 500, stabilisers", "configs/pepita_mnist_deep.yaml",
         target="no divergence, >= 97 %",
@@ -78,23 +87,36 @@ BEGIN, END = "<!-- results: mpc-dist rules-study --paper -->", "<!-- end of pape
 
 
 class EpochPrinter(Callback):
-    """Prints a run's test accuracy after every epoch (the study's progress)."""
+    """Prints a run's test accuracy after every epoch (the study's progress), and keeps the
+    run's train time in ``timing`` (one entry per sitting) at every evaluation and checkpoint,
+    so a sitting that is stopped keeps the time up to its last checkpoint."""
 
-    def __init__(self, name: str, steps_per_epoch: int, epochs: int) -> None:
+    def __init__(self, name: str, steps_per_epoch: int, epochs: int, timing: Path) -> None:
         self.name, self.steps_per_epoch, self.epochs = name, steps_per_epoch, epochs
+        self.timing = timing
+        self.spent = json.loads(timing.read_text()) if timing.exists() else []
         self.started = time.perf_counter()
+
+    def record(self) -> float:
+        """This sitting's seconds so far, written beside the earlier sittings'."""
+        seconds = time.perf_counter() - self.started
+        self.timing.parent.mkdir(parents=True, exist_ok=True)
+        self.timing.write_text(json.dumps([*self.spent, seconds]))
+        return seconds
+
+    def after_checkpoint(self, step: int, path: Path) -> None:
+        self.record()
 
     def after_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         epoch = step / self.steps_per_epoch
         console.print(f"{self.name}: epoch {epoch:g}/{self.epochs} test accuracy "
-                      f"{100 * metrics['accuracy']:.2f} % "
-                      f"({time.perf_counter() - self.started:.0f} s)")  # fmt: skip
+                      f"{100 * metrics['accuracy']:.2f} % ({self.record():.0f} s)")  # fmt: skip
 
 
 def recipe_config(name: str, epochs: int | None, args: argparse.Namespace) -> Config:
     """The recipe's config; ``epochs`` shortens it, its warmup shortened in proportion."""
     recipe = RECIPES[name]
-    more = []
+    more, epochs = [], epochs or recipe.epochs
     if epochs:
         paper = load_config(recipe.config, list(recipe.overrides))
         warmup = round(paper.optim.warmup_steps * epochs / paper.train.epochs)
@@ -111,18 +133,16 @@ def run_recipe(name: str, config: Config) -> dict:
     run_dir = config.run_dir
     done = run_dir / "result.json"
     if done.exists():
-        result = json.loads(done.read_text())
+        result = {**json.loads(done.read_text()), "name": name}
         asked = (config.train.epochs, config.train.max_steps)
         if (result["epochs"], result["max_steps"]) == asked:
             return result
         done.unlink()  # another length was asked for: train on from where it stopped
     resume = any((run_dir / "checkpoints").glob("step_*"))
     timing = run_dir / "train_seconds.json"
-    spent = json.loads(timing.read_text()) if timing.exists() else []
     steps = num_batches(load_dataset(config.data.dataset, "train"), config.data.batch_size)
-    printer = EpochPrinter(name, steps, config.train.epochs)
+    printer = EpochPrinter(name, steps, config.train.epochs, timing)
     console.print(f"{name}: {'resuming' if resume else 'starting'} ({config.train.epochs} epochs)")
-    started = time.perf_counter()
     result: dict = {"name": name, "epochs": config.train.epochs,
                     "max_steps": config.train.max_steps}  # fmt: skip
     try:
@@ -130,8 +150,7 @@ def run_recipe(name: str, config: Config) -> dict:
         result["accuracy"] = summary["test accuracy"]
     except TrainingError as error:  # diverged: the evaluations before it stand
         result.update(accuracy=0.0, diverged=str(error))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timing.write_text(json.dumps([*spent, time.perf_counter() - started]))
+    printer.record()
     evals = [r for r in MetricsLogger.read(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
     result.update(
         seconds=sum(json.loads(timing.read_text())),
@@ -153,8 +172,8 @@ def so_far(name: str, config: Config) -> dict | None:
     """A run's result without training: its result.json, or, for a run stopped part-way, the
     epochs it finished (``stopped``); None if it never started."""
     run_dir = config.run_dir
-    if (run_dir / "result.json").exists():
-        return json.loads((run_dir / "result.json").read_text())
+    if (run_dir / "result.json").exists():  # named by the recipe, whatever the run was called
+        return {**json.loads((run_dir / "result.json").read_text()), "name": name}
     if not (run_dir / "metrics.jsonl").exists():
         return None
     steps = num_batches(load_dataset(config.data.dataset, "train"), config.data.batch_size)
@@ -278,7 +297,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--paper", action="store_true", help="each paper's own recipe (hours); resumes"
     )
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="of --paper")
+    parser.add_argument(
+        "--recipes", nargs="+", default=[name for name, r in RECIPES.items() if r.default],
+        help=f"of --paper (default: all but {[n for n, r in RECIPES.items() if not r.default]})",
+    )  # fmt: skip
     parser.add_argument(
         "--recipe-epochs", nargs="*", default=[], metavar="NAME=N",
         help="shorten a --paper recipe to N epochs (schedule compressed)",
