@@ -71,6 +71,10 @@ RECIPES: dict[str, Recipe] = {
         "forward gradient LG-FG-A, LocalMixer M/1/16, 12 epochs",
         "configs/forward_gradient_mnist.yaml", epochs=12, default=False,
     ),
+    "forward_gradient_32ep": Recipe(
+        "forward gradient LG-FG-A, LocalMixer M/1/16, 32 epochs",
+        "configs/forward_gradient_mnist.yaml", epochs=32, default=False,
+    ),
     "pepita_12ep": Recipe(
         "PEPITA, 1 x 1024, 12 epochs", "configs/pepita_mnist.yaml", epochs=12, default=False,
     ),
@@ -229,9 +233,10 @@ def plot(results: list[dict], path: Path) -> None:
 def _accuracy(result: dict) -> str:
     if "stopped" in result:
         return f"{100 * result['accuracy']:.2f} (stopped at step {result['stopped']})"
-    if "diverged" in result:
+    if "diverged" in result:  # the epochs before it stand
         epochs = len(result["per_epoch"])
-        return f"diverged after {epochs} epochs (best {100 * result['best']:.2f})"
+        before = f" (after {100 * result['per_epoch'][-1]:.2f})" if epochs else ""
+        return f"diverged in epoch {epochs + 1}{before}"
     return f"{100 * result['accuracy']:.2f}"
 
 
@@ -249,8 +254,9 @@ def report(results: list[dict], plot_path: str) -> str:
         goodness = f"{100 * r['goodness_accuracy']:.2f}" if "goodness_accuracy" in r else "-"
         hours = r["seconds"] / 3600
         took = f"{hours:.1f} h" if hours >= 1 else f"{r['seconds'] / 60:.0f} min"
+        best = f"{100 * r['best']:.2f}" if r["per_epoch"] else "-"
         lines.append(f"| {recipe.label} | {len(r['per_epoch'])} of {r['epochs']} "
-                     f"| {_accuracy(r)} | {100 * r['best']:.2f} | {goodness} | {took} "
+                     f"| {_accuracy(r)} | {best} | {goodness} | {took} "
                      f"| {recipe.paper or '-'} | {recipe.target or '-'} |")  # fmt: skip
     lines += ["", f"![test accuracy per epoch]({plot_path})", "", "After each epoch (%):", ""]
     for r in results:
