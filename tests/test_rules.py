@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from launching import TINY, assert_same_weights, mpc_dist, sets
 from processes import run
 
+from mpc_dist.cli import main as cli_main
 from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, RulesConfig, load_config
 from mpc_dist.core import EngineOptions, Plan
 from mpc_dist.models import build_model
@@ -576,30 +577,33 @@ def test_pixels_in_unit_range_for_pepita():
     torch.testing.assert_close(raw.inputs, load_dataset("mnist", "test").inputs * 0.3081 + 0.1307)
 
 
-@pytest.mark.slow
-def test_paper_study_resumes_and_reports(tmp_path):
+def test_paper_study_resumes_and_reports(tmp_path, capfd):
     """`rules-study --paper`: a run stopped part-way resumes from its checkpoint; a finished one
-    is read back; the report (table, per-epoch accuracies, plot) replaces its block only."""
+    is read back; the report (table, per-epoch accuracies, plot) replaces its block only. In
+    this process: the command's own entry point, its messages read from stderr."""
     doc = tmp_path / "rules.md"
     doc.write_text("# Rules\n\nbefore\n<!-- results: mpc-dist rules-study --paper -->\nold\n"
                    "<!-- end of paper results -->\nafter\n")  # fmt: skip
-    args = ["rules-study", "--paper", "--recipes", "pepita", "--paper-out", str(tmp_path / "p"),
-            "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
-    first = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "10", timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (tmp_path / "p" / "runs" / "pepita" / "result.json").unlink()  # as if stopped part-way
-    report = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--report-only", timeout=300)
-    assert report.returncode == 0 and "pepita: " not in report.stderr.split("| run |")[0]
+    out = str(tmp_path / "p")
+    args = ["rules-study", "--paper", "--recipes", "pepita", "--recipe-epochs", "pepita=1",
+            "--paper-out", out, "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
+
+    def study(*extra: str) -> str:
+        assert cli_main([*args, *extra]) == 0, capfd.readouterr().err[-3000:]
+        return capfd.readouterr().err
+
+    run_dir = tmp_path / "p" / "runs" / "pepita"
+    study("--max-steps", "10")
+    (run_dir / "result.json").unlink()  # as if stopped part-way
+    assert "pepita: " not in study("--report-only").split("| run |")[0]  # trains nothing
     assert "(stopped at step 10)" in doc.read_text()
-    second = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "20", timeout=300)
-    assert second.returncode == 0 and "pepita: resuming" in second.stderr, second.stderr[-3000:]
-    metrics = (tmp_path / "p" / "runs" / "pepita" / "metrics.jsonl").read_text()
-    records = [json.loads(line) for line in metrics.splitlines()]
+    assert "pepita: resuming" in study("--max-steps", "20")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
-    seconds = json.loads((tmp_path / "p" / "runs" / "pepita" / "train_seconds.json").read_text())
+    seconds = json.loads((run_dir / "train_seconds.json").read_text())
     assert len(seconds) == 2  # two sittings of one run
-    third = mpc_dist(*args, "--recipe-epochs", "pepita=1", "--max-steps", "20", timeout=300)
-    assert "pepita: " not in third.stderr.split("| run |")[0], "a finished run is read back"
+    third = study("--max-steps", "20")
+    assert "pepita: " not in third.split("| run |")[0], "a finished run is read back"
     text = doc.read_text()
     assert text.startswith("# Rules\n\nbefore\n") and text.endswith("after\n")
     assert "| PEPITA, 1 x 1024 | 0 of 1 |" in text and "old" not in text

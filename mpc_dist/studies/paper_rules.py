@@ -223,7 +223,8 @@ def plot(results: list[dict], path: Path) -> None:
                       label=RECIPES[result["name"]].label)  # fmt: skip
     axis.set(xlabel="epoch", ylabel="MNIST test accuracy (%)", ylim=(90, 100))
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="lower right")
+    if axis.lines:
+        axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
