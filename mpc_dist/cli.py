@@ -204,6 +204,11 @@ def _horizon_study(args: argparse.Namespace) -> None:
 
 
 def _rules_study(args: argparse.Namespace) -> None:
+    if args.paper:
+        from .studies.paper_rules import main as paper_study
+
+        paper_study(args)
+        return
     from .studies.rules import main as study
 
     study(args)
@@ -372,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/rules.md)",
     )  # fmt: skip
     rules_arguments(rules)
+    from .studies.paper_rules import add_arguments as paper_arguments
+
+    paper_arguments(rules)
     rules.set_defaults(run=_rules_study)
 
     from .studies.data import add_arguments as data_study_arguments

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from processes import run
 from safetensors.torch import save_file
 
@@ -27,13 +28,15 @@ OWN = ModelConfig(name="own_model:build", num_blocks=4, width=16, head="aux")
 TIMM = ModelConfig(name="timm/vit_tiny_patch16_224", image_size=32, head="aux",
                    kwargs={"depth": 4, "embed_dim": 16, "num_heads": 2})  # fmt: skip
 LORA = LoraConfig(rank=2, alpha=4, targets=["qkv"])
+MIXER = ModelConfig(name="local_mixer", num_blocks=4, width=8, hidden=8, patch_size=14,
+                    head="aux", kwargs={"groups": 2})  # fmt: skip
 
 
 def meta(spec: ModelConfig):
     return build_model(spec, SHAPE, 10, device="meta")
 
 
-@pytest.mark.parametrize("spec", [OWN, TIMM], ids=["own", "timm"])
+@pytest.mark.parametrize("spec", [OWN, TIMM, MIXER], ids=["own", "timm", "local_mixer"])
 def test_initialisation_does_not_depend_on_the_stage_layout(spec):
     whole = instantiate(meta(spec), "cpu", torch.float64, seed=5)
     expected = dict(whole.state_dict())
@@ -77,10 +80,31 @@ def check_pipeline_equals_one_process(rank: int, world: int, spec: ModelConfig) 
 
 
 @pytest.mark.parametrize(
-    "spec", [OWN, TIMM, dataclasses.replace(TIMM, lora=LORA)], ids=["own", "timm", "timm-lora"]
+    "spec",
+    [OWN, TIMM, dataclasses.replace(TIMM, lora=LORA), MIXER],
+    ids=["own", "timm", "timm-lora", "local_mixer"],
 )
 def test_own_and_timm_models_train_through_a_pipeline_as_in_one_process(spec):
     run(check_pipeline_equals_one_process, 2, spec, timeout=240)
+
+
+def test_local_mixer_is_the_papers_network():
+    """M/1/16 (Table 2): one 784-pixel patch, 512 channels in 16 groups, 429K parameters with
+    the paper's separate final classifier (ours: the last block's head predicts, 424K)."""
+    spec = ModelConfig(name="local_mixer", num_blocks=1, width=512, hidden=512, patch_size=28,
+                       head="aux", kwargs={"groups": 16})  # fmt: skip
+    model = meta(spec)
+    assert model.state_shapes == [(1, 784), (1, 16, 32)]
+    assert sum(p.numel() for p in model.parameters()) + 512 * 10 + 10 == 429_076
+    block = instantiate(meta(MIXER), "cpu", torch.float64, seed=0).blocks["1"]
+    x = torch.randn(3, 4, 2, 4, dtype=torch.float64)
+    a = F.layer_norm(x.flatten(2), (8,))
+    tokens = F.relu(F.layer_norm(block.tokens.linear.mix(a.transpose(1, 2)).transpose(1, 2), (8,)))
+    channels = F.relu(F.layer_norm(block.channels.linear(F.layer_norm(tokens, (8,))), (8,)))
+    g = F.layer_norm(channels.reshape(3, 4, 2, 4), (4,))
+    w, b = block.grouped.linear.weight, block.grouped.linear.bias
+    grouped = torch.stack([g[:, :, k] @ w[k] + b[k] for k in range(2)], dim=2)
+    torch.testing.assert_close(block(x), F.relu(F.layer_norm(grouped, (4,)) + x))
 
 
 def test_timm_weights_load_by_their_own_names(tmp_path):

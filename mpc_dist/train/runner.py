@@ -119,7 +119,7 @@ class SingleRunner:
         self.plan = plan
         options = EngineOptions(
             self.compute, track_memory=False, scale_loss=self.step.scale_loss,
-            seed=self.config.train.seed,
+            seed=self.config.train.seed, rules=self.config.rules,
         )  # fmt: skip
         self.engine = make_engine(self.model, plan, options)
 
@@ -194,7 +194,7 @@ class PipelineRunner:
             stage = build_stage(
                 model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
                 runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
-                sharding=p.sharding, callbacks=callbacks,
+                sharding=p.sharding, callbacks=callbacks, rules=config.rules,
                 fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
             )  # fmt: skip
             dist.barrier()

@@ -44,13 +44,20 @@ def build_optimizer(
 
 
 def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
-    """Linear warmup, then constant or cosine decay to zero over ``total_steps``."""
+    """Linear warmup, then constant, cosine decay to zero, constant then linear to zero over
+    the second half (halfway_linear), or steps down by decay_factor at the fractions decay_at
+    (step), over ``total_steps``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "step":
+        passed = sum(step >= fraction * total_steps for fraction in config.decay_at)
+        return config.lr * config.decay_factor**passed
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    if config.schedule == "halfway_linear":
+        return config.lr * min(1.0, 2 * (1 - progress))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class OptimizerStep:

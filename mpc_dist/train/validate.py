@@ -43,6 +43,7 @@ def validate_config(config: Config) -> None:
     )
     need(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    need(all(0 < f < 1 for f in o.decay_at), f"optim.decay_at={o.decay_at}: fractions in (0, 1)")
     need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
     need(t.epochs >= 1, f"train.epochs={t.epochs}: must be >= 1")
     need(
@@ -90,7 +91,7 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"horizon.horizon=auto: chooses among the horizon rules {HORIZON_RULES}, not rule "
         f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
     )
-    check_rule(rule, model)
+    check_rule(rule, model, config.rules, config.pipeline.stages)
     need(
         not mixes(config.augment),
         f"augment.mixup/cutmix/label_smoothing: rule {rule} trains on class labels, not on "
