@@ -100,8 +100,11 @@ def worker(loop_config: dict) -> None:
     pointer = ray.train.get_checkpoint()
     notes = {"launcher": "ray", "ray_checkpoint": pointer.path if pointer else None}
     if latest is not None and ray.train.get_context().get_world_rank() == 0:
-        print(f"mpc-dist: resuming from {latest} (Ray's registered checkpoint: "
-              f"{notes['ray_checkpoint']})", file=sys.stderr)  # fmt: skip
+        print(
+            f"mpc-dist: resuming from {latest} (Ray's registered checkpoint: "
+            f"{notes['ray_checkpoint']})",
+            file=sys.stderr,
+        )
     callbacks = [ReportToRay(), *loop_config["callbacks"]]
     resume = loop_config["resume"] or latest is not None
     train(config, resume=resume, callbacks=callbacks, attempt=notes)

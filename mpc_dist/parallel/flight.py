@@ -117,20 +117,34 @@ class FlightRecord:
         now, wait, t = time.time(), self.waiting, self.topology
         waiting = None
         if wait is not None:
-            waiting = {"message": str(wait.message), "what": self._message(wait.message),
-                       "peer_stage": wait.peer, "sending": wait.sending, "since": wait.since,
-                       "seconds": round(now - wait.since, 3)}  # fmt: skip
+            waiting = {
+                "message": str(wait.message),
+                "what": self._message(wait.message),
+                "peer_stage": wait.peer,
+                "sending": wait.sending,
+                "since": wait.since,
+                "seconds": round(now - wait.since, 3),
+            }
         recent = [
             {"action": str(a), "step": self._step_of(a.minibatch), "started": started}
             for a, started in self.recent.copy()
         ]
         return {
-            "rank": t.rank, "stage": t.stage, "replica": t.replica, "time": now,
-            "pid": os.getpid(), "reason": reason, "failure": failure,
-            "state": self.describe(now), "phase": self.phase, "step": self.step,
-            "in_schedule": self.in_schedule, "waiting": waiting, "recent": recent,
+            "rank": t.rank,
+            "stage": t.stage,
+            "replica": t.replica,
+            "time": now,
+            "pid": os.getpid(),
+            "reason": reason,
+            "failure": failure,
+            "state": self.describe(now),
+            "phase": self.phase,
+            "step": self.step,
+            "in_schedule": self.in_schedule,
+            "waiting": waiting,
+            "recent": recent,
             "error": self.error,
-        }  # fmt: skip
+        }
 
     def write(self, directory: Path, reason: str, failure: str | None) -> Path:
         """``directory/rank_<r>.json``, written atomically (a reader never sees half of it)."""

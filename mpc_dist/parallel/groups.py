@@ -163,10 +163,13 @@ class Groups:
         data-parallel collectives ``collective_timeout_s`` (None: torch's default)."""
         timeouts = {
             name: timedelta(seconds=value) if value is not None else None
-            for name, value in (("F", message_timeout_s), ("B", message_timeout_s),
-                                ("pipeline", collective_timeout_s),
-                                ("data_parallel", collective_timeout_s))
-        }  # fmt: skip
+            for name, value in (
+                ("F", message_timeout_s),
+                ("B", message_timeout_s),
+                ("pipeline", collective_timeout_s),
+                ("data_parallel", collective_timeout_s),
+            )
+        }
         # new_group is collective over the world: every rank creates every group, in order.
         mine: dict[str, dist.ProcessGroup | None] = {}
         for d in range(topology.replicas):

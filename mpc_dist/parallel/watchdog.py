@@ -215,8 +215,11 @@ class Watchdog:
                 state = self.flight.describe()
             else:
                 try:
-                    state = self._store.get(f"state/{r}").decode() if self._store.check(
-                        [f"state/{r}"]) else "no state published"  # fmt: skip
+                    state = (
+                        self._store.get(f"state/{r}").decode()
+                        if self._store.check([f"state/{r}"])
+                        else "no state published"
+                    )
                 except Exception:
                     state = "unknown (the store did not answer)"
             states.append(f"rank {r}: {'silent, last said: ' if r in silent else ''}{state}")
@@ -231,8 +234,10 @@ class Watchdog:
             if self._stop.is_set():
                 return
             if terminated:
-                self.exit("stopped by the launcher (SIGTERM; another rank may have failed)",
-                          code=EXIT_TERMINATED)  # fmt: skip
+                self.exit(
+                    "stopped by the launcher (SIGTERM; another rank may have failed)",
+                    code=EXIT_TERMINATED,
+                )
             try:
                 self._beat()
                 self._publish_state()
@@ -305,8 +310,13 @@ class Watchdog:
                 if self._store.check([f"state/{r}"]):
                     states[str(r)] = self._store.get(f"state/{r}").decode()
         states[str(self.rank)] = self.flight.describe()
-        summary = {"time": time.time(), "failure": line, "reported_by": self.rank,
-                   "world_size": self.topology.world_size, "states": states}  # fmt: skip
+        summary = {
+            "time": time.time(),
+            "failure": line,
+            "reported_by": self.rank,
+            "world_size": self.topology.world_size,
+            "states": states,
+        }
         with contextlib.suppress(Exception):
             write_json(self.failure_dir / "summary.json", summary)
 
@@ -327,8 +337,11 @@ class Watchdog:
             deadline = time.time() + timeout_s
             waiting = [r for r in range(self.topology.world_size) if r != self.rank]
             while time.time() < deadline:
-                waiting = [r for r in waiting if not any(
-                    self._store.check([f"{mark}/{r}"]) for mark in marks)]  # fmt: skip
+                waiting = [
+                    r
+                    for r in waiting
+                    if not any(self._store.check([f"{mark}/{r}"]) for mark in marks)
+                ]
                 dead = self._silent_peers(time.time(), 3 * self.interval_s + 1) if skip_dead else []
                 if all(r in dead for r in waiting):
                     return

@@ -51,8 +51,9 @@ class ForwardForward:
         generator = on_device(generator, y.device)
         offset = torch.randint(1, self.num_classes, y.shape, generator=generator, device=y.device)
         wrong = (y + offset) % self.num_classes
-        return torch.cat([self.with_labels(x, y), self.with_labels(x, wrong),
-                          self.with_labels(x, None)])  # fmt: skip
+        return torch.cat(
+            [self.with_labels(x, y), self.with_labels(x, wrong), self.with_labels(x, None)]
+        )
 
     def infer_inputs(self, x):
         return self.with_labels(x, None)

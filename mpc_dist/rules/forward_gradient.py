@@ -68,8 +68,9 @@ def perturbations(model: BlockModel, t: int) -> list[Perturbed]:
         relus = relu_follows(model, t)
         found = [Perturbed(m, None, id(m) in relus) for m in linear_layers(model, t)]
         covered = {id(p) for item in found for p in item.point.parameters()}
-    other = [p for root in modules for p in root.parameters()
-             if p.requires_grad and id(p) not in covered]  # fmt: skip
+    other = [
+        p for root in modules for p in root.parameters() if p.requires_grad and id(p) not in covered
+    ]
     if other:
         raise ConfigError(
             f"horizon.rule=forward_gradient: block {t} has trainable parameters outside linear "

@@ -40,16 +40,25 @@ from .common import in_processes, num_blocks, replace_between, study_config, tra
 from .torch_bp import SCHEDULES
 
 MODELS = {  # name -> overrides of configs/quickstart.yaml
-    "mlp": ["model.name=residual_mlp", "model.num_blocks=8", "model.width=256",
-            "model.hidden=512"],
-    "vit": ["model.name=vit_tiny", "model.num_blocks=4", "model.width=64", "model.hidden=128",
-            "model.num_heads=4", "model.patch_size=7", "optim.weight_decay=0.05"],
-}  # fmt: skip
+    "mlp": ["model.name=residual_mlp", "model.num_blocks=8", "model.width=256", "model.hidden=512"],
+    "vit": [
+        "model.name=vit_tiny",
+        "model.num_blocks=4",
+        "model.width=64",
+        "model.hidden=128",
+        "model.num_heads=4",
+        "model.patch_size=7",
+        "optim.weight_decay=0.05",
+    ],
+}
 POLICY = "rand-m6-n1-mstd0.5-inc1"  # light RandAugment: one op per image at magnitude ~6
 AUGMENT = [
-    "augment.enabled=true", f"augment.auto_augment={POLICY}", "augment.scale=[0.35,1.0]",
-    "augment.mixup=0.2", "augment.label_smoothing=0.1",
-]  # fmt: skip
+    "augment.enabled=true",
+    f"augment.auto_augment={POLICY}",
+    "augment.scale=[0.35,1.0]",
+    "augment.mixup=0.2",
+    "augment.label_smoothing=0.1",
+]
 BATCH, MICROBATCHES = 128, 4
 REACHED_BY = 2 / 3  # the target: the best accuracy two-thirds of a network's runs reach
 BEGIN, END = "<!-- results: mpc-dist data-study -->", "<!-- end of results -->"
@@ -91,13 +100,24 @@ def study_runs(models: list[str]) -> list[Run]:
 
 def run_config(run: Run, args) -> Config:
     settings = [
-        *MODELS[run.model], "model.head=aux", "data.dataset=folder", f"data.root={data_root(args)}",
-        "data.image_size=28", f"data.batch_size={BATCH}", f"data.num_microbatches={MICROBATCHES}",
-        "data.eval_batch_size=500", "data.num_workers=1", *AUGMENT,
-        f"horizon.rule={run.rule}", f"horizon.horizon={run.horizon}", "optim.warmup_steps=20",
-        f"train.epochs={args.epochs}", f"train.max_steps={args.max_steps}",
-        f"train.eval_every={args.eval_every}", "train.log_every=1",
-    ]  # fmt: skip
+        *MODELS[run.model],
+        "model.head=aux",
+        "data.dataset=folder",
+        f"data.root={data_root(args)}",
+        "data.image_size=28",
+        f"data.batch_size={BATCH}",
+        f"data.num_microbatches={MICROBATCHES}",
+        "data.eval_batch_size=500",
+        "data.num_workers=1",
+        *AUGMENT,
+        f"horizon.rule={run.rule}",
+        f"horizon.horizon={run.horizon}",
+        "optim.warmup_steps=20",
+        f"train.epochs={args.epochs}",
+        f"train.max_steps={args.max_steps}",
+        f"train.eval_every={args.eval_every}",
+        "train.log_every=1",
+    ]
     if run.where != "single":
         mode = "async" if run.where == "pipeline" else "sync"
         settings += ["pipeline.stages=2", f"pipeline.mode={mode}"]
@@ -209,11 +229,21 @@ def _two_processes(run: Run, config: Config, args) -> dict:
         command = ["-m", "mpc_dist.cli", "train", "--nproc", "2", "--config", str(path)]
     else:
         command = [
-            "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "mpc_dist.studies.torch_bp", "--config", str(path),
-            "--schedules", ",".join(args.schedules), "--probe-steps", str(args.probe_steps),
-            "--probe-rounds", str(args.probe_rounds),
-        ]  # fmt: skip
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "mpc_dist.studies.torch_bp",
+            "--config",
+            str(path),
+            "--schedules",
+            ",".join(args.schedules),
+            "--probe-steps",
+            str(args.probe_steps),
+            "--probe-rounds",
+            str(args.probe_rounds),
+        ]
 
     def record() -> dict:
         shutil.rmtree(config.run_dir, ignore_errors=True)
@@ -233,10 +263,15 @@ def loader_throughput(args) -> dict:
     done = Path(args.out) / f"bench_data_{args.train_images}.json"
     if not done.exists():
         bench = argparse.Namespace(
-            root=str(data_root(args)), image_size=28, workers=1, batch_size=BATCH,
-            batches=args.bench_batches, repeats=args.bench_repeats, auto_augment=POLICY,
+            root=str(data_root(args)),
+            image_size=28,
+            workers=1,
+            batch_size=BATCH,
+            batches=args.bench_batches,
+            repeats=args.bench_repeats,
+            auto_augment=POLICY,
             re_prob=0.0,
-        )  # fmt: skip
+        )
         done.write_text(json.dumps(bench_data(bench)))
     return json.loads(done.read_text())
 
@@ -270,8 +305,13 @@ def main(args: argparse.Namespace) -> None:
         console.print(f"{run.name}: {100 * results[-1]['accuracy']:.2f} %")
     minutes = span_minutes([run_config(run, args) for run in runs])
     loads = [load for r in results for load in r["load"]]
-    summary = {"args": vars(args), "minutes": minutes, "load": [min(loads), max(loads)],
-               "throughput": throughput, "runs": results}  # fmt: skip
+    summary = {
+        "args": vars(args),
+        "minutes": minutes,
+        "load": [min(loads), max(loads)],
+        "throughput": throughput,
+        "runs": results,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     text = report(summary, args, plot(results, args))
     replace_between(Path(args.doc), BEGIN, END, text, HEADING)
@@ -351,8 +391,11 @@ def model_table(model: str, results: list[dict]) -> list[str]:
             ratio = f"{torch_reached[1] / seconds:.2f}"
         cells = (
             label(r),
-            {"single": "1 (two runs at a time)", "pipeline": "2 (`--nproc 2`)",
-             "torch": f"2 (torch `{r.get('schedule')}`)"}[r["where"]],
+            {
+                "single": "1 (two runs at a time)",
+                "pipeline": "2 (`--nproc 2`)",
+                "torch": f"2 (torch `{r.get('schedule')}`)",
+            }[r["where"]],
             f"{100 * r['accuracy']:.2f}",
             f"{100 * r['top5']:.2f}",
             f"{100 * max(a for _, a, _, _ in r['evals']):.2f}",
@@ -363,7 +406,7 @@ def model_table(model: str, results: list[dict]) -> list[str]:
             "" if r["data_wait_s"] is None else f"{r['data_wait_s']:.0f}",
             f"{r['cpu_s']:.0f}",
             f"{r['load'][0]:.0f}, {r['load'][1]:.0f}",
-        )  # fmt: skip
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -391,8 +434,11 @@ def schedule_table(results: list[dict], args) -> list[str]:
 
 def throughput_table(rates: dict) -> list[str]:
     """bench-data's medians (and the rounds' spread, where recorded), ours against timm's."""
-    names = {"mpc_dist Loader": "ours (`Loader`)", "timm create_loader": "timm `create_loader`",
-             "timm create_loader prefetcher": "timm `create_loader`, prefetcher"}  # fmt: skip
+    names = {
+        "mpc_dist Loader": "ours (`Loader`)",
+        "timm create_loader": "timm `create_loader`",
+        "timm create_loader prefetcher": "timm `create_loader`, prefetcher",
+    }
     rounds = rates.get("rounds", {})
     lines = [
         f"Loader throughput (`mpc-dist bench-data`, 28 px, 1 worker, batches of {BATCH}, "
@@ -409,8 +455,12 @@ def throughput_table(rates: dict) -> list[str]:
         spread = [""] * 2
         if rounds.get(name):
             spread = [f" [{min(v):.0f}, {max(v):.0f}]" for v in zip(*rounds[name], strict=True)]
-        cells = (shown, f"{rates[name]:.0f}{spread[0]}", f"{rates[f'{name} cpu']:.0f}{spread[1]}",
-                 f"{ours / rates[f'{name} cpu']:.3f}")  # fmt: skip
+        cells = (
+            shown,
+            f"{rates[name]:.0f}{spread[0]}",
+            f"{rates[f'{name} cpu']:.0f}{spread[1]}",
+            f"{ours / rates[f'{name} cpu']:.3f}",
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -418,8 +468,12 @@ def throughput_table(rates: dict) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/data-study")
     parser.add_argument("--doc", default="docs/data.md", help="where the report is written")
-    parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
-                        help=f"of {', '.join(MODELS)}")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        type=lambda s: s.split(","),
+        default=list(MODELS),
+        help=f"of {', '.join(MODELS)}",
+    )
     parser.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "mnist"))
     parser.add_argument("--train-images", type=int, default=10000, help="balanced over classes")
     parser.add_argument("--test-images", type=int, default=2000)
@@ -427,8 +481,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="cut every run short (smoke)")
     parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     parser.add_argument("--workers", type=int, default=2, help="single-process runs at a time")
-    parser.add_argument("--schedules", type=lambda s: s.split(","), default=list(SCHEDULES),
-                        help="torch's schedule classes to time")  # fmt: skip
+    parser.add_argument(
+        "--schedules",
+        type=lambda s: s.split(","),
+        default=list(SCHEDULES),
+        help="torch's schedule classes to time",
+    )
     parser.add_argument("--probe-steps", type=int, default=6)
     parser.add_argument("--probe-rounds", type=int, default=3)
     parser.add_argument("--bench-batches", type=int, default=10)

@@ -99,14 +99,17 @@ class Pipe:
         self.parts = [StagePart(model, k * per, (k + 1) * per) for k in ids]
         stages = [
             PipelineStage(
-                part, k, num_stages, torch.device("cpu"),
+                part,
+                k,
+                num_stages,
+                torch.device("cpu"),
                 input_args=torch.empty(shapes[k * per], dtype=dtype).requires_grad_(k > 0),
                 output_args=torch.empty(
                     shapes[-1] if k == num_stages - 1 else shapes[(k + 1) * per], dtype=dtype
                 ).requires_grad_(),
             )
             for part, k in zip(self.parts, ids, strict=True)
-        ]  # fmt: skip
+        ]
         self.schedule = getattr(schedules, schedule)(
             stages if len(stages) > 1 else stages[0], n_microbatches=m, loss_fn=F.cross_entropy
         )
@@ -169,8 +172,10 @@ def probe(config: Config, loader: Loader, schedules: list[str], steps: int, roun
     for name in schedules:
         try:
             model = fresh_model(config, source.input_shape, source.num_classes)
-            pipes[name] = (Pipe(model, name, d.batch_size // d.num_microbatches,
-                                d.num_microbatches), model)  # fmt: skip
+            pipes[name] = (
+                Pipe(model, name, d.batch_size // d.num_microbatches, d.num_microbatches),
+                model,
+            )
         except (ValueError, RuntimeError) as error:
             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     for _ in range(rounds):
@@ -248,8 +253,15 @@ def _evaluate(model, pipe: Pipe, test: Loader | None, logger, step: int, train: 
         loss, top1, top5 = evaluate(model, forward, test)
         n = len(test.source)
         epoch, wait = step // train.batches_per_epoch, train.stats()["wait_s"]
-        logger.log("eval", step, epoch=epoch, loss=loss / n, accuracy=top1 / n, top5=top5 / n,
-                   data_wait_s=wait)  # fmt: skip
+        logger.log(
+            "eval",
+            step,
+            epoch=epoch,
+            loss=loss / n,
+            accuracy=top1 / n,
+            top5=top5 / n,
+            data_wait_s=wait,
+        )
     dist.barrier()
 
 
@@ -264,8 +276,9 @@ def run(config: Config, schedules: list[str], probe_steps: int, probe_rounds: in
         _, source, _ = open_run(config)
         d, rank = config.data, dist.get_rank()
         shard = Shard(0, 1, inputs=rank == 0)
-        loader = Loader(source, d, config.augment, "train", config.train.seed, shard,
-                        d.num_microbatches)  # fmt: skip
+        loader = Loader(
+            source, d, config.augment, "train", config.train.seed, shard, d.num_microbatches
+        )
         timings = probe(config, loader, schedules, probe_steps, probe_rounds)
     timed = {n: t["step_s"] for n, t in timings.items() if "step_s" in t}
     chosen = min(timed, key=timed.get) if timed else schedules[0]

@@ -62,11 +62,15 @@ def begin_attempt(
     removed = checkpoints.remove_partial() if checkpoints.directory.exists() else []
     latest = checkpoints.latest() if resume else None
     record = {
-        "time": time.time(), "launcher": launcher_name(), "restart": restart,
-        "world_size": config.world_size, "resume_from": str(latest) if latest else None,
-        "removed_partial": removed, "previous_failure": _archive_failure(run_dir),
+        "time": time.time(),
+        "launcher": launcher_name(),
+        "restart": restart,
+        "world_size": config.world_size,
+        "resume_from": str(latest) if latest else None,
+        "removed_partial": removed,
+        "previous_failure": _archive_failure(run_dir),
         **(notes or {}),
-    }  # fmt: skip
+    }
     with (run_dir / ATTEMPTS).open("a") as file:
         file.write(json.dumps(record) + "\n")
     return record

@@ -71,9 +71,12 @@ def join_job(config: Config) -> Job:
     topology = place_ranks(p.stages, p.replicas)
     several_agents = int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
     if shares_agent_store_across_restarts() and several_agents and topology.rank == 0:
-        print("mpc-dist: warning: torchrun's restarts on several nodes share its store "
-              "between attempts (pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-              "where torchrun starts", file=sys.stderr)  # fmt: skip
+        print(
+            "mpc-dist: warning: torchrun's restarts on several nodes share its store "
+            "between attempts (pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "where torchrun starts",
+            file=sys.stderr,
+        )
     failures, namespace = config.run_dir / FAILURE, job_token()
     watchdog = Watchdog(topology, p.timeout, failure_dir=failures, namespace=namespace).start()
     try:

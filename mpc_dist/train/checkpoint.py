@@ -177,8 +177,11 @@ class Checkpointer:
         if cause is not None and cause.filename:
             what += f": {cause.filename}"
         latest = self.latest()
-        kept = (f"the last complete checkpoint {latest} is intact" if latest
-                else "there is no earlier checkpoint")  # fmt: skip
+        kept = (
+            f"the last complete checkpoint {latest} is intact"
+            if latest
+            else "there is no earlier checkpoint"
+        )
         return CheckpointError(
             f"could not write checkpoint {partial} ({what}); {kept}; free space there (or move "
             f"run.out_dir) and resume with --resume"
@@ -223,8 +226,11 @@ class Checkpointer:
                     ) from error
                 if _rank() == 0:
                     path.rename(path.with_name(path.name + ".damaged"))
-                    print(f"mpc-dist: {error}; moved it to {path.name}.damaged and resuming "
-                          f"from {older} (run.resume_fallback)", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"mpc-dist: {error}; moved it to {path.name}.damaged and resuming "
+                        f"from {older} (run.resume_fallback)",
+                        file=sys.stderr,
+                    )
                 _barrier()
         raise AssertionError("unreachable: the oldest candidate returns or raises")
 
@@ -275,8 +281,10 @@ class Checkpointer:
             return f"checkpoint {path} could not be read ({_first_line(error)})"
         missing = [k for k in model_state if f"model.{k}" not in saved]
         if missing:
-            return (f"checkpoint {path} lacks {len(missing)} of this model's tensors, e.g. "
-                    f"{missing[:3]}; it was written by another model")  # fmt: skip
+            return (
+                f"checkpoint {path} lacks {len(missing)} of this model's tensors, e.g. "
+                f"{missing[:3]}; it was written by another model"
+            )
         return None
 
     @staticmethod
@@ -292,8 +300,11 @@ class Checkpointer:
             listed = json.loads(manifest.read_text())
         except (ValueError, OSError) as error:
             raise CheckpointError(f"checkpoint {manifest} is unreadable ({error})") from error
-        files = listed["files"] if listed.get("format") == 2 else {
-            name: {"size": size} for name, size in listed.items()}  # fmt: skip
+        files = (
+            listed["files"]
+            if listed.get("format") == 2
+            else {name: {"size": size} for name, size in listed.items()}
+        )
         index, count = share
         for name, expected in sorted(files.items())[index::count]:
             file = path / name

@@ -61,10 +61,18 @@ def train(
     runner, resume = _start(config, model, train_source, resume, job, callbacks, attempt)
     configure_tf32(config.train.tf32, runner.device)
     train_data, test_data = (
-        Loader(source, config.data, config.augment, split, seed, runner.shard,
-               config.data.num_microbatches, runner.device)
+        Loader(
+            source,
+            config.data,
+            config.augment,
+            split,
+            seed,
+            runner.shard,
+            config.data.num_microbatches,
+            runner.device,
+        )
         for source, split in ((train_source, "train"), (test_source, "test"))
-    )  # fmt: skip
+    )
     if config.horizon.reselect_every:
         steps = train_data.batches_per_epoch
         callbacks.append(Reselect(config, runner, train_source, steps))
@@ -140,8 +148,10 @@ def fit(
                 for _ in range(size):
                     chunk.append(next(batches))
                     waits.append(train_data.last_wait_s)
-                rates = [learning_rate(config.optim, state.step + j, run.total_steps)
-                         for j in range(size)]  # fmt: skip
+                rates = [
+                    learning_rate(config.optim, state.step + j, run.total_steps)
+                    for j in range(size)
+                ]
                 results = run.train_chunk(chunk, rates)
                 for j in range(size):
                     state.step, state.batch = state.step + 1, state.batch + 1
@@ -254,9 +264,14 @@ class TrainingRun:
             callback.after_evaluate(self.state.step, self.final)
         if self.logger is not None:
             self.logger.log(
-                "eval", self.state.step, epoch=self.state.epoch, **self.final, **self.stages,
-                data_wait_s=self.data_stats["wait_s"], skipped_images=self.data_stats["skipped"],
-            )  # fmt: skip
+                "eval",
+                self.state.step,
+                epoch=self.state.epoch,
+                **self.final,
+                **self.stages,
+                data_wait_s=self.data_stats["wait_s"],
+                skipped_images=self.data_stats["skipped"],
+            )
         if announce and self.runner.is_logger:
             console.print(
                 f"epoch {self.state.epoch}: test accuracy {100 * self.final['accuracy']:.2f}% "

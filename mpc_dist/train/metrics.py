@@ -129,8 +129,13 @@ class StepLog:
             return
         loss, correct, count = result
         window = self.window
-        self.window = [window[0] + loss * count, window[1] + correct, window[2] + count,
-                       window[3] + wait_s, window[4] + 1]  # fmt: skip
+        self.window = [
+            window[0] + loss * count,
+            window[1] + correct,
+            window[2] + count,
+            window[3] + wait_s,
+            window[4] + 1,
+        ]
         rate = self.seen / (time.perf_counter() - self.started)
         status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
         if self.window[3]:  # this process reads the data: is the loader keeping up?
@@ -139,9 +144,14 @@ class StepLog:
         if self.logger and (step % self.every == 0 or step == self.last):
             total_loss, total_correct, samples, wait, steps = self.window
             self.logger.log(
-                "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
-                lr=lr, samples_per_s=rate, data_wait_s=wait / steps,
-            )  # fmt: skip
+                "train",
+                step,
+                loss=total_loss / samples,
+                accuracy=total_correct / samples,
+                lr=lr,
+                samples_per_s=rate,
+                data_wait_s=wait / steps,
+            )
             self.window = [0.0, 0, 0, 0.0, 0]
             if not self.bar.disable and not self.bar.console.is_terminal:
                 self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)

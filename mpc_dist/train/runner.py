@@ -108,19 +108,24 @@ class SingleRunner:
         self.compute = compute_options(config.train, self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.step = OptimizerStep(
-            self.optimizer, config.optim.grad_clip, callbacks=callbacks,
+            self.optimizer,
+            config.optim.grad_clip,
+            callbacks=callbacks,
             scaler=grad_scaler(self.compute, self.device),
             on_nonfinite=config.optim.on_nonfinite,
-        )  # fmt: skip
+        )
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
         """Train on under another plan (horizon re-selection)."""
         self.plan = plan
         options = EngineOptions(
-            self.compute, track_memory=False, scale_loss=self.step.scale_loss,
-            seed=self.config.train.seed, rules=self.config.rules,
-        )  # fmt: skip
+            self.compute,
+            track_memory=False,
+            scale_loss=self.step.scale_loss,
+            seed=self.config.train.seed,
+            rules=self.config.rules,
+        )
         self.engine = make_engine(self.model, plan, options)
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
@@ -188,15 +193,26 @@ class PipelineRunner:
             counts = job.from_rank_zero(lambda: self._partition(config, model, job, compute))
             ranges = stage_ranges(counts)
             runtime = RuntimeOptions(
-                schedule=schedule_spec(config), device=job.device, dtype=dtype,
+                schedule=schedule_spec(config),
+                device=job.device,
+                dtype=dtype,
                 soft_targets=mixes(config.augment),
-            )  # fmt: skip
+            )
             stage = build_stage(
-                model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
-                runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
-                sharding=p.sharding, callbacks=callbacks, rules=config.rules,
+                model=model,
+                plan=plan,
+                ranges=ranges,
+                groups=groups,
+                optim=config.optim,
+                runtime=runtime,
+                compute=compute,
+                seed=config.train.seed,
+                spec=config.model,
+                sharding=p.sharding,
+                callbacks=callbacks,
+                rules=config.rules,
                 fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
-            )  # fmt: skip
+            )
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)

@@ -153,8 +153,11 @@ class OptimizerStep:
         if self.on_nonfinite == "skip":
             self.skipped += 1
             where = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
-            print(f"mpc-dist: {where}optimizer step {self.steps} skipped: non-finite {what} "
-                  f"(optim.on_nonfinite=skip)", file=sys.stderr)  # fmt: skip
+            print(
+                f"mpc-dist: {where}optimizer step {self.steps} skipped: non-finite {what} "
+                f"(optim.on_nonfinite=skip)",
+                file=sys.stderr,
+            )
             return None
         local = "" if math.isfinite(float(loss)) else f" ({float(loss)})"
         raise TrainingError(f"non-finite {what}{local}")
