@@ -30,9 +30,12 @@ def sets(*items: str) -> list[str]:
 
 def mpc_dist(*args: str, timeout: float = 180, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "mpc-dist"), *args], capture_output=True, text=True, timeout=timeout,
+        [str(BIN / "mpc-dist"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=env or ENV,
-    )  # fmt: skip
+    )
 
 
 def single_process_run(tmp_path: Path, *extra: str) -> Path:
@@ -62,7 +65,7 @@ def start_ranks(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-            )  # fmt: skip
+            )
         )
     return processes
 

@@ -83,9 +83,14 @@ def test_transform_is_timms_own_to_the_bit(training: bool) -> None:
     augment = AugmentConfig(enabled=True, auto_augment="rand-m9-mstd0.5-inc1")
     ours = build_transform(augment, 16, training, IMAGENET_MEAN, IMAGENET_STD)
     timms = create_transform(
-        16, is_training=training, auto_augment=augment.auto_augment, interpolation="bilinear",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=augment.crop_pct,
-    )  # fmt: skip
+        16,
+        is_training=training,
+        auto_augment=augment.auto_augment,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=augment.crop_pct,
+    )
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)) for _ in range(6)]
     expected, arrays = [], []

@@ -30,16 +30,36 @@ def tiny_config(out, name: str, model: list[str]) -> Config:
     """A 4-block network with auxiliary heads, back-propagation, 16 px Fashion-MNIST from disk
     with RandAugment, mixup and label smoothing, float64, 3 steps of 40 images in 4
     microbatches."""
-    return load_config(None, [
-        *model, "model.head=aux", "horizon.rule=receding", "horizon.horizon=4",
-        "data.dataset=folder", f"data.root={exported('folder')}", "data.image_size=16",
-        "data.batch_size=40", "data.num_microbatches=4", "data.eval_batch_size=100",
-        "augment.enabled=true", "augment.auto_augment=rand-m6-n1-mstd0.5-inc1",
-        "augment.scale=[0.35,1.0]", "augment.mixup=0.2", "augment.label_smoothing=0.1",
-        "optim.warmup_steps=1", "train.dtype=float64", "train.epochs=1", "train.max_steps=3",
-        "train.eval_every=2", f"run.out_dir={out}", f"run.name={name}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            *model,
+            "model.head=aux",
+            "horizon.rule=receding",
+            "horizon.horizon=4",
+            "data.dataset=folder",
+            f"data.root={exported('folder')}",
+            "data.image_size=16",
+            "data.batch_size=40",
+            "data.num_microbatches=4",
+            "data.eval_batch_size=100",
+            "augment.enabled=true",
+            "augment.auto_augment=rand-m6-n1-mstd0.5-inc1",
+            "augment.scale=[0.35,1.0]",
+            "augment.mixup=0.2",
+            "augment.label_smoothing=0.1",
+            "optim.warmup_steps=1",
+            "train.dtype=float64",
+            "train.epochs=1",
+            "train.max_steps=3",
+            "train.eval_every=2",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+        ],
+    )
 
 
 def _torch_ranks(rank: int, world: int, out) -> None:
@@ -96,9 +116,15 @@ def test_data_study_at_a_small_size(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("# Data\n\nnotes before\n\n## Study: the streaming path on")
-    for label in ("back-propagation | 1 (", "MPC h = 1 | 1 (", "MPC shrinking h = 2 | 1 (",
-                  "MPC receding h = 4 (T/2) | 1 (", "MPC h = 1 async | 2 (",
-                  "MPC shrinking h = 2 async | 2 (", "back-propagation | 2 (torch"):  # fmt: skip
+    for label in (
+        "back-propagation | 1 (",
+        "MPC h = 1 | 1 (",
+        "MPC shrinking h = 2 | 1 (",
+        "MPC receding h = 4 (T/2) | 1 (",
+        "MPC h = 1 async | 2 (",
+        "MPC shrinking h = 2 async | 2 (",
+        "back-propagation | 2 (torch",
+    ):
         assert f"| {label}" in text, label
     assert "| Schedule1F1B | 0." in text and "| timm `create_loader`, prefetcher |" in text
     assert "](img/data_study.png)" in text and (tmp_path / "img" / "data_study.png").stat().st_size

@@ -49,9 +49,20 @@ def test_the_steps_that_need_no_gpu_pass_on_the_cpu(tmp_path):
              "refusals"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "acceptance.py"), *steps, "--device", "cpu",
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPTS / "acceptance.py"),
+            *steps,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert [line.split(":")[0] for line in lines] == ["PASS"] * 7 + ["SKIP"], lines

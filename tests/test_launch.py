@@ -30,10 +30,18 @@ def test_torchrun_pipeline_matches_single_process(tmp_path):
     extra = ["horizon.horizon=2", "model.head=aux", "pipeline.mode=async"]
     single = single_process_run(tmp_path, *extra)
     result = mpc_dist(
-        "train", "--nproc", "4",
-        *sets(*TINY, *extra, "pipeline.stages=2", "pipeline.replicas=2",
-              f"run.out_dir={tmp_path}", "run.name=pipe"),
-    )  # fmt: skip
+        "train",
+        "--nproc",
+        "4",
+        *sets(
+            *TINY,
+            *extra,
+            "pipeline.stages=2",
+            "pipeline.replicas=2",
+            f"run.out_dir={tmp_path}",
+            "run.name=pipe",
+        ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage_busy_s" in (tmp_path / "pipe" / "metrics.jsonl").read_text()
     assert_same_weights(single, tmp_path / "pipe")
@@ -57,10 +65,16 @@ def test_accelerate_launch_pipeline_matches_single_process(tmp_path):
 def test_world_size_mismatch_is_a_clear_error(tmp_path):
     # A plain `python launch/train.py` of a 4-stage config: no launcher, one process.
     result = subprocess.run(
-        [sys.executable, "launch/train.py", *sets(*TINY, "pipeline.stages=4",
-                                                  f"run.out_dir={tmp_path}")],
-        capture_output=True, text=True, timeout=120, env=ENV,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "launch/train.py",
+            *sets(*TINY, "pipeline.stages=4", f"run.out_dir={tmp_path}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert result.returncode == 2
     assert "pipeline.stages=4" in result.stderr and "--nproc 4" in result.stderr
     result = mpc_dist("train", "--nproc", "2", *sets(*TINY, "pipeline.stages=4"))
@@ -69,8 +83,14 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
-    args = sets(*TINY, "pipeline.stages=4", "horizon.horizon=2", "train.max_steps=50",
-                "data.synthetic_size=2048", f"run.out_dir={tmp_path}")  # fmt: skip
+    args = sets(
+        *TINY,
+        "pipeline.stages=4",
+        "horizon.horizon=2",
+        "train.max_steps=50",
+        "data.synthetic_size=2048",
+        f"run.out_dir={tmp_path}",
+    )
     drill = str(Path(__file__).with_name("fault_drill.py"))
     processes = start_ranks(4, lambda rank: [f"2:2:{kind}", *args], script=drill)
     results = wait_all(processes, timeout=90)  # a hang fails here; no wall-clock assertion
@@ -83,8 +103,10 @@ def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
     written = sorted(int(p.stem.removeprefix("rank_")) for p in failure.glob("rank_*.json"))
     assert written == ([0, 1, 2, 3] if kind == "raise" else [0, 1, 3]), written
     line = json.loads((failure / "summary.json").read_text())["failure"]
-    assert all(f"rank {r}: {'silent, last said: ' if kind == 'kill' and r == 2 else ''}stage {r}"
-               in line for r in range(4)), line  # fmt: skip
+    assert all(
+        f"rank {r}: {'silent, last said: ' if kind == 'kill' and r == 2 else ''}stage {r}" in line
+        for r in range(4)
+    ), line
 
 
 def test_ranks_with_different_configs_refuse_to_start(tmp_path):
@@ -94,8 +116,9 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
 
     results = wait_all(start_ranks(2, args), timeout=90)
     assert all(code != 0 for code, _ in results)
-    assert any("rank 1 (stage 1, replica 0) started with a different config" in err
-               for _, err in results), [err[-1500:] for _, err in results]  # fmt: skip
+    assert any(
+        "rank 1 (stage 1, replica 0) started with a different config" in err for _, err in results
+    ), [err[-1500:] for _, err in results]
 
 
 def test_checkpoint_from_two_stages_resumes_on_four(tmp_path):

@@ -36,10 +36,12 @@ def make(head: str, width: int = 8):
 def batches(n: int = STEPS, size: int = BATCH):
     g = torch.Generator().manual_seed(7)
     return [
-        (torch.randn(size, *SHAPE, dtype=torch.float64, generator=g),
-         torch.randint(0, 5, (size,), generator=g))
+        (
+            torch.randn(size, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 5, (size,), generator=g),
+        )
         for _ in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tensor]:

@@ -99,8 +99,7 @@ def test_random_kills_under_torchrun_restarts_lose_nothing(tmp_path, uninterrupt
 
 
 @pytest.mark.multiprocess
-def test_hang_then_kill_in_a_checkpoint_under_accelerate_restarts(tmp_path, uninterrupted,
-                                                                  capsys):  # fmt: skip
+def test_hang_then_kill_in_a_checkpoint_under_accelerate_restarts(tmp_path, uninterrupted, capsys):
     """One accelerate job (--max_restarts 2), three attempts:
     0. stage 0 never sends the activation of microbatch 1 of step 3 (a forced hang): within
        pipeline.timeout both ranks stop, naming that message, and write their flight records;
@@ -182,8 +181,7 @@ def error_lines(capsys) -> list[str]:
     return [x for x in capsys.readouterr().err.splitlines() if x.startswith("mpc-dist: error")]
 
 
-def test_full_disk_while_writing_metrics_keeps_the_last_checkpoint(tmp_path, uninterrupted,
-                                                                  capsys):  # fmt: skip
+def test_full_disk_while_writing_metrics_keeps_the_last_checkpoint(tmp_path, uninterrupted, capsys):
     run_dir = tmp_path / "metrics"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # its first line comes at step 8
@@ -197,8 +195,7 @@ def test_full_disk_while_writing_metrics_keeps_the_last_checkpoint(tmp_path, uni
     assert_same_weights(uninterrupted, run_dir)
 
 
-def test_corrupt_checkpoint_is_named_and_skipped_only_when_asked(tmp_path, uninterrupted,
-                                                                capsys):  # fmt: skip
+def test_corrupt_checkpoint_is_named_and_skipped_only_when_asked(tmp_path, uninterrupted, capsys):
     common = [*TINY, *RUN, f"run.out_dir={tmp_path}", "run.name=corrupt"]
     assert cli.main(["train", *sets(*common, "train.max_steps=6")]) == 0  # steps 4 and 6 kept
     latest = Checkpointer(tmp_path / "corrupt" / "checkpoints").latest()
@@ -225,8 +222,13 @@ SPEC = ModelConfig(name="residual_mlp", num_blocks=T, width=8, hidden=12, head="
 
 def minibatches():
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
-             torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]  # fmt: skip
+    return [
+        (
+            torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 5, (8,), generator=g),
+        )
+        for _ in range(3)
+    ]
 
 
 def nonfinite_optim(policy: str) -> OptimConfig:
@@ -256,11 +258,16 @@ def check_nonfinite_replica(rank: int, world: int, expected: dict[str, dict]) ->
     for policy in ("skip", "stop"):
         optim = nonfinite_optim(policy)
         stage = build_stage(
-            model=build_model(SPEC, SHAPE, 5, device="meta"), plan=plan,
-            ranges=stage_ranges([2, 2]), groups=groups, optim=optim, spec=SPEC, seed=0,
+            model=build_model(SPEC, SHAPE, 5, device="meta"),
+            plan=plan,
+            ranges=stage_ranges([2, 2]),
+            groups=groups,
+            optim=optim,
+            spec=SPEC,
+            seed=0,
             runtime=RuntimeOptions(schedule=ScheduleSpec(2, "async"), dtype=torch.float64),
             sharding="fsdp",
-        )  # fmt: skip
+        )
         batches = [(x[4 * replica :][:4].clone(), y[4 * replica :][:4]) for x, y in minibatches()]
         if replica == 0:
             batches[1][0][0, 0, 0, 0] = float("nan")
@@ -272,8 +279,13 @@ def check_nonfinite_replica(rank: int, world: int, expected: dict[str, dict]) ->
                 stage.runtime.run(batches[1:2], [optim.lr])
         for name, p in stage.model.named_parameters():
             case, full = f"{policy} {name}", p.full_tensor().detach()
-            torch.testing.assert_close(full, expected[policy][name], rtol=0, atol=1e-9,
-                                       msg=lambda m, case=case: f"{case}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                full,
+                expected[policy][name],
+                rtol=0,
+                atol=1e-9,
+                msg=lambda m, case=case: f"{case}: {m}",
+            )
 
 
 @pytest.mark.multiprocess
@@ -294,12 +306,16 @@ def test_flight_record_names_what_a_rank_waits_for(tmp_path):
     flight.note("training", step=6)
     flight.in_schedule = True
     flight.begin(Action(2, "F", minibatch=1, microbatch=3))
-    assert flight.describe().startswith("stage 2 of replica 1 runs the forward of microbatch 3 "
-                                        "of step 8")  # fmt: skip
+    assert flight.describe().startswith(
+        "stage 2 of replica 1 runs the forward of microbatch 3 of step 8"
+    )
     cotangent = Message(MessageKind.COTANGENT, 0, 3, 5)
     flight.waiting = Wait(cotangent, 3, False, 0.0)
-    assert re.fullmatch(r"stage 2 of replica 1 waits \d+ s for the cotangent of stream 5 of "
-                        r"microbatch 3 of step 7 from stage 3", flight.describe())  # fmt: skip
+    assert re.fullmatch(
+        r"stage 2 of replica 1 waits \d+ s for the cotangent of stream 5 of "
+        r"microbatch 3 of step 7 from stage 3",
+        flight.describe(),
+    )
     flight.waiting = Wait(Message(MessageKind.ACTIVATION, 0, 1, 0), 3, True, 0.0)
     assert (
         "waits" in flight.describe() and "for stage 3 to take the activation" in flight.describe()
@@ -308,8 +324,10 @@ def test_flight_record_names_what_a_rank_waits_for(tmp_path):
         flight.begin(Action(2, "B", microbatch=n, stream=4))
     flight.waiting, flight.in_schedule = None, False
     flight.note("writing the checkpoint of step 8", 8)
-    assert flight.describe() == "stage 2 of replica 1: writing the checkpoint of step 8 (last " \
-                                "action 2B0.39s4)"  # fmt: skip
+    assert (
+        flight.describe() == "stage 2 of replica 1: writing the checkpoint of step 8 (last "
+        "action 2B0.39s4)"
+    )
     path = flight.write(tmp_path / "failure", "stopped", "the failure")
     record = json.loads(path.read_text())
     assert path.name == "rank_6.json" and len(record["recent"]) == 32
