@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from mpc_dist.parallel import (
     ScheduleSpec,
     Topology,
     Wait,
+    Watchdog,
     stage_ranges,
 )
 from mpc_dist.train import (
@@ -333,6 +335,28 @@ def test_flight_record_names_what_a_rank_waits_for(tmp_path):
     assert path.name == "rank_6.json" and len(record["recent"]) == 32
     assert record["recent"][-1]["action"] == "2B0.39s4" and record["failure"] == "the failure"
     assert not list(path.parent.glob(".*tmp")), "the atomic write left its temporary file"
+
+
+def test_the_watchdog_waits_for_a_message_as_long_as_the_message_groups_do(monkeypatch):
+    """While blocks compile (train.compile=blocks) the message groups wait
+    pipeline.collective_timeout; the watchdog must not call that wait a hang at
+    pipeline.timeout."""
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    topology = Topology(2, 1, rank=1)
+    watchdog, flight = Watchdog(topology, timeout_s=5), FlightRecord(topology)  # not started
+    watchdog.watch(flight)
+    since = time.time() - 60  # a message waited for a minute
+    flight.waiting = Wait(Message(MessageKind.ACTIVATION, 0, 1, 0), 0, False, since)
+    assert watchdog.overdue() and "(pipeline.timeout=5 s)" in watchdog._hang()
+    watchdog.set_message_timeout(1800, "pipeline.collective_timeout")
+    assert not watchdog.overdue()
+    assert "(pipeline.collective_timeout=1800 s)" in watchdog._hang()
+    watchdog.set_message_timeout(5)  # compiled: back to pipeline.timeout
+    assert watchdog.overdue()
+    del store
 
 
 def test_a_restart_resumes_by_itself_and_a_first_attempt_does_not(tmp_path, monkeypatch):

@@ -59,6 +59,8 @@ class Watchdog:
         this job's own key prefix (``groups.job_token``), so that a restarted job never reads
         the previous attempt's failure or heartbeats from a store that outlived it."""
         self.topology, self.timeout_s, self.interval_s = topology, timeout_s, interval_s
+        # how long a message may be waited for, and the config field that says so
+        self.message_timeout: tuple[float, str] = (timeout_s, "pipeline.timeout")
         self.rank, self.failure_dir = topology.rank, failure_dir
         self.flight = FlightRecord(topology)
         self._stop = threading.Event()
@@ -170,7 +172,7 @@ class Watchdog:
         stopped), not this rank, so every rank reports the same root cause.
         """
         self.flight.error = "".join(traceback.format_exception(error))[-4000:]
-        if _is_communication_error(error) and self.flight.waited() >= 0.9 * self.timeout_s:
+        if _is_communication_error(error) and self.flight.waited() >= 0.9 * self.message_timeout[0]:
             # the message group's own timeout (pipeline.timeout too) beat this thread: a hang
             self.exit(f"stopping: {self.report(self._hang())}")
         if _is_communication_error(error):
@@ -249,7 +251,7 @@ class Watchdog:
                 if silent:
                     cause = self._silence(silent, self.timeout_s)
                     self.exit(f"stopping: {self.report(cause, silent)}")
-                if self.flight.waited() > self.timeout_s:
+                if self.overdue():
                     self.exit(f"stopping: {self.report(self._hang())}")
             except Exception as error:  # the store lives in rank 0's launcher or process
                 if self._stop.is_set():
@@ -259,9 +261,19 @@ class Watchdog:
                     f"{self.topology.describe(0)} or its launcher has died"
                 )
 
+    def set_message_timeout(self, seconds: float, field: str = "pipeline.timeout") -> None:
+        """Wait up to ``seconds`` for a message from now on (as the message groups do: longer
+        while blocks compile, ``field`` names the setting)."""
+        self.message_timeout = (seconds, field)
+
+    def overdue(self) -> bool:
+        """Whether the main thread has waited for one message longer than it may."""
+        return self.flight.waited() > self.message_timeout[0]
+
     def _hang(self) -> str:
         state, me = self.flight.describe(), self.topology.describe(self.rank)
-        return f"{me} timed out: {state} (pipeline.timeout={self.timeout_s:g} s)"
+        seconds, field = self.message_timeout
+        return f"{me} timed out: {state} ({field}={seconds:g} s)"
 
     def _silent_peers(self, started: float, stale_s: float | None = None) -> list[int]:
         now, stale_s = time.time(), stale_s or self.timeout_s

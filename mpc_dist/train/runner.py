@@ -221,6 +221,8 @@ class PipelineRunner:
         self.calls = 0
         self.device = job.device
         self.watchdog.watch(stage.runtime.flight)
+        if config.train.compile == "blocks":  # the watchdog waits for messages as long, too
+            self.watchdog.set_message_timeout(first_timeout, "pipeline.collective_timeout")
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
         self.shard = Shard(topology.replica, p.replicas, inputs=topology.stage == 0)
@@ -245,6 +247,7 @@ class PipelineRunner:
         if self.calls == COMPILING_CALLS and self.config.train.compile == "blocks":
             dist.barrier()  # every rank is done compiling before any waits less
             self.groups.set_message_timeout(self.config.pipeline.timeout)
+            self.watchdog.set_message_timeout(self.config.pipeline.timeout)
         return [(loss, correct, share) for loss, correct in results]
 
     def evaluate(self, data: Loader) -> dict[str, float]:
