@@ -4,7 +4,7 @@ exactly like one process without them or is refused by config validation in one 
 A cell is a set of features, each a handful of config values over a tiny float64 base config.
 ``validate_config`` decides whether a cell runs; a refused cell must be refused in one line that
 begins with a field the cell sets. Every cell that runs is trained for three minibatches as a
-2-stage pipeline (2 x 2 with fsdp; one spawned gloo group per layout runs all its cells) and
+2-stage pipeline (2 x 2 with fsdp; spawned gloo groups per layout run the cells, ``PARTS``) and
 compared, on every rank, with one process training the same model eagerly, one engine per
 replica (a block-local rule draws its noise per replica). docs/composability.md is the table;
 write it with
@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,15 @@ FEATURES: dict[str, dict[str, object]] = {
     "deferral": {"pipeline.defer_weights": True},
     "lora": {"model.lora": {"rank": 2, "alpha": 4.0, "targets": ["fc1"]}},
     "async": {"pipeline.mode": "async"},
-    # the streaming data path: images read from disk by the Loader (a worker process), augmented
-    # by timm and mixed into soft targets that travel down the pipeline with the activations
+    # the streaming data path: images read from disk by the Loader, augmented by timm and mixed
+    # into soft targets that travel down the pipeline with the activations (in-process decoding:
+    # a worker process is a fresh interpreter here, and tests/test_data_loader.py shows workers
+    # give the same tensors)
     "loader": {
         "data.dataset": "folder",
         "data.root": IMAGES,
         "data.image_size": 12,
-        "data.num_workers": 1,
+        "data.num_workers": 0,
         "augment.enabled": True,
         "augment.auto_augment": "rand-m9-mstd0.5-inc1",
         "augment.re_prob": 0.25,
@@ -302,13 +305,15 @@ def check_cells(rank: int, world: int, runnable: list[tuple[str, ...]], images: 
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
     torch._dynamo.config.recompile_limit = 64  # many model variants in one process
     groups = Groups.create(Topology(STAGES, world // STAGES, rank))
+    patient = dist.new_group(timeout=timedelta(minutes=10))  # ranks' references take unequal time
     for first in range(0, len(runnable), world):  # each rank computes one cell's references
         batch = runnable[first : first + world]
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, references(batch[rank]) if rank < len(batch) else None)
+        mine = references(batch[rank]) if rank < len(batch) else None
+        dist.all_gather_object(gathered, mine, group=patient)
         for cell, expected in zip(batch, gathered, strict=False):
             check_cell(cell, groups, expected)
-            dist.barrier()
+            dist.barrier(group=patient)
 
 
 def check_cell(cell: tuple[str, ...], groups: Groups, expected: dict) -> None:
@@ -338,13 +343,27 @@ def check_cell(cell: tuple[str, ...], groups: Groups, expected: dict) -> None:
         assert all(c.graphs == 0 and c.graph_breaks == 0 for c in compiled[1:]), (cell, compiled)
 
 
-@pytest.mark.parametrize("replicas", [1, 2], ids=["P=2", "P=2 x D=2 (fsdp)"])
-def test_cells_that_run_equal_one_process(replicas):
-    """The cells that run, in one spawned group per layout: fsdp's over 2 replicas."""
+def part(cell: tuple[str, ...]) -> str:
+    """Which spawned group checks a cell: its layout, and compiled or reading images (the slow
+    ones: compiling a model, a first timm import) apart from the rest."""
+    layout = "P=2 x D=2" if cell_config(cell).pipeline.replicas == 2 else "P=2"
+    kind = "compile" if "compile" in cell else "loader" if "loader" in cell else "eager"
+    return f"{layout}, {kind}"
+
+
+PARTS = [f"{layout}, {kind}" for layout in ("P=2", "P=2 x D=2") for kind in ("eager", "compile",
+         "loader")]  # fmt: skip
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("which", PARTS)
+def test_cells_that_run_equal_one_process(which):
+    """The cells that run, one spawned group per part: fsdp's over 2 replicas."""
     runnable = [cell for cell in cells() if refusal(cell) is None]
-    mine = [cell for cell in runnable if cell_config(cell).pipeline.replicas == replicas]
     assert len(runnable) >= len(cells()) // 2, "most cells should run"
-    run(check_cells, STAGES * replicas, mine, images_root(), timeout=900)
+    mine = [cell for cell in runnable if part(cell) == which]
+    assert mine, f"no cell in {which}"
+    run(check_cells, STAGES * (2 if "D=2" in which else 1), mine, images_root(), timeout=540)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -373,7 +392,8 @@ def table() -> str:
         "",
         *textwrap.wrap(
             "* **✓**: trained for 3 minibatches as 2 pipeline stages (fsdp: x 2 data-parallel "
-            "replicas; one spawned gloo group runs all cells of a layout), every rank's weights "
+            "replicas; a spawned gloo group per layout runs its compiled cells, another its "
+            "cells reading images, a third the rest), every rank's weights "
             "equal one process training eagerly (no sharding, checkpointing, compiling or "
             "deferral; one engine per replica, reading what the replica reads: the loader cells "
             f"stream the same images through the Loader): in float64 within atol "
