@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 from mpc_dist.bench.simulator import project  # noqa: E402
 from mpc_dist.config import ModelConfig  # noqa: E402
 from mpc_dist.core import ComputeOptions, EngineOptions, HorizonEngine, Plan  # noqa: E402
-from mpc_dist.core.costs import model_block_costs  # noqa: E402
-from mpc_dist.models import build_model  # noqa: E402
+from mpc_dist.core.compile import compile_blocks  # noqa: E402
+from mpc_dist.core.costs import measure_model_block, model_block_costs  # noqa: E402
+from mpc_dist.models import build_model, instantiate  # noqa: E402
 from mpc_dist.parallel import Costs  # noqa: E402
 
 SMALL = ModelConfig(name="vit_tiny", num_blocks=4, width=32, hidden=64, num_heads=2, head="aux")
@@ -45,6 +46,18 @@ def block_costs(spec: ModelConfig, size: tuple, batch: int, device, compute) -> 
     measured = model_block_costs(
         spec, size, batch, device, torch.float32, repeats=20, compute=compute
     )
+    return {k: 1000 * v for k, v in dataclasses.asdict(measured).items()}
+
+
+def compiled_block_costs(spec: ModelConfig, size: tuple, batch: int, device, compute) -> dict:
+    """F, B, W (ms) of the same middle block compiled with inductor (``train.compile: blocks``);
+    its compilation happens in the warm-up, which is not counted."""
+    model = build_model(spec, size, 10, device="meta")
+    t = model.num_blocks // 2
+    part = instantiate(model.split(t, t + 1), device, torch.float32, seed=0)
+    compile_blocks(part, "inductor")
+    sample = compute.state(torch.randn(batch, *model.state_shapes[t], device=device))
+    measured = measure_model_block(part, t, sample, compute, repeats=20)
     return {k: 1000 * v for k, v in dataclasses.asdict(measured).items()}
 
 
@@ -106,6 +119,9 @@ def main() -> int:
         default=[32, 128],
         help="samples per microbatch: block costs at each; memory and projection at the last",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="block costs eager and compiled only"
+    )
     parser.add_argument("--latency-ms", type=float, default=0.1, help="simulated P2P message")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -121,6 +137,15 @@ def main() -> int:
             costs = per_batch[batch] = block_costs(spec, size, batch, device, compute)
             f, b, w = costs["forward"], costs["input_grad"], costs["weight_grad"]
             print(f"{name}: F {f:.3f} ms, B {b:.3f} ms, W {w:.3f} ms per block at {batch} samples")
+            if args.compile:
+                costs = per_batch[f"{batch} compiled"] = compiled_block_costs(
+                    spec, size, batch, device, compute
+                )
+                f, b, w = costs["forward"], costs["input_grad"], costs["weight_grad"]
+                print(f"{name}: F {f:.3f} ms, B {b:.3f} ms, W {w:.3f} ms compiled (inductor)")
+        if args.compile:
+            report[name] = {"block_ms": per_batch}
+            continue
         memory = memory_against_h(spec, size, args.batch[-1], device, compute)
         for row in memory:
             rest = ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "h")
