@@ -93,7 +93,7 @@ def test_failed_rank_stops_every_rank_with_its_name(tmp_path, kind):
     )
     drill = str(Path(__file__).with_name("fault_drill.py"))
     processes = start_ranks(4, lambda rank: [f"2:2:{kind}", *args], script=drill)
-    results = wait_all(processes, timeout=90)  # a hang fails here; no wall-clock assertion
+    results = wait_all(processes, timeout=180)  # a hang fails here; no wall-clock assertion
     for rank, (code, err) in enumerate(results):
         assert code != 0, f"rank {rank} exited 0"
         if rank != 2:
@@ -114,7 +114,7 @@ def test_ranks_with_different_configs_refuse_to_start(tmp_path):
         lr = "optim.lr=0.01" if rank == 1 else "optim.lr=0.001"
         return sets(*TINY, "pipeline.stages=2", lr, f"run.out_dir={tmp_path}")
 
-    results = wait_all(start_ranks(2, args), timeout=90)
+    results = wait_all(start_ranks(2, args), timeout=180)
     assert all(code != 0 for code, _ in results)
     assert any(
         "rank 1 (stage 1, replica 0) started with a different config" in err for _, err in results
