@@ -149,6 +149,8 @@ class OptimConfig:
     decay_factor: float = 0.1  # step: the factor at each of decay_at
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    # a non-finite loss or gradient norm: stop (the last checkpoint kept) | skip the step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -175,6 +177,9 @@ class TrainConfig:
     # autocast in bf16 or fp16 with fp32 master weights, or plain fp32
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "fp32"
     activation_checkpointing: Literal["none", "blocks"] = "none"  # blocks: recompute in backward
+    compile: Literal["none", "blocks"] = "none"  # blocks: torch.compile each block and head
+    # inductor (generated kernels) | aot_eager (traced, no code generation: checks, debugging)
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
     tf32: bool = True  # CUDA: fp32 matmuls/convolutions on TF32 tensor cores; false: full fp32
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
@@ -191,6 +196,7 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     plot: bool = True  # write plot.png (train loss, test accuracy) at the end
     progress: bool = True  # show a progress bar
+    resume_fallback: bool = False  # resuming: skip a damaged latest checkpoint for the one before
 
 
 @dataclass

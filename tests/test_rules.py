@@ -109,8 +109,10 @@ def ff_reference(model, x, y, seed=0, peer=0.0, straight=False, readout_scale=1.
         pre = {k: layer(length_normalised(v.detach())) for k, v in h.items()}
         h = {k: F.relu(v) for k, v in pre.items()}
         units = h["pos"].shape[1]
-        loss = (F.softplus(units - h["pos"].square().sum(1)).sum()
-                + F.softplus(h["neg"].square().sum(1) - units).sum()) / (2 * len(y))  # fmt: skip
+        loss = (
+            F.softplus(units - h["pos"].square().sum(1)).sum()
+            + F.softplus(h["neg"].square().sum(1) - units).sum()
+        ) / (2 * len(y))
         if peer:
             pos = pre["pos"] + (h["pos"] - pre["pos"]).detach() if straight else h["pos"]
             running = 0.9 * 0.5 + 0.1 * pos.mean(0)
@@ -155,8 +157,9 @@ def fg_reference(model, x, y, seed=0):
         h = F.relu(z).detach()
         head_loss = F.cross_entropy(head(h), y)
         prefix = "head" if t == T - 1 else f"aux_heads.{t + 1}"
-        for n, g in zip(("weight", "bias"), torch.autograd.grad(head_loss, list(head.parameters())),
-                        strict=True):  # fmt: skip
+        for n, g in zip(
+            ("weight", "bias"), torch.autograd.grad(head_loss, list(head.parameters())), strict=True
+        ):
             grads[f"{prefix}.{n}"] = g
     return grads
 
@@ -244,8 +247,9 @@ def mixer_fg_reference(model, x, y, seed=0):
         with torch.no_grad():
             ins, outs, out = run([0.0] * len(sites))
         generator = draws(seed, t, 0)
-        noise = [torch.randn(o.shape, generator=generator, dtype=torch.float64) * (o > 0)
-                 for o in outs]  # fmt: skip
+        noise = [
+            torch.randn(o.shape, generator=generator, dtype=torch.float64) * (o > 0) for o in outs
+        ]
         leaves = [torch.zeros_like(u, requires_grad=True) for u in noise]
         normed = ln(run(leaves)[2])
         P, G = normed.shape[1], normed.shape[2]
@@ -269,8 +273,9 @@ def mixer_fg_reference(model, x, y, seed=0):
             else:
                 spread = directional[..., None]
             params = dict(site.linear.named_parameters())
-            got = torch.autograd.grad(site.norm(site.linear(a)), list(params.values()),
-                                      spread * u / len(y))  # fmt: skip
+            got = torch.autograd.grad(
+                site.norm(site.linear(a)), list(params.values()), spread * u / len(y)
+            )
             for n, g_ in zip(params, got, strict=True):
                 grads[f"blocks.{t}.{names[site.kind]}.linear.{n}"] = g_
         head_loss = F.cross_entropy(head(out), y)
@@ -297,8 +302,9 @@ REFERENCES = {
 def test_forward_forward_with_peer_normalisation_equals_the_codes():
     """Hinton's and loeweX's peer normalisation, the straight-through ReLU, the readout's rate."""
     x, y = batch()
-    options = RulesConfig(ff_peer_normalisation=0.03, ff_straight_through=True,
-                          ff_readout_lr_scale=10.0)  # fmt: skip
+    options = RulesConfig(
+        ff_peer_normalisation=0.03, ff_straight_through=True, ff_readout_lr_scale=10.0
+    )
     got = engine_grads("ff", make("ff"), x, y, options=options)
     want = ff_reference(make("ff"), x, y, peer=0.03, straight=True, readout_scale=10.0)
     assert set(got) == set(want)
@@ -350,17 +356,20 @@ def test_pepita_weight_mirroring():
     for b in before[1:]:
         product = product @ b
     scale = 0.05 * (6 / x[0].numel()) ** 0.5
-    fixed = (2 * torch.rand(x[0].numel(), CLASSES, generator=draws(0, -2, 0),
-                            dtype=torch.float64) - 1) * scale  # fmt: skip
+    fixed = (
+        2 * torch.rand(x[0].numel(), CLASSES, generator=draws(0, -2, 0), dtype=torch.float64) - 1
+    ) * scale
     feedback = product * fixed.std() / product.std()
     engine.train_microbatch(x, y)
-    want = pepita_reference(make("pepita_stabilised"), x, y, dropout=0.25, normalise=True,
-                            feedback=feedback)  # fmt: skip
+    want = pepita_reference(
+        make("pepita_stabilised"), x, y, dropout=0.25, normalise=True, feedback=feedback
+    )
     for name, grad in want.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
     for i, (layer, b) in enumerate(zip(layers, before, strict=True)):
-        noise = 0.1 * torch.randn(len(x), layer.in_features, generator=draws(0, -3, i),
-                                  dtype=torch.float64)  # fmt: skip
+        noise = 0.1 * torch.randn(
+            len(x), layer.in_features, generator=draws(0, -3, i), dtype=torch.float64
+        )
         out = layer(noise).softmax(-1) if i == T else F.relu(layer(noise))
         mirror = (-1 if i == 0 else 1) * noise.T @ out / (len(x) * 0.01)
         torch.testing.assert_close(layer.pepita_mirror, 0.5 * b + 0.5 * mirror)
@@ -433,10 +442,14 @@ def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
         for mode in ("sync", "async"):
             options = RuntimeOptions(schedule=ScheduleSpec(M, mode), dtype=torch.float64)
             stage = build_stage(
-                model=make(case), plan=Plan(rule, 1, T), ranges=ranges, groups=groups,
-                optim=OptimConfig("adam", lr=0.01), runtime=options,
+                model=make(case),
+                plan=Plan(rule, 1, T),
+                ranges=ranges,
+                groups=groups,
+                optim=OptimConfig("adam", lr=0.01),
+                runtime=options,
                 rules=OPTIONS.get(case),
-            )  # fmt: skip
+            )
             if mode == "async":
                 stage.runtime.run(data, [0.01] * STEPS)
             else:
@@ -477,11 +490,21 @@ LEARN = {
 @pytest.mark.parametrize("case", list(LEARN))
 def test_each_rule_learns_mnist(case, tmp_path):
     rule = RULE_OF.get(case, case)
-    config = load_config(None, [
-        *LEARN[case], f"horizon.rule={rule}", "horizon.horizon=1", "train.max_steps=100",
-        "train.epochs=1", "data.batch_size=128", f"run.out_dir={tmp_path}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *LEARN[case],
+            f"horizon.rule={rule}",
+            "horizon.horizon=1",
+            "train.max_steps=100",
+            "train.epochs=1",
+            "data.batch_size=128",
+            f"run.out_dir={tmp_path}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+        ],
+    )
     summary = train(config)
     assert summary["test accuracy"] > 0.4  # chance is 0.1
 
@@ -498,8 +521,8 @@ def test_each_rule_learns_mnist(case, tmp_path):
           "model.name=vit_tiny"], "outside linear layers"),
         (["horizon.rule=pepita", "horizon.horizon=1"], "model.name=relu_mlp"),
         (["horizon.rule=ff", "horizon.horizon=auto"], "horizon.horizon=auto"),
-        (["horizon.rule=ff", "horizon.horizon=1", "model.name=relu_mlp", "pipeline.stages=2",
-          "pipeline.replicas=2", "pipeline.sharding=fsdp"], "pipeline.sharding=fsdp"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "train.compile=blocks"], "train.compile=blocks"),
         (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
           "rules.pepita_mirror_lr=0.01", "pipeline.stages=2"], "rules.pepita_mirror_lr"),
         (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
@@ -535,9 +558,19 @@ def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, extra,
     tiny = [*TINY, "model.width=16", *extra, "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
     single = mpc_dist("train", "--config", config, *sets(*tiny, "run.name=single"))
     assert single.returncode == 0, single.stderr[-3000:]
-    pipe = mpc_dist("train", "--nproc", "2", "--config", config, *sets(
-        *tiny, "pipeline.stages=2", f"pipeline.mode={mode}", "run.name=pipe",
-    ))  # fmt: skip
+    pipe = mpc_dist(
+        "train",
+        "--nproc",
+        "2",
+        "--config",
+        config,
+        *sets(
+            *tiny,
+            "pipeline.stages=2",
+            f"pipeline.mode={mode}",
+            "run.name=pipe",
+        ),
+    )
     assert pipe.returncode == 0, pipe.stderr[-3000:]
     assert_same_weights(tmp_path / "single", tmp_path / "pipe")
 
@@ -582,8 +615,10 @@ def test_paper_study_resumes_and_reports(tmp_path, capfd):
     is read back; the report (table, per-epoch accuracies, plot) replaces its block only. In
     this process: the command's own entry point, its messages read from stderr."""
     doc = tmp_path / "rules.md"
-    doc.write_text("# Rules\n\nbefore\n<!-- results: mpc-dist rules-study --paper -->\nold\n"
-                   "<!-- end of paper results -->\nafter\n")  # fmt: skip
+    doc.write_text(
+        "# Rules\n\nbefore\n<!-- results: mpc-dist rules-study --paper -->\nold\n"
+        "<!-- end of paper results -->\nafter\n"
+    )
     out = str(tmp_path / "p")
     args = ["rules-study", "--paper", "--recipes", "pepita", "--recipe-epochs", "pepita=1",
             "--paper-out", out, "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
@@ -614,11 +649,26 @@ def test_rules_study_at_a_small_size(tmp_path):
     """The one command behind docs/rules.md: trains, measures, and rewrites only its results
     block of the document."""
     doc = tmp_path / "rules.md"
-    doc.write_text("# Rules\n\nnotes before\n<!-- results: mpc-dist rules-study -->\nold\n"
-                   "<!-- end of results -->\nnotes after\n")  # fmt: skip
-    result = mpc_dist("rules-study", "--out", str(tmp_path / "study"), "--doc", str(doc),
-                      "--networks", "mlp", "--datasets", "mnist", "--epochs", "1",
-                      "--max-steps", "3", timeout=600)  # fmt: skip
+    doc.write_text(
+        "# Rules\n\nnotes before\n<!-- results: mpc-dist rules-study -->\nold\n"
+        "<!-- end of results -->\nnotes after\n"
+    )
+    result = mpc_dist(
+        "rules-study",
+        "--out",
+        str(tmp_path / "study"),
+        "--doc",
+        str(doc),
+        "--networks",
+        "mlp",
+        "--datasets",
+        "mnist",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("# Rules\n\nnotes before\n") and text.endswith("notes after\n")
@@ -626,3 +676,25 @@ def test_rules_study_at_a_small_size(tmp_path):
     for label in ("ff", "forward_gradient", "pepita", "MPC h = 1", "back-propagation"):
         assert f"| mlp | {label} |" in text
     assert "| mlp | pepita | async |" in text and "| mlp | back-propagation | 1F1B |" in text
+
+
+@pytest.mark.parametrize("rule", ["ff", "sff"])
+def test_checkpointed_blocks_hold_less_until_the_update_and_give_the_same_gradients(rule):
+    """A block-local rule that back-propagates inside a block keeps its graph from the forward
+    to the update (a pipeline's B action); checkpointed, the block keeps its input only."""
+    from mpc_dist.core import ComputeOptions
+
+    x, y = batch()
+    held, grads = {}, {}
+    for checkpoint in (False, True):
+        model = make(rule)
+        options = EngineOptions(ComputeOptions(checkpoint_blocks=checkpoint))
+        engine = make_engine(model, Plan(rule, 1, T), options)
+        engine.forward(0, x, y, eager=False)
+        held[checkpoint] = engine.memory.current_bytes
+        for s in range(1, T + 1):
+            engine.backward(0, s)
+        grads[checkpoint] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert held[True] < held[False], held
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0, msg=name)

@@ -1,12 +1,15 @@
 """Engine overhead: time per training step of the horizon engine relative to plain autograd BP.
 
 Same model, batch and optimizer for every configuration; configurations are timed in interleaved
-rounds so drift in machine load affects all of them alike; the median round is reported.
+rounds so drift in machine load affects all of them alike; the median round is reported. With
+``--compile BACKEND`` every block is also measured compiled (``train.compile: blocks``) against
+eager: its forward, input-gradient and weight-gradient times, and engine steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -16,7 +19,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..console import console
-from ..core import ActivationMemory, EngineOptions, HorizonEngine, Plan
+from ..core import ActivationMemory, ComputeOptions, EngineOptions, HorizonEngine, Plan
+from ..core.compile import CompileStats, compile_blocks
+from ..core.costs import measure_model_block
 from ..models import build_model
 
 # Issue targets for the ratio to plain BP (a benchmark, read from the output).
@@ -42,6 +47,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         name="residual_mlp", num_blocks=args.blocks, width=args.width, hidden=args.hidden
     )
     model = build_model(spec, (1, 28, 28), 10)
+    eager_model = copy.deepcopy(model)  # before any engine compiles it
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -86,7 +92,56 @@ def main(args: argparse.Namespace) -> dict[str, float]:
                 verdict = "  ok" if ratio <= bound else "  MISSED"
             mib = f"{_peak_activation_mib(engines[(rule, int(h))].plan, model, x, y):.1f}"
         console.print(f"{name:<22}{ms:>9.2f}{ratio:>8.2f}{target:>9}{mib:>10}{verdict}")
+    if getattr(args, "compile", "none") != "none":
+        compare_compiled(eager_model, x, y, args)
     return ratios
+
+
+def compare_compiled(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args) -> None:
+    """Every block's F, B and W (ms, the engine's B/W split) eager and compiled, then engine
+    steps (back-propagation and receding h = 2) eager and compiled, timed interleaved."""
+    compiled = copy.deepcopy(model)
+    compile_blocks(compiled, args.compile)
+    before = CompileStats.now()
+    HorizonEngine(compiled, Plan("receding", 2, args.blocks)).train_microbatch(x, y)
+    HorizonEngine(compiled, Plan("receding", args.blocks, args.blocks)).train_microbatch(x, y)
+    first = CompileStats.now().since(before)
+    compiled.zero_grad(set_to_none=True)
+    console.print(
+        f"\ncompiled with {args.compile}: {first.graphs} graphs, {first.graph_breaks} graph "
+        f"breaks, {first.seconds:.1f} s compiling (first calls)"
+    )
+    console.print(f"{'block':<7}{'eager F/B/W ms':>22}{'compiled F/B/W ms':>24}{'ratio':>7}")
+    state = x
+    for t in range(args.blocks):
+        eager = measure_model_block(model, t, state, repeats=args.repeats, input_grad=t > 0)
+        fast = measure_model_block(compiled, t, state, repeats=args.repeats, input_grad=t > 0)
+        cells = [
+            "/".join(f"{1000 * v:.2f}" for v in (c.forward, c.input_grad, c.weight_grad))
+            for c in (eager, fast)
+        ]
+        console.print(f"{t:<7}{cells[0]:>22}{cells[1]:>24}{fast.total / eager.total:>7.2f}")
+        with torch.no_grad():
+            state = model.block_forward(t, state)
+    steps = {}
+    for name, part in (("eager", model), ("compiled", compiled)):
+        optimizer = torch.optim.AdamW(part.parameters(), lr=1e-4)
+        for h in (2, args.blocks):
+            engine = HorizonEngine(
+                part,
+                Plan("receding", h, args.blocks),
+                EngineOptions(ComputeOptions(), track_memory=False),
+            )
+
+            def step(engine=engine, optimizer=optimizer) -> None:
+                engine.train_microbatch(x, y)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            steps[f"{name} receding h={h}"] = step
+    times = _interleaved_times(steps, args.repeats, args.steps)
+    for name, samples in times.items():
+        console.print(f"{name:<28}{1000 * statistics.median(samples):>9.2f} ms/step")
 
 
 def _interleaved_times(

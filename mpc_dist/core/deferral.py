@@ -8,6 +8,13 @@ each branch node, autograd from that node (with its captured gradient) to the we
 reaches off the input path only, so no input-path product is computed again. A block that needs
 no input gradient from a stream defers its whole weight backward. The block's graph is kept for
 the other streams that cross it.
+
+A compiled block (``ComputeOptions.compile``) is one opaque node in autograd's graph
+(AOTAutograd's ``CompiledFunctionBackward``): its backward computes the gradients of all its
+inputs, weights included, whatever a call asks for, so the split above would run it twice. There
+the input pass takes the weight gradients too, in the same call, and keeps them until the weight
+pass adds them into ``.grad``: one backward, as without deferral, at the memory of one
+weight-gradient copy per deferred (stream, block) until its W action.
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ class DeferredWeights:
         default_factory=list
     )
     whole: tuple[torch.Tensor, torch.Tensor, list] | None = None  # output, cotangent, weights
+    computed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (w, dl/dw)
 
     def run(self) -> None:
         """Accumulate the weight gradients into ``.grad``; the graph is kept for other streams."""
+        for param, grad in self.computed:
+            param.grad = grad if param.grad is None else param.grad + grad
         if self.whole is not None:
             output, cotangent, params = self.whole
             torch.autograd.backward(output, cotangent, inputs=params, retain_graph=True)
@@ -53,6 +63,12 @@ def input_backward(
     """dl/d(leaf) now, and the weight part of the same backward for later."""
     by_node = {grad_node(p): p for p in params}
     branches = _branch_nodes(grad_node(output), grad_node(leaf), set(by_node))
+    if any(is_opaque(node) for node in branches):
+        grad, *weight_grads = torch.autograd.grad(
+            output, [leaf, *params], cotangent, retain_graph=True, allow_unused=True
+        )
+        computed = [(p, g) for p, g in zip(params, weight_grads, strict=True) if g is not None]
+        return grad, DeferredWeights(computed=computed)
     captured: dict[Node, tuple] = {}
     handles = [
         node.register_prehook(lambda grads, node=node: captured.__setitem__(node, grads))
@@ -75,6 +91,11 @@ def input_backward(
                 ([e for e, _ in edges], [g for _, g in edges], [by_node[w] for w in weights])
             )
     return grad, deferred
+
+
+def is_opaque(node: Node) -> bool:
+    """A compiled region's backward node: it computes every input's gradient on each call."""
+    return type(node).__name__.startswith("CompiledFunction")
 
 
 def _branch_nodes(top: Node, input_node: Node, param_nodes: set[Node]) -> dict[Node, list[Node]]:

@@ -18,9 +18,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import RulesConfig
 from ..models import BlockModel
+from .compile import compile_blocks
 from .memory import ActivationMemory
 from .plan import Plan
 
@@ -33,6 +35,7 @@ class ComputeOptions:
     autocast_dtype: torch.dtype | None = None  # mixed precision: compute in this dtype
     device_type: str = "cpu"  # autocast's device type
     checkpoint_blocks: bool = False  # recompute each block's forward in its backward
+    compile: str | None = None  # a torch.compile backend for every block and head (None: eager)
 
     def autocast(self):
         """The context blocks compute in."""
@@ -69,6 +72,7 @@ class ForwardResult:
 
 class Engine:
     """What every engine shares: its run of blocks [first, last), options, memory accounting,
+    compiling its blocks (``ComputeOptions.compile``: in place, the model's modules themselves),
     and training a whole model one microbatch at a time. Subclasses implement ``forward`` and
     ``infer`` and the actions their rule's schedules contain."""
 
@@ -86,6 +90,8 @@ class Engine:
             raise ValueError(f"engine needs a contiguous run of blocks, got {blocks}")
         self.is_last = self.last == plan.num_blocks
         self.memory = ActivationMemory(model.parameters) if options.track_memory else None
+        if self.compute.compile is not None:
+            compile_blocks(model, self.compute.compile)
 
     def forward(
         self,
@@ -137,6 +143,16 @@ class Engine:
         result = self.forward(0, inputs, targets, loss_scale, eager=True)
         assert not self.outstanding, "a whole-model run finishes its microbatch in forward"
         return result
+
+    def block_forward(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Block t's forward as this engine runs it: with ``checkpoint_blocks``, torch's
+        non-reentrant checkpoint keeps only the block's input and recomputes its forward in each
+        backward through it (same RNG state, same autocast)."""
+        if not self.compute.checkpoint_blocks:
+            return self.model.block_forward(t, x)
+        return torch.utils.checkpoint.checkpoint(
+            self.model.block_forward, t, x, use_reentrant=False
+        )
 
     def hold(self, tensor: torch.Tensor):
         """Keep ``tensor`` (``.tensor`` of the handle) and count it as held activations."""

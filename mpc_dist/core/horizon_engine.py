@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils.checkpoint
 
 from ..models import BlockModel
 from .deferral import DeferredWeights, input_backward
@@ -66,7 +65,7 @@ class HorizonEngine(Engine):
         for t in range(self.first, self.last):
             with self._hooks(), self.compute.autocast():
                 leaf = x.detach().requires_grad_(self._input_grad[t])
-                out = self._block(t, leaf)
+                out = self.block_forward(t, leaf)
             state.inputs[t], state.outputs[t] = leaf, out
             state.pending[t] = len(self._through[t])
             x = self.compute.state(out)
@@ -197,12 +196,3 @@ class HorizonEngine(Engine):
     def outstanding(self) -> int:
         """Microbatches whose graphs are still held (some stream has not passed yet)."""
         return len(self._microbatches)
-
-    def _block(self, t: int, leaf: torch.Tensor) -> torch.Tensor:
-        if not self.compute.checkpoint_blocks:
-            return self.model.block_forward(t, leaf)
-        # torch's non-reentrant checkpoint: only the block's input is kept; each backward
-        # through the block recomputes its forward (same RNG state, same autocast).
-        return torch.utils.checkpoint.checkpoint(
-            self.model.block_forward, t, leaf, use_reentrant=False
-        )

@@ -11,9 +11,11 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import get_args, get_type_hints
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 
+COMPILE_BACKENDS = get_args(get_type_hints(TrainConfig)["compile_backend"])
 PRECISION = {"no": None, "bf16": "bf16-mixed", "fp16": "fp16-mixed"}
 # DeepSpeed keys that need no mapping: logging and batch bookkeeping we check below.
 DEEPSPEED_HARMLESS = {"steps_per_print", "wall_clock_breakdown", "dump_state", "prescale_gradients"}
@@ -58,12 +60,7 @@ def from_accelerate(config: Config, environ: Mapping[str, str], notes: list[str]
             f"accelerate --mixed_precision {mixed}: not supported; use no, bf16 or fp16"
         )
     config = _precision(config, PRECISION[mixed], f"accelerate --mixed_precision {mixed}", notes)
-    dynamo = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
-    if dynamo != "no":
-        raise ConfigError(
-            f"accelerate --dynamo_backend {dynamo}: mpc-dist does not compile the model; launch "
-            f"with --dynamo_backend no"
-        )
+    config = _dynamo(config, environ, notes)
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         config = _fsdp_plugin(config, environ, notes)
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
@@ -78,6 +75,37 @@ def from_accelerate(config: Config, environ: Mapping[str, str], notes: list[str]
         if file := environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             config = from_deepspeed(config, file, notes)
     return config
+
+
+def _dynamo(config: Config, environ: Mapping[str, str], notes: list[str]) -> Config:
+    """accelerate's torch.compile settings: a backend we offer compiles every block
+    (accelerate's regional compilation, which ours is)."""
+    backend = environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if backend == "no":
+        return config
+    source = f"accelerate --dynamo_backend {backend}"
+    if backend not in COMPILE_BACKENDS:
+        raise ConfigError(
+            f"{source}: mpc-dist compiles its blocks with {' or '.join(COMPILE_BACKENDS)}; "
+            f"launch with --dynamo_backend inductor (or no)"
+        )
+    mode = environ.get("ACCELERATE_DYNAMO_MODE", "default").lower()
+    if mode != "default":
+        raise ConfigError(f"accelerate --dynamo_mode {mode}: not offered; use default")
+    for option in ("USE_FULLGRAPH", "USE_DYNAMIC"):
+        if environ.get(f"ACCELERATE_DYNAMO_{option}", "false").lower() == "true":
+            raise ConfigError(
+                f"accelerate --dynamo_{option.lower()} true: not offered (mpc-dist compiles each "
+                f"block as it is); set false"
+            )
+    t = config.train
+    if t.compile == "blocks" and t.compile_backend != backend:
+        raise ConfigError(
+            f"{source} but train.compile_backend={t.compile_backend}; make them agree"
+        )
+    if t.compile != "blocks":
+        notes.append(f"train.compile=blocks with train.compile_backend={backend} (from {source})")
+    return _set(config, "train", compile="blocks", compile_backend=backend)
 
 
 def _fsdp_plugin(config: Config, environ: Mapping[str, str], notes: list[str]) -> Config:
@@ -117,21 +145,29 @@ def from_deepspeed(config: Config, path: str, notes: list[str]) -> Config:
             config = _precision(config, precision, f"{source} {block}.enabled", notes)
     if clip := spec.get("gradient_clipping"):
         if config.optim.grad_clip not in (0.0, clip):
-            raise ConfigError(f"{source}: gradient_clipping={clip} but optim.grad_clip="
-                              f"{config.optim.grad_clip}; make them agree")  # fmt: skip
+            raise ConfigError(
+                f"{source}: gradient_clipping={clip} but optim.grad_clip="
+                f"{config.optim.grad_clip}; make them agree"
+            )
         config = _set(config, "optim", grad_clip=float(clip))
     d, p = config.data, config.pipeline
-    ours = {"train_batch_size": d.batch_size,
-            "train_micro_batch_size_per_gpu": d.batch_size // (d.num_microbatches * p.replicas),
-            "gradient_accumulation_steps": d.num_microbatches}  # fmt: skip
+    ours = {
+        "train_batch_size": d.batch_size,
+        "train_micro_batch_size_per_gpu": d.batch_size // (d.num_microbatches * p.replicas),
+        "gradient_accumulation_steps": d.num_microbatches,
+    }
     for key, value in ours.items():
         if key in spec and spec[key] not in ("auto", value):
             raise ConfigError(
                 f"{source}: {key}={spec[key]}, but the config means {value} (data.batch_size, "
                 f"data.num_microbatches, pipeline.replicas)"
             )
-    unused = sorted(set(spec) - {"zero_optimization", "bf16", "fp16", "gradient_clipping"}
-                    - set(ours) - DEEPSPEED_HARMLESS)  # fmt: skip
+    unused = sorted(
+        set(spec)
+        - {"zero_optimization", "bf16", "fp16", "gradient_clipping"}
+        - set(ours)
+        - DEEPSPEED_HARMLESS
+    )
     if unused:
         raise ConfigError(f"{source}: {unused} have no mpc-dist equivalent; remove them")
     return config

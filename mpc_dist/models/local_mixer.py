@@ -109,8 +109,9 @@ class FirstBlock(nn.Module):
         super().__init__()
         self.groups = groups
         self.channels = Site("channel", nn.Linear(patch_dim, hidden), hidden, groups)
-        self.grouped = Site("group", GroupLinear(groups, hidden // groups, width // groups),
-                            width // groups, groups)  # fmt: skip
+        self.grouped = Site(
+            "group", GroupLinear(groups, hidden // groups, width // groups), width // groups, groups
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.channels(_norm(x))
@@ -126,8 +127,9 @@ class MixerBlock(nn.Module):
         self.groups = groups
         self.tokens = Site("token", TokenLinear(tokens), width, groups)
         self.channels = Site("channel", nn.Linear(width, hidden), hidden, groups)
-        self.grouped = Site("group", GroupLinear(groups, hidden // groups, width // groups),
-                            width // groups, groups)  # fmt: skip
+        self.grouped = Site(
+            "group", GroupLinear(groups, hidden // groups, width // groups), width // groups, groups
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tokens(_norm(x.flatten(2)))
@@ -186,8 +188,9 @@ def build_local_mixer(spec: ModelConfig, input_shape, num_classes: int) -> Block
         raise ModelError(f"model.kwargs.groups={groups}: must divide model.width and model.hidden")
     tokens = (height // p) * (width // p)
     blocks = [FirstBlock(p * p * channels, spec.width, spec.hidden, groups)]
-    blocks += [MixerBlock(tokens, spec.width, spec.hidden, groups)
-               for _ in range(spec.num_blocks - 1)]  # fmt: skip
+    blocks += [
+        MixerBlock(tokens, spec.width, spec.hidden, groups) for _ in range(spec.num_blocks - 1)
+    ]
     head = LocalMixerHead(spec.width, num_classes)
     aux = lambda shape: LocalMixerHead(shape[1] * shape[2], num_classes)  # noqa: E731
     return assemble(spec, Patches(p), blocks, head, input_shape, aux, init_module)

@@ -51,8 +51,9 @@ class ForwardForward:
         generator = on_device(generator, y.device)
         offset = torch.randint(1, self.num_classes, y.shape, generator=generator, device=y.device)
         wrong = (y + offset) % self.num_classes
-        return torch.cat([self.with_labels(x, y), self.with_labels(x, wrong),
-                          self.with_labels(x, None)])  # fmt: skip
+        return torch.cat(
+            [self.with_labels(x, y), self.with_labels(x, wrong), self.with_labels(x, None)]
+        )
 
     def infer_inputs(self, x):
         return self.with_labels(x, None)
@@ -64,12 +65,15 @@ class ForwardForward:
     def goodness(out: torch.Tensor) -> torch.Tensor:
         return out.flatten(1).square().sum(dim=1)
 
-    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
+    def step(self, model: BlockModel, t, x, y, generator, forward) -> LocalStep:
         inputs = self.block_input(t, x)
         pre: list[torch.Tensor] = []
         peer = self.options.ff_peer_normalisation > 0 and self.options.ff_straight_through
+        # the straight-through peer loss reads the ReLUs' inputs through hooks: that pass runs
+        # the block itself (a compiled or recomputed block would skip or repeat the hooks)
+        run = model.block_forward if peer else forward
         with hooked(relu_inputs(model, t) if peer else [], lambda m, i, o: pre.append(o)):
-            positive, negative = model.block_forward(t, inputs[: 2 * len(y)]).chunk(2)
+            positive, negative = run(t, inputs[: 2 * len(y)]).chunk(2)
         with torch.no_grad():  # the neutral pass trains the readout only
             neutral = model.block_forward(t, inputs[2 * len(y) :])
         threshold = positive[0].numel()

@@ -68,8 +68,9 @@ def perturbations(model: BlockModel, t: int) -> list[Perturbed]:
         relus = relu_follows(model, t)
         found = [Perturbed(m, None, id(m) in relus) for m in linear_layers(model, t)]
         covered = {id(p) for item in found for p in item.point.parameters()}
-    other = [p for root in modules for p in root.parameters()
-             if p.requires_grad and id(p) not in covered]  # fmt: skip
+    other = [
+        p for root in modules for p in root.parameters() if p.requires_grad and id(p) not in covered
+    ]
     if other:
         raise ConfigError(
             f"horizon.rule=forward_gradient: block {t} has trainable parameters outside linear "
@@ -102,7 +103,8 @@ def local_losses_of(head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], t
 class ForwardGradient(PlainRule):
     name = "forward_gradient"
 
-    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
+    def step(self, model: BlockModel, t, x, y, generator, forward) -> LocalStep:
+        # ``forward`` unused: the block runs without a graph (no checkpointing to apply)
         sites = perturbations(model, t)
         points = [item.point for item in sites]
         head, _ = model.loss_head(t + 1)

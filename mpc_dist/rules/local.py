@@ -20,6 +20,8 @@ from ..core import Engine, EngineOptions, ForwardResult, Plan
 from ..models import BlockModel
 from .common import draws, loss_factor
 
+BlockForward = Callable[[int, torch.Tensor], torch.Tensor]
+
 
 @dataclass
 class LocalStep:
@@ -45,8 +47,17 @@ class LocalRule(Protocol):
     def block_input(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """What block t sees of the state x(t) (a normalisation between blocks)."""
 
-    def step(self, model: BlockModel, t: int, x: torch.Tensor, y: torch.Tensor,
-             generator: torch.Generator) -> LocalStep: ...  # fmt: skip
+    def step(
+        self,
+        model: BlockModel,
+        t: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        forward: BlockForward,
+    ) -> LocalStep:
+        """Block t's output, loss and update; ``forward(t, x)`` is the block's forward as the
+        engine runs it (checkpointed when asked)."""
 
     def predict(self, model: BlockModel, state: torch.Tensor) -> torch.Tensor:
         """The prediction from x(T) at inference."""
@@ -104,7 +115,9 @@ class LocalEngine(Engine):
         factor = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
         for t in range(self.first, self.last):
             with self._hooks(), self.compute.autocast():
-                step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t))
+                step = self.rule.step(
+                    self.model, t, x.detach(), targets, self._generator(t), self.block_forward
+                )
             s = t + 1
             losses[s] = step.loss.detach() * loss_scale
             held = [self.hold(h) for h in step.held]

@@ -52,8 +52,9 @@ def check_pepita(model: BlockModel, options: RulesConfig | None = None, stages: 
                 f"use model.name=relu_mlp"
             )
     if model.head is not None and not isinstance(model.head, nn.Linear):
-        raise ConfigError("horizon.rule=pepita: the head is not one linear layer; "
-                          "use model.name=relu_mlp")  # fmt: skip
+        raise ConfigError(
+            "horizon.rule=pepita: the head is not one linear layer; use model.name=relu_mlp"
+        )
     if not 0 <= options.pepita_dropout < 1:
         raise ConfigError(f"rules.pepita_dropout={options.pepita_dropout}: must be in [0, 1)")
     if options.pepita_feedback_scale <= 0:
@@ -201,8 +202,9 @@ class PepitaEngine(Engine):
         weight = held.scale / len(x)  # the update is a mean over the microbatch
         inputs: list[torch.Tensor] = []  # what each block's linear layer saw
         with self.compute.autocast():
-            for t, h, mask in zip(range(self.first, self.last), held.outputs, held.masks,
-                                  strict=True):  # fmt: skip
+            for t, h, mask in zip(
+                range(self.first, self.last), held.outputs, held.masks, strict=True
+            ):
                 (layer,) = linear_layers(self.model, t)
                 with hooked([layer], lambda module, i, o: inputs.append(i[0])):
                     modulated = self._after(self.model.block_forward(t, x), mask)

@@ -21,8 +21,8 @@ class ScalableForwardForward(PlainRule):
     def block_input(self, t, x):
         return x if t == 0 else F.layer_norm(x, x.shape[1:])
 
-    def step(self, model: BlockModel, t, x, y, generator) -> LocalStep:
-        out = model.block_forward(t, self.block_input(t, x))
+    def step(self, model: BlockModel, t, x, y, generator, forward) -> LocalStep:
+        out = forward(t, self.block_input(t, x))
         head, _ = model.loss_head(t + 1)
         goodness = head(out)
         loss = F.cross_entropy(goodness, y)

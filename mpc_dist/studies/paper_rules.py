@@ -48,45 +48,62 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "ff": Recipe(
-        "forward-forward, 4 x 2000, peer normalisation", "configs/ff_mnist.yaml",
-        paper="98.64 % (1.36 % error, 60 epochs; Hinton 2022, section 3.3)", target=">= 98.4 %",
+        "forward-forward, 4 x 2000, peer normalisation",
+        "configs/ff_mnist.yaml",
+        paper="98.64 % (1.36 % error, 60 epochs; Hinton 2022, section 3.3)",
+        target=">= 98.4 %",
     ),
     "ff_500_peer": Recipe(
-        "forward-forward, 4 x 500, peer normalisation", "configs/ff_mnist.yaml",
+        "forward-forward, 4 x 500, peer normalisation",
+        "configs/ff_mnist.yaml",
         ("model.width=500",),
     ),
     "ff_500_plain": Recipe(
-        "forward-forward, 4 x 500, no peer normalisation", "configs/ff_mnist.yaml",
+        "forward-forward, 4 x 500, no peer normalisation",
+        "configs/ff_mnist.yaml",
         ("model.width=500", "rules.ff_peer_normalisation=0", "rules.ff_straight_through=false"),
     ),
     "forward_gradient": Recipe(
-        "forward gradient LG-FG-A, LocalMixer M/1/16", "configs/forward_gradient_mnist.yaml",
-        paper="97.45 % (2.55 % error; Ren et al. 2023, Table 3)", target=">= 97.2 %",
+        "forward gradient LG-FG-A, LocalMixer M/1/16",
+        "configs/forward_gradient_mnist.yaml",
+        paper="97.45 % (2.55 % error; Ren et al. 2023, Table 3)",
+        target=">= 97.2 %",
     ),
     "pepita": Recipe(
-        "PEPITA, 1 x 1024", "configs/pepita_mnist.yaml",
-        paper="98.01 % (Dellaferrera & Kreiman 2022, Table 1)", target="within 0.5 point",
+        "PEPITA, 1 x 1024",
+        "configs/pepita_mnist.yaml",
+        paper="98.01 % (Dellaferrera & Kreiman 2022, Table 1)",
+        target="within 0.5 point",
     ),
     "forward_gradient_12ep": Recipe(
         "forward gradient LG-FG-A, LocalMixer M/1/16, 12 epochs",
-        "configs/forward_gradient_mnist.yaml", epochs=12, default=False,
+        "configs/forward_gradient_mnist.yaml",
+        epochs=12,
+        default=False,
     ),
     "forward_gradient_32ep": Recipe(
         "forward gradient LG-FG-A, LocalMixer M/1/16, 32 epochs",
-        "configs/forward_gradient_mnist.yaml", epochs=32, default=False,
+        "configs/forward_gradient_mnist.yaml",
+        epochs=32,
+        default=False,
     ),
     "pepita_12ep": Recipe(
-        "PEPITA, 1 x 1024, 12 epochs", "configs/pepita_mnist.yaml", epochs=12, default=False,
+        "PEPITA, 1 x 1024, 12 epochs",
+        "configs/pepita_mnist.yaml",
+        epochs=12,
+        default=False,
     ),
     "pepita_deep": Recipe(
-        "PEPITA, 4 x 500, stabilisers", "configs/pepita_mnist_deep.yaml",
+        "PEPITA, 4 x 500, stabilisers",
+        "configs/pepita_mnist_deep.yaml",
         target="no divergence, >= 97 %",
     ),
     "pepita_deep_plain": Recipe(
-        "PEPITA, 4 x 500, no stabilisers", "configs/pepita_mnist_deep.yaml",
+        "PEPITA, 4 x 500, no stabilisers",
+        "configs/pepita_mnist_deep.yaml",
         ("optim.weight_decay=0", "rules.pepita_normalise=false", "rules.pepita_mirror_lr=0"),
     ),
-}  # fmt: skip
+}
 BEGIN, END = "<!-- results: mpc-dist rules-study --paper -->", "<!-- end of paper results -->"
 
 
@@ -113,8 +130,10 @@ class EpochPrinter(Callback):
 
     def after_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         epoch = step / self.steps_per_epoch
-        console.print(f"{self.name}: epoch {epoch:g}/{self.epochs} test accuracy "
-                      f"{100 * metrics['accuracy']:.2f} % ({self.record():.0f} s)")  # fmt: skip
+        console.print(
+            f"{self.name}: epoch {epoch:g}/{self.epochs} test accuracy "
+            f"{100 * metrics['accuracy']:.2f} % ({self.record():.0f} s)"
+        )
 
 
 def recipe_config(name: str, epochs: int | None, args: argparse.Namespace) -> Config:
@@ -125,11 +144,20 @@ def recipe_config(name: str, epochs: int | None, args: argparse.Namespace) -> Co
         paper = load_config(recipe.config, list(recipe.overrides))
         warmup = round(paper.optim.warmup_steps * epochs / paper.train.epochs)
         more = [f"train.epochs={epochs}", f"optim.warmup_steps={warmup}"]
-    return load_config(recipe.config, [
-        *recipe.overrides, *more, f"run.out_dir={args.paper_out}/runs", f"run.name={name}",
-        f"run.checkpoint_every={args.checkpoint_every}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false", f"train.max_steps={args.max_steps}",
-    ])  # fmt: skip
+    return load_config(
+        recipe.config,
+        [
+            *recipe.overrides,
+            *more,
+            f"run.out_dir={args.paper_out}/runs",
+            f"run.name={name}",
+            f"run.checkpoint_every={args.checkpoint_every}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+            f"train.max_steps={args.max_steps}",
+        ],
+    )
 
 
 def run_recipe(name: str, config: Config) -> dict:
@@ -147,8 +175,11 @@ def run_recipe(name: str, config: Config) -> dict:
     steps = num_batches(load_dataset(config.data.dataset, "train"), config.data.batch_size)
     printer = EpochPrinter(name, steps, config.train.epochs, timing)
     console.print(f"{name}: {'resuming' if resume else 'starting'} ({config.train.epochs} epochs)")
-    result: dict = {"name": name, "epochs": config.train.epochs,
-                    "max_steps": config.train.max_steps}  # fmt: skip
+    result: dict = {
+        "name": name,
+        "epochs": config.train.epochs,
+        "max_steps": config.train.max_steps,
+    }
     try:
         summary = train(config, resume=resume, callbacks=[printer])
         result["accuracy"] = summary["test accuracy"]
@@ -187,10 +218,16 @@ def so_far(name: str, config: Config) -> dict | None:
     seconds = sum(json.loads(timing.read_text())) if timing.exists() else 0.0
     if not seconds and records:  # still running: the time since its first record
         seconds = records[-1]["time"] - records[0]["time"]
-    return {"name": name, "epochs": config.train.epochs, "max_steps": config.train.max_steps,
-            "accuracy": by_epoch[-1] if by_epoch else 0.0, "per_epoch": by_epoch,
-            "best": max(by_epoch, default=0.0), "seconds": seconds,
-            "stopped": records[-1]["step"] if records else 0}  # fmt: skip
+    return {
+        "name": name,
+        "epochs": config.train.epochs,
+        "max_steps": config.train.max_steps,
+        "accuracy": by_epoch[-1] if by_epoch else 0.0,
+        "per_epoch": by_epoch,
+        "best": max(by_epoch, default=0.0),
+        "seconds": seconds,
+        "stopped": records[-1]["step"] if records else 0,
+    }
 
 
 def other_predictions(config: Config) -> dict:
@@ -219,8 +256,12 @@ def plot(results: list[dict], path: Path) -> None:
     for result in results:
         accuracies = [100 * a for a in result["per_epoch"]]
         if accuracies:
-            axis.plot(range(1, len(accuracies) + 1), accuracies, marker=".",
-                      label=RECIPES[result["name"]].label)  # fmt: skip
+            axis.plot(
+                range(1, len(accuracies) + 1),
+                accuracies,
+                marker=".",
+                label=RECIPES[result["name"]].label,
+            )
     axis.set(xlabel="epoch", ylabel="MNIST test accuracy (%)", ylim=(88, 100))
     axis.grid(alpha=0.3)
     if axis.lines:
@@ -256,9 +297,11 @@ def report(results: list[dict], plot_path: str) -> str:
         hours = r["seconds"] / 3600
         took = f"{hours:.1f} h" if hours >= 1 else f"{r['seconds'] / 60:.0f} min"
         best = f"{100 * r['best']:.2f}" if r["per_epoch"] else "-"
-        lines.append(f"| {recipe.label} | {len(r['per_epoch'])} of {r['epochs']} "
-                     f"| {_accuracy(r)} | {best} | {goodness} | {took} "
-                     f"| {recipe.paper or '-'} | {recipe.target or '-'} |")  # fmt: skip
+        lines.append(
+            f"| {recipe.label} | {len(r['per_epoch'])} of {r['epochs']} "
+            f"| {_accuracy(r)} | {best} | {goodness} | {took} "
+            f"| {recipe.paper or '-'} | {recipe.target or '-'} |"
+        )
     lines += ["", f"![test accuracy per epoch]({plot_path})", "", "After each epoch (%):", ""]
     for r in results:
         per_epoch = ", ".join(f"{100 * a:.2f}" for a in r["per_epoch"]) or "none finished"
@@ -305,17 +348,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--paper", action="store_true", help="each paper's own recipe (hours); resumes"
     )
     parser.add_argument(
-        "--recipes", nargs="+", default=[name for name, r in RECIPES.items() if r.default],
+        "--recipes",
+        nargs="+",
+        default=[name for name, r in RECIPES.items() if r.default],
         help=f"of --paper (default: all but {[n for n, r in RECIPES.items() if not r.default]})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--recipe-epochs", nargs="*", default=[], metavar="NAME=N",
+        "--recipe-epochs",
+        nargs="*",
+        default=[],
+        metavar="NAME=N",
         help="shorten a --paper recipe to N epochs (schedule compressed)",
-    )  # fmt: skip
+    )
     parser.add_argument("--paper-out", default="runs/rules-paper", help="--paper's run folder")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps (--paper)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (--paper)")
     parser.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="--paper: write the report from the runs as they are, training nothing",
-    )  # fmt: skip
+    )

@@ -1,5 +1,6 @@
-"""Mixed precision and activation checkpointing, from the config: what the engine computes in,
-the loss scaler fp16 needs and the ranks that share its scale, and TF32 for fp32 on CUDA."""
+"""Mixed precision, activation checkpointing and compilation, from the config: what the engine
+computes in and how, the loss scaler fp16 needs and the ranks that share its scale, and TF32 for
+fp32 on CUDA."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def compute_options(config: TrainConfig, device: torch.device) -> ComputeOptions
         autocast_dtype=AUTOCAST[config.precision],
         device_type=device.type,
         checkpoint_blocks=config.activation_checkpointing == "blocks",
+        compile=config.compile_backend if config.compile == "blocks" else None,
     )
 
 

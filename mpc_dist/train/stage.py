@@ -86,6 +86,8 @@ def build_stage(
         callbacks=callbacks,
         device=device,
         scaler=pipeline_grad_scaler(compute, device, groups, runtime.schedule.mode, sharding),
+        on_nonfinite=optim.on_nonfinite,
+        replica_group=groups.data_parallel,
     )
     options = EngineOptions(compute, scale_loss=step.scale_loss, seed=seed, rules=rules)
     engine = make_engine(part, plan, options)

@@ -56,6 +56,7 @@ def validate_config(config: Config) -> None:
     need(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0: epoch ends)")
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
     need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
+    _validate_layout(config, blocks)
     _validate_pipeline(config, blocks)
     _validate_ray(config)
 
@@ -102,15 +103,22 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"pipeline.defer_weights=true: rule {rule} takes no input gradients, there is nothing to "
         f"defer; set pipeline.defer_weights=false",
     )
+    by_hand = rule in ("forward_gradient", "pepita")  # their updates are formed by hand
     need(
-        t.activation_checkpointing == "none",
-        f"train.activation_checkpointing={t.activation_checkpointing}: rule {rule} holds one "
-        f"block's graph at a time; set train.activation_checkpointing=none",
+        not by_hand or t.activation_checkpointing == "none",
+        f"train.activation_checkpointing={t.activation_checkpointing}: rule {rule} keeps no "
+        f"graph of its blocks between forward and update, there is nothing to recompute; set "
+        f"train.activation_checkpointing=none",
     )
     need(
-        config.pipeline.sharding == "none",
-        f"pipeline.sharding={config.pipeline.sharding}: rule {rule} is not offered with sharded "
-        f"stages (its updates are formed on whole parameters); set pipeline.sharding=none",
+        not by_hand or t.compile == "none",
+        f"train.compile={t.compile}: rule {rule} hooks each linear layer around every block "
+        f"call, which a compiled block skips or recompiles for; set train.compile=none",
+    )
+    need(
+        rule != "pepita" or config.model.lora is None,
+        "model.lora: rule pepita forms the update of each block's one linear layer by hand, "
+        "adapters would add layers it does not train; remove model.lora",
     )
     need(
         rule not in ("forward_gradient", "pepita") or t.precision == "fp32",
@@ -119,7 +127,8 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
     )
 
 
-def _validate_pipeline(config: Config, blocks: int) -> None:
+def _validate_layout(config: Config, blocks: int) -> None:
+    """Stages, replicas, the blocks on each and how a minibatch divides over them."""
     p, h, d = config.pipeline, config.horizon, config.data
     need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
     need(p.replicas >= 1, f"pipeline.replicas={p.replicas}: must be >= 1")
@@ -146,6 +155,11 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches x "
         f"pipeline.replicas = {d.num_microbatches * p.replicas}",
     )
+
+
+def _validate_pipeline(config: Config, blocks: int) -> None:
+    """Modes, timeouts, sharding and backends the layout can run."""
+    p = config.pipeline
     copies_head = p.stages > 1 and _reads_shared_head_below_top(config, blocks)
     need(
         not (p.mode == "async" and copies_head),
@@ -155,8 +169,9 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
     need(p.async_window >= 1, f"pipeline.async_window={p.async_window}: must be >= 1")
     need(
         not (p.mode == "async" and p.stages > 1 and config.train.precision == "fp16-mixed"),
-        "train.precision=fp16-mixed: every stage must share one loss scale, which async mode "
-        "cannot; use train.precision=bf16-mixed (no scaling) or pipeline.mode=sync",
+        "train.precision=fp16-mixed: every stage must share one loss scale and skip the same "
+        "steps, a check across stages at every step that async mode has no barrier for; use "
+        "train.precision=bf16-mixed (no scaling) or pipeline.mode=sync",
     )
     need(p.timeout > 0, f"pipeline.timeout={p.timeout}: must be > 0 seconds")
     need(
@@ -168,10 +183,6 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         not (p.sharding == "fsdp" and copies_head),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
-    )
-    need(
-        p.fsdp_param_dtype in ("float32", "bfloat16"),
-        f"pipeline.fsdp_param_dtype={p.fsdp_param_dtype!r}: use float32 or bfloat16",
     )
     need(
         p.fsdp_param_dtype == "float32"
