@@ -10,6 +10,8 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import engine_grads as gradients
+from helpers import train_one_process
 from launching import TINY, assert_same_weights, mpc_dist, sets
 from processes import run
 
@@ -64,8 +66,7 @@ def batch(n: int = 6, seed: int = 1):
 
 def engine_grads(rule: str, model, x, y, seed: int = 0, options=None):
     options = EngineOptions(track_memory=False, seed=seed, rules=options)
-    make_engine(model, Plan(rule, 1, T), options).train_microbatch(x, y)
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return gradients(model, make_engine(model, Plan(rule, 1, T), options), x, y)
 
 
 def autograd_grads(model, losses):
@@ -422,14 +423,7 @@ def single_process(case: str, data):
     model = make(case)
     rule = RULE_OF.get(case, case)
     options = EngineOptions(track_memory=False, rules=OPTIONS.get(case))
-    engine = make_engine(model, Plan(rule, 1, T), options)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for x, y in data:
-        for xs, ys in zip(x.chunk(M), y.chunk(M), strict=True):
-            engine.train_microbatch(xs, ys, loss_scale=1 / M)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return dict(model.named_parameters())
+    return train_one_process(model, make_engine(model, Plan(rule, 1, T), options), data, M)
 
 
 def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
