@@ -1,13 +1,12 @@
-"""``mpc-dist``: plan, schedule, train, ray, doctor, probe, select-horizon, compare, bench,
-simulate, horizon-study, rules-study, bench-engine, bench-compile, export-data, bench-data.
-
-The one command line; ``train`` ends in ``mpc_dist.train.train``, the entry point every launcher
-calls (``launch/train.py`` for torchrun, accelerate and deepspeed).
+"""``mpc-dist``: the one command line (``mpc-dist --help`` lists its commands). ``train`` ends
+in ``mpc_dist.train.train``, the entry point every launcher calls (``launch/train.py`` for
+torchrun, accelerate and deepspeed).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -26,8 +25,10 @@ from .parallel import (
     validate_schedule,
 )
 from .train import CheckpointError, DataError, TrainingError, compare_runs, train, validate_config
+from .train.metrics import StorageError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, ScheduleError, StorageError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -64,7 +65,9 @@ def _train(args: argparse.Namespace) -> None:
 
         dry_run(config)
         return
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    if (args.nproc > 1 or args.max_restarts) and "WORLD_SIZE" not in os.environ:
         validate_config(config)  # fail here, once, rather than in every process
         if config.world_size != args.nproc:
             raise ConfigError(
@@ -78,11 +81,18 @@ def _train(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace) -> None:
     """One process per rank on this machine, through torchrun (it also stops the others when
-    one fails)."""
+    one fails, and restarts them ``--max-restarts`` times: the run resumes by itself)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", "-m", "mpc_dist.cli", "train",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "mpc_dist.cli",
+        "train",
+    ]
     if args.config:
         command += ["--config", args.config]
     for item in args.set:
@@ -95,6 +105,15 @@ def _spawn(args: argparse.Namespace) -> None:
     code = subprocess.call(command, env=env)
     if code:
         raise SystemExit(code)
+
+
+def _why(args: argparse.Namespace) -> None:
+    from .train.why import explain
+
+    try:
+        explain(args.run_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _doctor(args: argparse.Namespace) -> None:
@@ -139,8 +158,10 @@ def _probe(args: argparse.Namespace) -> None:
     batches = args.batches or config.horizon.probe_batches
     rows = probe_checkpoints(config, model, dataset, checkpoints, horizons, batches)
     for row in rows:
-        print(f"step {row['step']:>6}  {row['rule']:<9} h={row['horizon']:<3} "
-              f"cos {row['cos']:.4f}  1 - cos^2 {row['one_minus_cos2']:.3e}")  # fmt: skip
+        print(
+            f"step {row['step']:>6}  {row['rule']:<9} h={row['horizon']:<3} "
+            f"cos {row['cos']:.4f}  1 - cos^2 {row['one_minus_cos2']:.3e}"
+        )
     written = write_probe(rows, Path(args.out))
     print("wrote " + ", ".join(str(p) for p in written))
 
@@ -191,7 +212,18 @@ def _horizon_study(args: argparse.Namespace) -> None:
 
 
 def _rules_study(args: argparse.Namespace) -> None:
+    if args.paper:
+        from .studies.paper_rules import main as paper_study
+
+        paper_study(args)
+        return
     from .studies.rules import main as study
+
+    study(args)
+
+
+def _data_study(args: argparse.Namespace) -> None:
+    from .studies.data import main as study
 
     study(args)
 
@@ -227,7 +259,20 @@ def _bench_data(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpc-dist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _run_commands,
+        _job_commands,
+        _horizon_commands,
+        _bench_commands,
+        _study_commands,
+        _data_commands,
+    ):
+        add(commands)
+    return parser
 
+
+def _run_commands(commands) -> None:
+    """plan, schedule, train: planning and running a job."""
     plan = commands.add_parser("plan", help="print a credit-assignment plan")
     plan.add_argument("--blocks", type=int, required=True, help="T, the number of blocks")
     plan.add_argument("--horizon", type=int, required=True, help="h, 1 <= h <= T")
@@ -253,8 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (see configs/)")
     _config_arguments(train)
-    train.add_argument("--deepspeed_config", help="a DeepSpeed JSON config (the deepspeed "
-                       "launcher's convention): ZeRO stage, bf16/fp16, clipping")  # fmt: skip
+    train.add_argument(
+        "--deepspeed_config",
+        help="a DeepSpeed JSON config (the deepspeed "
+        "launcher's convention): ZeRO stage, bf16/fp16, clipping",
+    )
     train.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # convention
     train.add_argument(
         "--dry-run",
@@ -262,22 +310,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the stage map and memory per device; allocates nothing",
     )
     train.add_argument(
-        "--nproc", type=int, default=1,
+        "--nproc",
+        type=int,
+        default=1,
         help="start this many local processes (pipeline.stages x pipeline.replicas) via torchrun",
-    )  # fmt: skip
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart the processes this often after a failure (torchrun's --max-restarts); a "
+        "restarted run resumes from its latest complete checkpoint",
+    )
     train.set_defaults(run=_train)
+
+
+def _job_commands(commands) -> None:
+    """why, ray, doctor: a failed run's records, Ray jobs, checking a node or a job."""
+    why = commands.add_parser(
+        "why", help="what every rank did when a run failed (its flight records in RUN_DIR/failure)"
+    )
+    why.add_argument(
+        "run_dir",
+        help="run directory, e.g. runs/mnist_4stage (its last failure), "
+        "or one attempt's records, e.g. runs/mnist_4stage/failure.1",
+    )
+    why.set_defaults(run=_why)
 
     ray = commands.add_parser("ray", help="train as a Ray Train job, one worker per rank")
     _config_arguments(ray)
-    ray.add_argument("--address", help="Ray cluster: auto, ray://host:port (default: "
-                     "RAY_ADDRESS, else a local Ray instance sized to the config)")  # fmt: skip
-    ray.add_argument("--storage", help="Ray storage path or URI (default: ray.storage, "
-                     "else run.out_dir); a path also holds the run's files")  # fmt: skip
+    ray.add_argument(
+        "--address",
+        help="Ray cluster: auto, ray://host:port (default: "
+        "RAY_ADDRESS, else a local Ray instance sized to the config)",
+    )
+    ray.add_argument(
+        "--storage",
+        help="Ray storage path or URI (default: ray.storage, "
+        "else run.out_dir); a path also holds the run's files",
+    )
     ray.add_argument("--max-failures", type=int, help="worker-group restarts (ray.max_failures)")
     ray.add_argument("--dry-run", action="store_true", help="print the planned rank map only")
     ray.add_argument("--nodes", type=int, default=1, help="cluster shape for --dry-run")
-    ray.add_argument("--workers-per-node", type=int, default=0,
-                     help="worker slots per node for --dry-run (default: all on one)")  # fmt: skip
+    ray.add_argument(
+        "--workers-per-node",
+        type=int,
+        default=0,
+        help="worker slots per node for --dry-run (default: all on one)",
+    )
     ray.set_defaults(run=_ray)
 
     doctor = commands.add_parser("doctor", help="check a node or a job before a run")
@@ -287,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.set_defaults(run=_doctor)
 
+
+def _horizon_commands(commands) -> None:
+    """probe, select-horizon, compare: choosing h and comparing runs."""
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     probe = commands.add_parser(
         "probe", help="gradient alignment cos(theta_h) with back-propagation, per h and rule"
@@ -303,8 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
         "select-horizon", help="measure every rule and h; choose for horizon.objective"
     )
     _config_arguments(select, resume=False)
-    select.add_argument("--objective", choices=OBJECTIVES,
-                        help="horizon.objective (its parameters: --set horizon.*)")  # fmt: skip
+    select.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="horizon.objective (its parameters: --set horizon.*)",
+    )
     select.set_defaults(run=_select_horizon)
 
     compare = commands.add_parser("compare", help="compare two runs' final weights")
@@ -314,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--verbose", action="store_true", help="one line per parameter")
     compare.set_defaults(run=_compare)
 
+
+def _bench_commands(commands) -> None:
+    """bench, simulate, bench-engine, bench-compile: the benchmarks."""
     from .bench.bubble import add_arguments as bench_arguments
     from .bench.simulator import add_arguments as simulate_arguments
 
@@ -327,6 +416,32 @@ def build_parser() -> argparse.ArgumentParser:
     simulate_arguments(simulate)
     simulate.set_defaults(run=_simulate)
 
+    bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
+    bench.add_argument("--blocks", type=int, default=8)
+    bench.add_argument("--width", type=int, default=256)
+    bench.add_argument("--hidden", type=int, default=512)
+    bench.add_argument("--batch-size", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
+    bench.add_argument(
+        "--compile",
+        choices=("none", "inductor", "aot_eager"),
+        default="none",
+        help="also time every block and engine steps compiled with this backend, against eager",
+    )
+    bench.set_defaults(run=_bench_engine)
+
+    from .bench.compile_cost import add_arguments as compile_arguments
+
+    compiled = commands.add_parser(
+        "bench-compile", help="step time and first-step compile cost, eager vs train.compile"
+    )
+    compile_arguments(compiled)
+    compiled.set_defaults(run=_bench_compile)
+
+
+def _study_commands(commands) -> None:
+    """horizon-study, rules-study, data-study: the studies."""
     from .studies.horizon import add_arguments as study_arguments
 
     study = commands.add_parser(
@@ -338,33 +453,27 @@ def build_parser() -> argparse.ArgumentParser:
     from .studies.rules import add_arguments as rules_arguments
 
     rules = commands.add_parser(
-        "rules-study", help="forward-forward, forward gradient and friends next to BP and MPC "
-        "(docs/rules.md)",
-    )  # fmt: skip
+        "rules-study",
+        help="forward-forward, forward gradient and friends next to BP and MPC (docs/rules.md)",
+    )
     rules_arguments(rules)
+    from .studies.paper_rules import add_arguments as paper_arguments
+
+    paper_arguments(rules)
     rules.set_defaults(run=_rules_study)
 
-    bench = commands.add_parser("bench-engine", help="engine step time relative to plain BP")
-    bench.add_argument("--blocks", type=int, default=8)
-    bench.add_argument("--width", type=int, default=256)
-    bench.add_argument("--hidden", type=int, default=512)
-    bench.add_argument("--batch-size", type=int, default=256)
-    bench.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median taken)")
-    bench.add_argument(
-        "--compile", choices=("none", "inductor", "aot_eager"), default="none",
-        help="also time every block and engine steps compiled with this backend, against eager",
-    )  # fmt: skip
-    bench.set_defaults(run=_bench_engine)
+    from .studies.data import add_arguments as data_study_arguments
 
-    from .bench.compile_cost import add_arguments as compile_arguments
-
-    compiled = commands.add_parser(
-        "bench-compile", help="step time and first-step compile cost, eager vs train.compile"
+    data_study = commands.add_parser(
+        "data-study",
+        help="the streaming path on Fashion-MNIST: MPC and BP, 1 and 2 processes (docs/data.md)",
     )
-    compile_arguments(compiled)
-    compiled.set_defaults(run=_bench_compile)
+    data_study_arguments(data_study)
+    data_study.set_defaults(run=_data_study)
 
+
+def _data_commands(commands) -> None:
+    """export-data, bench-data: data on disk and the loader's speed."""
     export = commands.add_parser(
         "export-data", help="write MNIST / Fashion-MNIST to disk: image folder, tar, wds or hf"
     )
@@ -388,15 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_data_arguments(bench_data)
     bench_data.set_defaults(run=_bench_data)
-    return parser
 
 
 def _config_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--config", help="YAML run config, e.g. configs/quickstart.yaml")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set horizon.horizon=2 (repeatable)",
-    )  # fmt: skip
+    )
     if resume:
         parser.add_argument(
             "--resume", action="store_true", help="continue from the last checkpoint"
@@ -410,6 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"mpc-dist: error: {_where()}{error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingError) else 2
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(
+            f"mpc-dist: error: {_where()}could not write {error.filename or 'a file'}: "
+            f"{error.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -42,21 +42,24 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     # deep_linear | residual_mlp | relu_mlp | vit_tiny | vit_b_16 | vit_l_16 | resnet_small |
-    # resnet18 | resnet50, or timm/<name> (a timm ViT, e.g. timm/vit_base_patch16_224), or
-    # package.module:function (your own builder, see mpc_dist.models.pipeline_model)
+    # resnet18 | resnet50 | local_mixer, or timm/<name> (a timm ViT, e.g.
+    # timm/vit_base_patch16_224), or package.module:function (your own builder, see
+    # mpc_dist.models.pipeline_model)
     name: str = "residual_mlp"
     num_blocks: int = 8  # T for deep_linear, residual_mlp, relu_mlp, vit_tiny, resnet_small
     width: int = 256  # state width (hidden_dim for vit_tiny, first channels for resnet_small)
     hidden: int = 512  # MLP hidden width inside a block
     head: HeadMode = "shared"  # loss head at s < T: shared (the model's head, read-only) | aux |
     # goodness (scalable forward-forward's: a 1x1 convolution, a class's goodness = mean square)
-    patch_size: int = 7  # vit_tiny
+    patch_size: int = 7  # vit_tiny; local_mixer (pixels per patch side)
     num_heads: int = 4  # vit_tiny
     scaled: bool = True  # deep_linear: W(t) = I + W~(t)/T (else I + W~(t))
     image_size: int | None = None  # ViTs: build for this size (inputs are resized); None: data's
     weights: str | None = None  # pretrained weights: a .safetensors or torch file (local)
     lora: LoraConfig | None = None  # e.g. {rank: 8, alpha: 16, targets: [qkv, proj]}
-    kwargs: dict[str, Any] | None = None  # more arguments: timm.create_model's for timm/ models
+    # more arguments: timm.create_model's for timm/ models, relu_mlp's {init: torch|normal|
+    # he_uniform, bias: bool}, local_mixer's {groups: G}
+    kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -89,6 +92,8 @@ class DataConfig:
     batch_size: int = 128  # minibatch (one optimizer step)
     num_microbatches: int = 1  # microbatches per minibatch; must divide batch_size
     eval_batch_size: int = 1000
+    standardise: bool = True  # inputs to zero mean, unit variance per channel; false: pixels in
+    # [0, 1] only (PEPITA's codes feed those: its feedback matrix's scale is set against them)
     synthetic_size: int = 2048  # samples per split of the synthetic set
     image_size: int | None = None  # side of the images fed to the model; None: the in-memory
     # set's own (28, 32), 224 for disk sources. In memory, a size other than the set's own
@@ -137,9 +142,31 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: Literal["cosine", "constant"] = "cosine"  # per step, after warmup
+    # cosine | constant | halfway_linear (constant, then linear to zero over the second half:
+    # forward-forward's) | step (times decay_factor at each of decay_at); per step, after warmup
+    schedule: Literal["cosine", "constant", "halfway_linear", "step"] = "cosine"
+    decay_at: list[float] = field(default_factory=list)  # step: fractions of training: [0.6, 0.9]
+    decay_factor: float = 0.1  # step: the factor at each of decay_at
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    # a non-finite loss or gradient norm: stop (the last checkpoint kept) | skip the step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class RulesConfig:
+    """Options of the rules beyond the horizon (docs/rules.md); each names its rule."""
+
+    ff_peer_normalisation: float = 0.0  # ff: weight of the peer-normalisation loss, which pulls
+    # each unit's running mean activity (positive data) to its layer's mean (Hinton, loeweX: 0.03)
+    ff_straight_through: bool = False  # ff: that loss's gradient passes the ReLU where it is off
+    ff_readout_lr_scale: float = 1.0  # ff: the readout's gradients times this (loeweX: 10)
+    pepita_dropout: float = 0.0  # pepita: dropout of hidden units, one mask for both passes (0.1)
+    pepita_feedback_scale: float = 0.05  # pepita: F ~ U[-1, 1] x this x sqrt(6 / inputs)
+    pepita_normalise: bool = False  # pepita: each hidden layer's output scaled to unit RMS
+    pepita_mirror_lr: float = 0.0  # pepita: weight mirroring (0: F stays fixed); the rate at which
+    # each layer's feedback factor B_l moves to its mirror estimate, F = B_0 ... B_L
+    pepita_mirror_every: int = 1  # pepita: optimizer steps between mirroring updates
 
 
 @dataclass
@@ -169,6 +196,7 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     plot: bool = True  # write plot.png (train loss, test accuracy) at the end
     progress: bool = True  # show a progress bar
+    resume_fallback: bool = False  # resuming: skip a damaged latest checkpoint for the one before
 
 
 @dataclass
@@ -217,6 +245,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @property

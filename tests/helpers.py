@@ -33,3 +33,25 @@ def make_batch(n: int = 6, seed: int = 1):
 
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def engine_grads(model, engine, x, y, num_microbatches: int = 1) -> dict[str, torch.Tensor]:
+    """The gradients ``engine`` leaves on ``model`` for one minibatch of ``num_microbatches``;
+    every block graph it built is freed."""
+    model.zero_grad(set_to_none=True)
+    for xs, ys in zip(x.chunk(num_microbatches), y.chunk(num_microbatches), strict=True):
+        engine.train_microbatch(xs, ys, loss_scale=1 / num_microbatches)
+    assert engine.outstanding == 0, "every block graph must be freed"
+    return grads(model)
+
+
+def train_one_process(model, engine, data, num_microbatches: int, lr: float = 0.01):
+    """The single-process reference of the pipeline tests: Adam over ``data``'s minibatches,
+    each in ``num_microbatches``; the final parameters by name."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for x, y in data:
+        for xs, ys in zip(x.chunk(num_microbatches), y.chunk(num_microbatches), strict=True):
+            engine.train_microbatch(xs, ys, loss_scale=1 / num_microbatches)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(model.named_parameters())

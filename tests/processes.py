@@ -20,9 +20,13 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -41,9 +45,12 @@ def run(fn, world: int, *args, timeout: float = 240.0) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     context = mp.start_processes(
-        _entry, args=(world, free_port(), fn, args, errors), nprocs=world, join=False,
+        _entry,
+        args=(world, free_port(), fn, args, errors),
+        nprocs=world,
+        join=False,
         start_method="spawn",
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=2):

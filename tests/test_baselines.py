@@ -102,11 +102,14 @@ def check_torch(rank: int, world: int) -> None:
     cases = [("Schedule1F1B", world)] + [(s, 2 * world) for s in TORCH_SCHEDULES]
     for schedule, num_blocks in cases:
         check_one_sgd_step(
-            rank, world, schedule, num_blocks,
+            rank,
+            world,
+            schedule,
+            num_blocks,
             lambda make, lr, s=schedule, n=num_blocks: run_torch_pipelining(
                 s, make, n, (MB, WIDTH), M, steps=1, warmup=0, lr=lr
             ),
-        )  # fmt: skip
+        )
 
     # Every schedule: 8 blocks, float32, default loss and lr, warm-up + 2 timed steps.
     for schedule in TORCH_SCHEDULES:
@@ -123,10 +126,13 @@ def check_deepspeed(rank: int, world: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported
     # float32: DeepSpeed's CPU accelerator refuses to reduce float64 gradients.
     check_one_sgd_step(
-        rank, world, "DeepSpeed", 8,
+        rank,
+        world,
+        "DeepSpeed",
+        8,
         lambda make, lr: run_deepspeed_pipeline(make, 8, (MB, WIDTH), M, 1, 0, lr=lr),
         torch.float32,
-    )  # fmt: skip
+    )
     counter = Counter()
     result = run_deepspeed_pipeline(block, 8, (MB, WIDTH), M, STEPS, WARMUP, around_step=counter)
     check_result(result, rank == world - 1, counter, "DeepSpeed")

@@ -108,8 +108,9 @@ def sbatch(name: str) -> tuple[str, dict[str, str]]:
     lines = text.splitlines()
     (activate,) = [i for i, line in enumerate(lines) if re.match(r"source .*/bin/activate", line)]
     assert ".venv" in lines[activate]
-    first_use = min(i for i, line in enumerate(lines)
-                    if re.match(r"\s*(srun|python|ray|torchrun)\b", line))  # fmt: skip
+    first_use = min(
+        i for i, line in enumerate(lines) if re.match(r"\s*(srun|python|ray|torchrun)\b", line)
+    )
     assert activate < first_use, (activate, first_use)
     for name in NCCL_EXPORTED:
         assert re.search(rf"^export {name}=", text, re.MULTILINE), name

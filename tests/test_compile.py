@@ -53,8 +53,13 @@ def test_compiled_blocks_equal_eager_and_compile_in_the_first_two_steps(name):
             for step, (a, b) in enumerate(zip(got, eager, strict=True)):
                 assert a.keys() == b.keys()
                 for key in a:
-                    torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12,
-                                               msg=f"{name} {plan} step {step} {key}")  # fmt: skip
+                    torch.testing.assert_close(
+                        a[key],
+                        b[key],
+                        rtol=1e-12,
+                        atol=1e-12,
+                        msg=f"{name} {plan} step {step} {key}",
+                    )
             assert all(c.graph_breaks == 0 for c in compiled), compiled
             assert all(c.graphs == 0 for c in compiled[2:]), f"recompiled: {compiled}"
         assert peaks[True] < peaks[False], peaks  # checkpointing still saves memory compiled
@@ -117,10 +122,17 @@ def test_inductor_compiled_blocks_equal_eager_in_float32(tmp_path, monkeypatch):
 
 
 def test_training_reports_compile_time_and_no_recompilation(tmp_path):
-    config = load_config(None, [
-        *TINY, f"run.out_dir={tmp_path}", "train.compile=blocks", "train.compile_backend=aot_eager",
-        "train.max_steps=4", "data.num_microbatches=2",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *TINY,
+            f"run.out_dir={tmp_path}",
+            "train.compile=blocks",
+            "train.compile_backend=aot_eager",
+            "train.max_steps=4",
+            "data.num_microbatches=2",
+        ],
+    )
     summary = train(config)
     assert summary["compile, first step (s)"] > 0
     records = MetricsLogger.read(config.run_dir / "metrics.jsonl")

@@ -90,7 +90,7 @@ FEATURES: dict[str, dict[str, object]] = {
         "horizon.horizon": 1,
         "model.name": "relu_mlp",
         "model.head": "shared",
-    },  # fmt: skip
+    },
 }
 EXCLUSIVE = (("bf16", "fp16"), ("ff", "forward_gradient", "pepita"))  # one value of a field
 COMBINATIONS = (  # what users run together, beyond pairs
@@ -198,15 +198,21 @@ def batches(config: Config, replica: int, inputs: bool = True) -> list[tuple]:
     if streams(config):
         source = open_source(d, "train", config.train.seed)
         shard = Shard(replica, replicas, inputs)
-        loader = Loader(source, d, config.augment, "train", config.train.seed, shard,
-                        d.num_microbatches)  # fmt: skip
+        loader = Loader(
+            source, d, config.augment, "train", config.train.seed, shard, d.num_microbatches
+        )
         epoch = loader.epoch(0)
         return [next(epoch) for _ in range(STEPS)]
     g = torch.Generator().manual_seed(7)
     dtype, n = dtype_of(config.train.dtype), d.batch_size
     mine = slice(replica * n // replicas, (replica + 1) * n // replicas)
-    return [(torch.randn(n, *SHAPE, dtype=torch.float64, generator=g).to(dtype)[mine],
-             torch.randint(0, CLASSES, (n,), generator=g)[mine]) for _ in range(STEPS)]  # fmt: skip
+    return [
+        (
+            torch.randn(n, *SHAPE, dtype=torch.float64, generator=g).to(dtype)[mine],
+            torch.randint(0, CLASSES, (n,), generator=g)[mine],
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def one_process(
@@ -261,14 +267,21 @@ def pipelined(config: Config, groups: Groups) -> tuple[dict[str, torch.Tensor], 
     t, topology = config.train, groups.topology
     meta = build_model(config.model, input_shape(config), CLASSES, device="meta")
     counts = [meta.num_blocks // STAGES] * STAGES
-    runtime = RuntimeOptions(schedule=schedule_spec(config), dtype=dtype_of(t.dtype),
-                             soft_targets=mixes(config.augment))  # fmt: skip
+    runtime = RuntimeOptions(
+        schedule=schedule_spec(config), dtype=dtype_of(t.dtype), soft_targets=mixes(config.augment)
+    )
     stage = build_stage(
-        model=meta, plan=Plan(config.horizon.rule, config.horizon.horizon, meta.num_blocks),
-        ranges=stage_ranges(counts), groups=groups, optim=config.optim, runtime=runtime,
-        compute=compute_options(t, torch.device("cpu")), seed=t.seed, spec=config.model,
+        model=meta,
+        plan=Plan(config.horizon.rule, config.horizon.horizon, meta.num_blocks),
+        ranges=stage_ranges(counts),
+        groups=groups,
+        optim=config.optim,
+        runtime=runtime,
+        compute=compute_options(t, torch.device("cpu")),
+        seed=t.seed,
+        spec=config.model,
         sharding=config.pipeline.sharding,
-    )  # fmt: skip
+    )
     mine = batches(config, topology.replica, inputs=topology.stage == 0)
     calls = [[b] for b in mine]  # sync: one minibatch per call
     if config.pipeline.mode == "async":  # a window of two minibatches, then the third
@@ -309,11 +322,21 @@ def check_cell(cell: tuple[str, ...], groups: Groups, expected: dict) -> None:
     for name, weight in got.items():
         where = f"{'+'.join(cell)} rank {groups.topology.rank} {name}"
         if config.train.precision == "fp32":
-            torch.testing.assert_close(weight, expected["same"][name], rtol=0, atol=FLOAT64_ATOL,
-                                       msg=lambda e, w=where: f"{w}: {e}")  # fmt: skip
+            torch.testing.assert_close(
+                weight,
+                expected["same"][name],
+                rtol=0,
+                atol=FLOAT64_ATOL,
+                msg=lambda e, w=where: f"{w}: {e}",
+            )
             continue
-        torch.testing.assert_close(weight, expected["same"][name], rtol=MIXED_RTOL, atol=1e-7,
-                                   msg=lambda e, w=where: f"{w}: {e}")  # fmt: skip
+        torch.testing.assert_close(
+            weight,
+            expected["same"][name],
+            rtol=MIXED_RTOL,
+            atol=1e-7,
+            msg=lambda e, w=where: f"{w}: {e}",
+        )
         error, size = (weight - expected["fp32"][name]).norm(), expected["fp32"][name].norm()
         assert error <= FP32_RTOL * size, f"{where}: {float(error)} from fp32's ({float(size)})"
     if config.train.compile == "blocks":  # graphs are compiled in the first call only

@@ -27,14 +27,19 @@ def test_accelerate_settings_are_mapped():
     config, notes = mapped(fsdp)
     assert config.pipeline.sharding == "fsdp"
     assert config.train.activation_checkpointing == "blocks"
-    config, notes = mapped({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
-                            "ACCELERATE_DYNAMO_MODE": "default"})  # fmt: skip
+    config, notes = mapped(
+        {**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "default"}
+    )
     assert (config.train.compile, config.train.compile_backend) == ("blocks", "inductor")
-    assert notes == ["train.compile=blocks with train.compile_backend=inductor (from accelerate "
-                     "--dynamo_backend inductor)"]  # fmt: skip
+    assert notes == [
+        "train.compile=blocks with train.compile_backend=inductor (from accelerate "
+        "--dynamo_backend inductor)"
+    ]
     with pytest.raises(ConfigError, match="train.compile_backend=aot_eager; make them agree"):
-        mapped({**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
-               overrides=["train.compile=blocks", "train.compile_backend=aot_eager"])  # fmt: skip
+        mapped(
+            {**ACCELERATE, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
+            overrides=["train.compile=blocks", "train.compile_backend=aot_eager"],
+        )
     config, notes = mapped({})  # not started by accelerate: nothing changes
     assert config == load_config(None, []) and not notes
 
@@ -61,9 +66,17 @@ def test_accelerate_settings_we_cannot_honour_stop_in_one_line(environ, message)
 
 def test_deepspeed_json_is_mapped_or_refused(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
-                                "zero_optimization": {"stage": 0}, "steps_per_print": 10,
-                                "train_batch_size": 128}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "bf16": {"enabled": True},
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": 0},
+                "steps_per_print": 10,
+                "train_batch_size": 128,
+            }
+        )
+    )
     config, notes = mapped(deepspeed=str(path))
     assert config.train.precision == "bf16-mixed" and config.optim.grad_clip == 1.0
     for bad, message in (
@@ -83,8 +96,9 @@ def test_deepspeed_launcher_with_a_zero2_config_stops_before_training(tmp_path):
     command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
                "launch/train.py", "--deepspeed", "--deepspeed_config", str(path),
                *sets(*TINY, "pipeline.stages=2", f"run.out_dir={tmp_path}")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                            env={**ENV, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**ENV, "DS_ACCELERATOR": "cpu"}
+    )
     assert result.returncode != 0
     assert "ZeRO stage 2 does not fit" in result.stderr
     assert not (tmp_path / "run").exists(), "nothing may start"
@@ -98,8 +112,13 @@ def test_accelerate_launch_in_bf16_trains_a_pipeline(tmp_path):
         *sets(*TINY, "train.dtype=float32", "pipeline.stages=2", f"run.out_dir={tmp_path}",
               "run.name=acc"),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                            env={**ENV, "ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train.precision=bf16-mixed (from accelerate" in result.stderr
     assert load_config(tmp_path / "acc" / "config.yaml").train.precision == "bf16-mixed"

@@ -38,8 +38,9 @@ def test_without_an_input_gradient_the_backward_is_all_weights():
 
 def test_time_partition_and_middle_block_under_bf16_leave_the_model_alone():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="residual_mlp", num_blocks=4, width=16, hidden=24),
-                        (1, 8, 8), 10)  # fmt: skip
+    model = build_model(
+        ModelConfig(name="residual_mlp", num_blocks=4, width=16, hidden=24), (1, 8, 8), 10
+    )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     sample = torch.randn(4, 1, 8, 8)
     assert len(block_costs(model, "time", sample, compute=BF16)) == 4

@@ -22,7 +22,7 @@ def test_randaugment_draws_every_magnitude_without_failing() -> None:
     through the transform, the 0-bit case is met many times, and nothing fails."""
     augment = AugmentConfig(enabled=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
     transform = build_transform(augment, 16, True, IMAGENET_MEAN, IMAGENET_STD)
-    rand_augment = next(t for t in transform.transforms if type(t).__name__ == "RandAugment")
+    rand_augment = next(t for t in transform.image.transforms if type(t).__name__ == "RandAugment")
     bits_asked = []
     for op in rand_augment.ops:
         if op.name.startswith("Posterize"):
@@ -72,3 +72,46 @@ def test_label_smoothing_alone_draws_nothing() -> None:
     torch.testing.assert_close(t, torch.eye(4) * 0.9 + 0.025)
     assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
     assert torch.equal(torch.get_rng_state(), state[2])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_transform_is_timms_own_to_the_bit(training: bool) -> None:
+    """The per-image PIL ops, then conversion and normalization per batch, give exactly what
+    timm's per-image transform (``create_transform``, no prefetcher) gives under the same seed."""
+    from timm.data import create_transform
+
+    augment = AugmentConfig(enabled=True, auto_augment="rand-m9-mstd0.5-inc1")
+    ours = build_transform(augment, 16, training, IMAGENET_MEAN, IMAGENET_STD)
+    timms = create_transform(
+        16,
+        is_training=training,
+        auto_augment=augment.auto_augment,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        crop_pct=augment.crop_pct,
+    )
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)) for _ in range(6)]
+    expected, arrays = [], []
+    for k, image in enumerate(images):
+        with seeded(k):
+            expected.append(timms(image))
+        with seeded(k):
+            arrays.append(ours.image(image))
+    assert torch.equal(ours.batch(arrays, list(range(6))), torch.stack(expected))
+    to_tensor, normalize = timms.transforms[-2:]  # large rows: normalized a row at a time
+    large = [rng.integers(0, 256, (300, 300, 3), np.uint8) for _ in range(2)]
+    expected = [normalize(to_tensor(Image.fromarray(a))) for a in large]
+    assert torch.equal(ours.batch(large, [0, 1], shared=True), torch.stack(expected))
+
+
+def test_random_erasing_is_seeded_per_image() -> None:
+    augment = AugmentConfig(enabled=True, re_prob=1.0)
+    transform = build_transform(augment, 16, True, IMAGENET_MEAN, IMAGENET_STD)
+    arrays = [np.full((16, 16, 3), 128, np.uint8)] * 3
+    batch = transform.batch(arrays, [5, 6, 5])
+    assert torch.equal(batch[0], batch[2]) and not torch.equal(batch[0], batch[1])
+    assert torch.equal(transform.batch(arrays[:1], [6])[0], batch[1])  # not the row's place
+    plain = build_transform(AugmentConfig(enabled=True), 16, True, IMAGENET_MEAN, IMAGENET_STD)
+    assert (batch != plain.batch(arrays, [5, 6, 5])).any(dim=(1, 2, 3)).all()  # erased, each

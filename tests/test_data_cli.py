@@ -28,8 +28,9 @@ def test_bench_data_prints_both_loaders(capsys) -> None:
     args = ["bench-data", "--root", root, "--image-size", "16", "--workers", "0"]
     assert main([*args, "--batch-size", "8", "--batches", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"mpc_dist Loader +\d+\.\d images/s", out)
-    assert re.search(r"timm create_loader +\d+\.\d images/s", out) and "ours / timm's" in out
+    for name in ("mpc_dist Loader", "timm create_loader", "timm create_loader prefetcher"):
+        assert re.search(rf"{name} +\d+\.\d \[\d+, \d+\] images/s per worker", out)
+    assert "ours / timm create_loader:" in out and "ours / timm create_loader prefetcher:" in out
 
 
 def test_dry_run_of_the_imagenet_recipe_on_an_image_folder(capsys) -> None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 from launching import mpc_dist, sets
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import load_config
 from mpc_dist.train import doctor
@@ -17,8 +17,9 @@ from mpc_dist.train.doctor import Place
 
 
 def test_doctor_passes_for_the_quickstart(tmp_path):
-    result = mpc_dist("doctor", "--config", "configs/quickstart.yaml",
-                      *sets(f"run.out_dir={tmp_path}"))  # fmt: skip
+    result = mpc_dist(
+        "doctor", "--config", "configs/quickstart.yaml", *sets(f"run.out_dir={tmp_path}")
+    )
     assert result.returncode == 0, result.stderr
     for check in ("torch / CUDA / cuDNN / NCCL", "device", "/dev/shm", "memory", "run directory"):
         assert check in result.stdout, check
@@ -27,8 +28,15 @@ def test_doctor_passes_for_the_quickstart(tmp_path):
 
 
 def test_doctor_passes_for_four_ranks_under_torchrun(tmp_path):
-    result = mpc_dist("doctor", "--config", "configs/mnist_4stage.yaml", "--nproc", "4",
-                      *sets(f"run.out_dir={tmp_path}"), timeout=240)  # fmt: skip
+    result = mpc_dist(
+        "doctor",
+        "--config",
+        "configs/mnist_4stage.yaml",
+        "--nproc",
+        "4",
+        *sets(f"run.out_dir={tmp_path}"),
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     assert "4 of 4 rank(s)" in result.stdout
     assert "shared by all 4 ranks" in result.stdout
@@ -36,8 +44,12 @@ def test_doctor_passes_for_four_ranks_under_torchrun(tmp_path):
 
 
 def test_doctor_fails_in_one_line_for_cuda_on_this_machine(tmp_path):
-    result = mpc_dist("doctor", "--config", "configs/quickstart.yaml",
-                      *sets("train.device=cuda", f"run.out_dir={tmp_path}"))  # fmt: skip
+    result = mpc_dist(
+        "doctor",
+        "--config",
+        "configs/quickstart.yaml",
+        *sets("train.device=cuda", f"run.out_dir={tmp_path}"),
+    )
     assert result.returncode == 1
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("mpc-dist")]
     assert line.startswith("mpc-dist doctor: FAIL device"), line

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import MODELS, grads, make_batch, make_model
+from helpers import engine_grads as horizon_grads
 
 from mpc_dist.config import ModelConfig
 from mpc_dist.core import HorizonEngine, Plan, reference_gradients
@@ -11,12 +12,7 @@ from mpc_dist.models import build_model
 
 
 def engine_grads(model, plan, x, y, num_microbatches=1):
-    model.zero_grad(set_to_none=True)
-    engine = HorizonEngine(model, plan)
-    for xs, ys in zip(x.chunk(num_microbatches), y.chunk(num_microbatches), strict=True):
-        engine.train_microbatch(xs, ys, loss_scale=1 / num_microbatches)
-    assert engine.outstanding == 0, "every block graph must be freed"
-    return grads(model)
+    return horizon_grads(model, HorizonEngine(model, plan), x, y, num_microbatches)
 
 
 def assert_same(got, want):

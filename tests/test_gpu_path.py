@@ -8,7 +8,7 @@ import json
 
 import torch
 import torch.distributed as dist
-from multiprocess import run
+from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
 from mpc_dist.core import ComputeOptions, Plan
@@ -29,11 +29,17 @@ def check_overflow_on_one_shard(rank: int, world: int) -> None:
         groups = Groups.create(Topology(stages, world // stages, rank))
         per_stage = SPEC.num_blocks // stages
         stage = build_stage(
-            model=build_model(SPEC, SHAPE, 5, device="meta"), plan=Plan("receding", 2, 4),
-            ranges=stage_ranges([per_stage] * stages), groups=groups,
-            optim=OptimConfig("sgd", lr=0.05), runtime=RuntimeOptions(schedule=ScheduleSpec(2)),
-            compute=FP16, spec=SPEC, seed=0, sharding="fsdp",
-        )  # fmt: skip
+            model=build_model(SPEC, SHAPE, 5, device="meta"),
+            plan=Plan("receding", 2, 4),
+            ranges=stage_ranges([per_stage] * stages),
+            groups=groups,
+            optim=OptimConfig("sgd", lr=0.05),
+            runtime=RuntimeOptions(schedule=ScheduleSpec(2)),
+            compute=FP16,
+            spec=SPEC,
+            seed=0,
+            sharding="fsdp",
+        )
         step = stage.runtime.step
         shared = dist.group.WORLD if stages > 1 else groups.data_parallel
         assert step.scaler.process_group is shared, stages
@@ -84,8 +90,13 @@ def check_frozen_stage(rank: int, world: int) -> None:
     spec = ModelConfig(name="residual_mlp", num_blocks=4, width=8, hidden=12, head="shared")
     plan, optim, m = Plan("receding", 4, 4), OptimConfig("sgd", lr=0.05, momentum=0.9), 2
     g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
-             torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]  # fmt: skip
+    data = [
+        (
+            torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 5, (8,), generator=g),
+        )
+        for _ in range(3)
+    ]
     single = frozen_front(build_model(spec, SHAPE, 5, seed=0).double())
     engine = HorizonEngine(single, plan, track_memory=False)
     optimizer = build_optimizer(optim, single.parameters())
@@ -235,11 +246,18 @@ def check_bf16_fsdp_parameters(rank: int, world: int) -> None:
     results = {}
     for param_dtype in (None, torch.bfloat16):
         stage = build_stage(
-            model=build_model(SPEC, SHAPE, 5, device="meta"), plan=Plan("receding", 2, 4),
-            ranges=stage_ranges([4]), groups=groups, optim=OptimConfig("sgd", lr=0.05),
-            runtime=options, compute=ComputeOptions(autocast_dtype=torch.bfloat16), spec=SPEC,
-            seed=0, sharding="fsdp", fsdp_param_dtype=param_dtype,
-        )  # fmt: skip
+            model=build_model(SPEC, SHAPE, 5, device="meta"),
+            plan=Plan("receding", 2, 4),
+            ranges=stage_ranges([4]),
+            groups=groups,
+            optim=OptimConfig("sgd", lr=0.05),
+            runtime=options,
+            compute=ComputeOptions(autocast_dtype=torch.bfloat16),
+            spec=SPEC,
+            seed=0,
+            sharding="fsdp",
+            fsdp_param_dtype=param_dtype,
+        )
         initial = {k: v.full_tensor() for k, v in stage.model.named_parameters()}
         seen = []
         block = stage.model.blocks["1"]

@@ -5,6 +5,7 @@ pass on the CPU (gloo, a tiny ViT instead of ViT-B/16)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -48,10 +49,35 @@ def test_the_steps_that_need_no_gpu_pass_on_the_cpu(tmp_path):
              "refusals"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "acceptance.py"), *steps, "--device", "cpu",
-         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPTS / "acceptance.py"),
+            *steps,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert [line.split(":")[0] for line in lines] == ["PASS"] * 7 + ["SKIP"], lines
     assert "max |resumed - straight| = 0" in done.stdout  # exact on the CPU
+
+
+def test_the_block_cost_script_runs_on_the_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(SCRIPTS / "costs.py"), "--device", "cpu", "--small"]
+    done = subprocess.run(
+        [*command, "--batch", "4", "--out", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "costs.json").read_text())["vit_tiny"]
+    assert all(v > 0 for v in report["block_ms"]["4"].values())
+    saved = [row["activations_mib"] for row in report["memory"]]
+    assert saved == sorted(saved) and saved[0] < saved[-1]  # more h, more saved activations
+    assert {row["config"] for row in report["projection_p8"]} >= {"BP-1F1B", "receding h=1 async"}

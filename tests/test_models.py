@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from processes import run
 from safetensors.torch import save_file
 
@@ -24,16 +25,29 @@ from mpc_dist.train import build_optimizer, build_stage, train
 
 SHAPE = (1, 28, 28)
 OWN = ModelConfig(name="own_model:build", num_blocks=4, width=16, head="aux")
-TIMM = ModelConfig(name="timm/vit_tiny_patch16_224", image_size=32, head="aux",
-                   kwargs={"depth": 4, "embed_dim": 16, "num_heads": 2})  # fmt: skip
+TIMM = ModelConfig(
+    name="timm/vit_tiny_patch16_224",
+    image_size=32,
+    head="aux",
+    kwargs={"depth": 4, "embed_dim": 16, "num_heads": 2},
+)
 LORA = LoraConfig(rank=2, alpha=4, targets=["qkv"])
+MIXER = ModelConfig(
+    name="local_mixer",
+    num_blocks=4,
+    width=8,
+    hidden=8,
+    patch_size=14,
+    head="aux",
+    kwargs={"groups": 2},
+)
 
 
 def meta(spec: ModelConfig):
     return build_model(spec, SHAPE, 10, device="meta")
 
 
-@pytest.mark.parametrize("spec", [OWN, TIMM], ids=["own", "timm"])
+@pytest.mark.parametrize("spec", [OWN, TIMM, MIXER], ids=["own", "timm", "local_mixer"])
 def test_initialisation_does_not_depend_on_the_stage_layout(spec):
     whole = instantiate(meta(spec), "cpu", torch.float64, seed=5)
     expected = dict(whole.state_dict())
@@ -52,8 +66,13 @@ def check_pipeline_equals_one_process(rank: int, world: int, spec: ModelConfig) 
     groups = Groups.create(Topology(2, 1, rank))
     plan, m, optim = Plan("receding", 2, 4), 2, OptimConfig("adam", lr=0.01)
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
-             torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]  # fmt: skip
+    data = [
+        (
+            torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 10, (8,), generator=g),
+        )
+        for _ in range(3)
+    ]
     single = instantiate(meta(spec), "cpu", torch.float64, seed=1, lora=spec.lora)
     optimizer = build_optimizer(optim, single.parameters())
     engine = HorizonEngine(single, plan, EngineOptions(track_memory=False))
@@ -64,9 +83,15 @@ def check_pipeline_equals_one_process(rank: int, world: int, spec: ModelConfig) 
         optimizer.zero_grad()
     options = RuntimeOptions(schedule=ScheduleSpec(m, "async"), dtype=torch.float64)
     stage = build_stage(
-        model=meta(spec), plan=plan, ranges=stage_ranges([2, 2]), groups=groups, optim=optim,
-        runtime=options, spec=spec, seed=1,
-    )  # fmt: skip
+        model=meta(spec),
+        plan=plan,
+        ranges=stage_ranges([2, 2]),
+        groups=groups,
+        optim=optim,
+        runtime=options,
+        spec=spec,
+        seed=1,
+    )
     assert sum(p.numel() for p in stage.model.parameters()) < sum(
         p.numel() for p in single.parameters()
     )
@@ -77,10 +102,38 @@ def check_pipeline_equals_one_process(rank: int, world: int, spec: ModelConfig) 
 
 
 @pytest.mark.parametrize(
-    "spec", [OWN, TIMM, dataclasses.replace(TIMM, lora=LORA)], ids=["own", "timm", "timm-lora"]
+    "spec",
+    [OWN, TIMM, dataclasses.replace(TIMM, lora=LORA), MIXER],
+    ids=["own", "timm", "timm-lora", "local_mixer"],
 )
 def test_own_and_timm_models_train_through_a_pipeline_as_in_one_process(spec):
     run(check_pipeline_equals_one_process, 2, spec, timeout=240)
+
+
+def test_local_mixer_is_the_papers_network():
+    """M/1/16 (Table 2): one 784-pixel patch, 512 channels in 16 groups, 429K parameters with
+    the paper's separate final classifier (ours: the last block's head predicts, 424K)."""
+    spec = ModelConfig(
+        name="local_mixer",
+        num_blocks=1,
+        width=512,
+        hidden=512,
+        patch_size=28,
+        head="aux",
+        kwargs={"groups": 16},
+    )
+    model = meta(spec)
+    assert model.state_shapes == [(1, 784), (1, 16, 32)]
+    assert sum(p.numel() for p in model.parameters()) + 512 * 10 + 10 == 429_076
+    block = instantiate(meta(MIXER), "cpu", torch.float64, seed=0).blocks["1"]
+    x = torch.randn(3, 4, 2, 4, dtype=torch.float64)
+    a = F.layer_norm(x.flatten(2), (8,))
+    tokens = F.relu(F.layer_norm(block.tokens.linear.mix(a.transpose(1, 2)).transpose(1, 2), (8,)))
+    channels = F.relu(F.layer_norm(block.channels.linear(F.layer_norm(tokens, (8,))), (8,)))
+    g = F.layer_norm(channels.reshape(3, 4, 2, 4), (4,))
+    w, b = block.grouped.linear.weight, block.grouped.linear.bias
+    grouped = torch.stack([g[:, :, k] @ w[k] + b[k] for k in range(2)], dim=2)
+    torch.testing.assert_close(block(x), F.relu(F.layer_norm(grouped, (4,)) + x))
 
 
 def test_timm_weights_load_by_their_own_names(tmp_path):
@@ -88,9 +141,13 @@ def test_timm_weights_load_by_their_own_names(tmp_path):
 
     torch.manual_seed(0)
     reference = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1, img_size=32,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=10,
+        in_chans=1,
+        img_size=32,
         **TIMM.kwargs,
-    ).eval()  # fmt: skip
+    ).eval()
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     spec = dataclasses.replace(TIMM, weights=str(path), head="shared")
@@ -109,25 +166,50 @@ def test_torchvision_weights_load_by_their_own_names(tmp_path):
     path = tmp_path / "resnet18.pt"
     torch.save(reference.state_dict(), path)
     spec = ModelConfig(name="resnet18", head="aux", weights=str(path))
-    model = instantiate(build_model(spec, (3, 224, 224), 10, device="meta"), "cpu",
-                        torch.float32, seed=0, weights=spec.weights).eval()  # fmt: skip
+    model = instantiate(
+        build_model(spec, (3, 224, 224), 10, device="meta"),
+        "cpu",
+        torch.float32,
+        seed=0,
+        weights=spec.weights,
+    ).eval()
     x = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(model(x), reference(x))
-    wrong = ModelConfig(name="vit_tiny", weights=str(path), num_blocks=2, width=16, hidden=16,
-                        num_heads=2, patch_size=7)  # fmt: skip
+    wrong = ModelConfig(
+        name="vit_tiny",
+        weights=str(path),
+        num_blocks=2,
+        width=16,
+        hidden=16,
+        num_heads=2,
+        patch_size=7,
+    )
     with pytest.raises(ConfigError, match="model.weights=.*lacks"):
         instantiate(meta(wrong), "cpu", torch.float32, seed=0, weights=wrong.weights)
 
 
 def test_lora_trains_adapters_and_heads_and_leaves_base_weights_unchanged(tmp_path):
-    config = load_config(None, [
-        f"model.name={TIMM.name}", "model.image_size=32", "model.head=aux",
-        "model.kwargs={depth: 4, embed_dim: 16, num_heads: 2}",
-        "model.lora={rank: 2, alpha: 4, targets: [qkv]}", "horizon.horizon=2",
-        "data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32",
-        "train.max_steps=4", "optim.lr=0.01", "optim.weight_decay=0.1", f"run.out_dir={tmp_path}",
-        "run.progress=false", "run.tensorboard=false", "run.plot=false",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            f"model.name={TIMM.name}",
+            "model.image_size=32",
+            "model.head=aux",
+            "model.kwargs={depth: 4, embed_dim: 16, num_heads: 2}",
+            "model.lora={rank: 2, alpha: 4, targets: [qkv]}",
+            "horizon.horizon=2",
+            "data.dataset=synthetic",
+            "data.synthetic_size=256",
+            "data.batch_size=32",
+            "train.max_steps=4",
+            "optim.lr=0.01",
+            "optim.weight_decay=0.1",
+            f"run.out_dir={tmp_path}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+        ],
+    )
     train(config)
     from mpc_dist.train import load_run_weights
 
@@ -171,8 +253,12 @@ def test_dry_run_memory_falls_with_checkpointing_and_sharding():
     base = ["pipeline.replicas=2", "data.batch_size=512", "model.head=aux"]
     config = load_config("configs/vit_l16_cifar100.yaml", base)
     plain = dry_run(config)
-    lean = dry_run(load_config("configs/vit_l16_cifar100.yaml", [
-        *base, "pipeline.sharding=fsdp", "train.activation_checkpointing=blocks"]))  # fmt: skip
+    lean = dry_run(
+        load_config(
+            "configs/vit_l16_cifar100.yaml",
+            [*base, "pipeline.sharding=fsdp", "train.activation_checkpointing=blocks"],
+        )
+    )
     for a, b in zip(plain, lean, strict=True):
         assert b["activations_held_bytes"] < a["activations_held_bytes"]
         assert b["optimizer_bytes"] * 2 == a["optimizer_bytes"]

@@ -6,6 +6,7 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from helpers import train_one_process
 from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
@@ -35,22 +36,18 @@ def make(head: str, width: int = 8):
 def batches(n: int = STEPS, size: int = BATCH):
     g = torch.Generator().manual_seed(7)
     return [
-        (torch.randn(size, *SHAPE, dtype=torch.float64, generator=g),
-         torch.randint(0, 5, (size,), generator=g))
+        (
+            torch.randn(size, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 5, (size,), generator=g),
+        )
         for _ in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def single_process(head: str, plan: Plan, m: int, data) -> dict[str, torch.Tensor]:
     model = make(head)
     engine = HorizonEngine(model, plan, EngineOptions(track_memory=False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for x, y in data:
-        for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
-            engine.train_microbatch(xs, ys, loss_scale=1 / m)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return dict(model.named_parameters())
+    return train_one_process(model, engine, data, m)
 
 
 def pipeline(groups: Groups, head, plan, m, mode, data, policy="horizon", defer=False):

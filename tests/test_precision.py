@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from helpers import grads, make_batch, make_model
+from helpers import engine_grads as gradients
+from helpers import make_batch, make_model
 from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig, load_config
@@ -17,11 +18,8 @@ PLAIN, CHECKPOINTED = ComputeOptions(), ComputeOptions(checkpoint_blocks=True)
 
 
 def engine_grads(model, plan, x, y, compute=PLAIN):
-    model.zero_grad(set_to_none=True)
     engine = HorizonEngine(model, plan, EngineOptions(compute=compute))
-    engine.train_microbatch(x, y)
-    assert engine.outstanding == 0
-    return grads(model), engine.memory.peak_bytes
+    return gradients(model, engine, x, y), engine.memory.peak_bytes
 
 
 def test_activation_checkpointing_gives_the_same_gradients_with_fewer_saved_bytes():
@@ -94,8 +92,10 @@ def check_mixed_pipeline(rank: int, world: int, precision: torch.dtype) -> None:
     plan, m, T = Plan("receding", 2, 4), 2, 4
     spec = ModelConfig(num_blocks=T, width=16, hidden=24, head="shared")
     g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g))
-            for _ in range(3)]  # fmt: skip
+    data = [
+        (torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g))
+        for _ in range(3)
+    ]
     optim = OptimConfig("adam", lr=0.01)
     torch.manual_seed(0)
     single = build_model(spec, (1, 6, 6), 5)
@@ -110,15 +110,20 @@ def check_mixed_pipeline(rank: int, world: int, precision: torch.dtype) -> None:
                 for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True)
             )
         )
-        step(loss, 0.01)  # fmt: skip
+        step(loss, 0.01)
     torch.manual_seed(0)
     options = RuntimeOptions(schedule=ScheduleSpec(m, "sync"))
     ranges = stage_ranges([2, 2])
     model = build_model(spec, (1, 6, 6), 5)
     stage = build_stage(
-        model=model, plan=plan, ranges=ranges, groups=groups, optim=optim, runtime=options,
+        model=model,
+        plan=plan,
+        ranges=ranges,
+        groups=groups,
+        optim=optim,
+        runtime=options,
         compute=compute,
-    )  # fmt: skip
+    )
     for x, y in data:
         stage.runtime.run([(x, y)], [0.01])
     expected = dict(single.named_parameters())
@@ -135,9 +140,16 @@ def test_fp16_pipeline_with_a_shared_loss_scale_equals_one_process():
 
 
 def test_quickstart_in_bf16_mixed_precision_reaches_97_5_percent(tmp_path):
-    config = load_config("configs/quickstart.yaml", [
-        "train.precision=bf16-mixed", f"run.out_dir={tmp_path}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false", "run.keep_checkpoints=1",
-    ])  # fmt: skip
+    config = load_config(
+        "configs/quickstart.yaml",
+        [
+            "train.precision=bf16-mixed",
+            f"run.out_dir={tmp_path}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+            "run.keep_checkpoints=1",
+        ],
+    )
     summary = train(config)
     assert summary["test accuracy"] >= 0.975, summary["test accuracy"]

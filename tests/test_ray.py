@@ -14,8 +14,8 @@ import ray
 from launching import ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
 
 from mpc_dist.config import load_config
-from mpc_dist.launchers.ray_job import ATTEMPTS, ray_train
-from mpc_dist.train import Callback
+from mpc_dist.launchers.ray_job import ray_train
+from mpc_dist.train import ATTEMPTS, Callback
 
 RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}  # a second driver reads the token Ray wrote
 
@@ -34,8 +34,9 @@ def test_ray_job_matches_torchrun(tmp_path):
     result = mpc_dist("train", "--nproc", "4", *sets(*TINY, *layout, "run.name=torchrun"))
     assert result.returncode == 0, result.stderr[-3000:]
     address = ray.get_runtime_context().gcs_address  # this module's Ray instance
-    result = mpc_dist("ray", "--address", address, *sets(*TINY, *layout, "run.name=ray"),
-                      timeout=300, env=RAY_ENV)  # fmt: skip
+    result = mpc_dist(
+        "ray", "--address", address, *sets(*TINY, *layout, "run.name=ray"), timeout=300, env=RAY_ENV
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "4 (2 stages x 2 replicas, CPU, PACK)" in result.stderr
     assert_same_weights(tmp_path / "torchrun", tmp_path / "ray")
@@ -53,8 +54,9 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
 
     extra = ["horizon.horizon=2", "train.max_steps=6", "run.checkpoint_every=2"]
     single = single_process_run(tmp_path, *extra)
-    config = load_config(None, [*TINY, *extra, "pipeline.stages=4", f"run.out_dir={tmp_path}",
-                                "run.name=ray"])  # fmt: skip
+    config = load_config(
+        None, [*TINY, *extra, "pipeline.stages=4", f"run.out_dir={tmp_path}", "run.name=ray"]
+    )
     summary = ray_train(config, max_failures=1, callbacks=[KillOnce()])
     assert marker.exists() and summary["restarts"] == 1
     attempts = [json.loads(x) for x in Path(tmp_path / "ray" / ATTEMPTS).read_text().splitlines()]

@@ -4,13 +4,17 @@ microbatch), and each learns MNIST a little."""
 
 from __future__ import annotations
 
+import json
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from launching import TINY, assert_same_weights, mpc_dist, sets
 from processes import run
 
-from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, load_config
+from mpc_dist.cli import main as cli_main
+from mpc_dist.config import ConfigError, ModelConfig, OptimConfig, RulesConfig, load_config
 from mpc_dist.core import EngineOptions, Plan
 from mpc_dist.models import build_model
 from mpc_dist.parallel import (
@@ -27,7 +31,7 @@ from mpc_dist.parallel import (
 from mpc_dist.parallel.actions import peer
 from mpc_dist.rules import make_engine, predict_by_average, predict_by_goodness
 from mpc_dist.rules.common import draws
-from mpc_dist.train import build_stage, train
+from mpc_dist.train import build_stage, learning_rate, load_dataset, train
 from mpc_dist.train.validate import validate_config
 
 SHAPE, CLASSES, T = (1, 8, 8), 5, 4
@@ -36,11 +40,20 @@ SPECS = {
     "forward_gradient": ModelConfig(name="relu_mlp", num_blocks=T, width=12, head="aux"),
     "sff": ModelConfig(name="resnet_small", num_blocks=T, width=4, head="goodness"),
     "pepita": ModelConfig(name="relu_mlp", num_blocks=T, width=12),
-}
+    # the papers' own networks at tiny sizes: LocalMixer (4 patches, 2 groups), PEPITA's
+    # bias-free He-uniform MLP with its stabilisers (RULES below)
+    "forward_gradient_mixer": ModelConfig(name="local_mixer", num_blocks=T, width=8, hidden=12,
+                                          patch_size=4, head="aux", kwargs={"groups": 2}),
+    "pepita_stabilised": ModelConfig(name="relu_mlp", num_blocks=T, width=12,
+                                     kwargs={"init": "he_uniform", "bias": False}),
+}  # fmt: skip
+RULE_OF = {"forward_gradient_mixer": "forward_gradient", "pepita_stabilised": "pepita"}
+OPTIONS = {"pepita_stabilised": RulesConfig(pepita_dropout=0.25, pepita_normalise=True),
+           "ff": RulesConfig(ff_peer_normalisation=0.03, ff_straight_through=True)}  # fmt: skip
 
 
-def make(rule: str):
-    return build_model(SPECS[rule], SHAPE, CLASSES, seed=3).double()
+def make(case: str):
+    return build_model(SPECS[case], SHAPE, CLASSES, seed=3).double()
 
 
 def batch(n: int = 6, seed: int = 1):
@@ -49,10 +62,9 @@ def batch(n: int = 6, seed: int = 1):
     return x, torch.randint(0, CLASSES, (n,), generator=g)
 
 
-def engine_grads(rule: str, model, x, y, seed: int = 0):
-    make_engine(
-        model, Plan(rule, 1, T), EngineOptions(track_memory=False, seed=seed)
-    ).train_microbatch(x, y)
+def engine_grads(rule: str, model, x, y, seed: int = 0, options=None):
+    options = EngineOptions(track_memory=False, seed=seed, rules=options)
+    make_engine(model, Plan(rule, 1, T), options).train_microbatch(x, y)
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -76,9 +88,13 @@ def length_normalised(z):
 # ----------------------------------------------------------------------------- the papers
 
 
-def ff_reference(model, x, y, seed=0):
+def ff_reference(model, x, y, seed=0, peer=0.0, straight=False, readout_scale=1.0):
     """Hinton 2022 as written: labels in the first K pixels, every layer's input detached and
-    length-normalised, logistic loss on goodness = sum of squares against threshold = units."""
+    length-normalised, logistic loss on goodness = sum of squares against threshold = units
+    (averaged over positive and negative data, as loeweX's BCE); with ``peer``, the squared gap
+    between each unit's running mean activity on positive data (0.9 x 0.5 + 0.1 x this batch's
+    mean) and the layer's mean, through the ReLU with ``straight``; the readout's gradient x
+    ``readout_scale``."""
     wrong = (y + torch.randint(1, CLASSES, y.shape, generator=draws(seed, -1, 0))) % CLASSES
 
     def labelled(labels):
@@ -90,12 +106,20 @@ def ff_reference(model, x, y, seed=0):
     losses = []
     for t in range(T):
         layer = model.blocks[str(t)][0]
-        h = {k: F.relu(layer(length_normalised(v.detach()))) for k, v in h.items()}
+        pre = {k: layer(length_normalised(v.detach())) for k, v in h.items()}
+        h = {k: F.relu(v) for k, v in pre.items()}
         units = h["pos"].shape[1]
-        losses.append(F.softplus(units - h["pos"].square().sum(1)).mean()
-                      + F.softplus(h["neg"].square().sum(1) - units).mean())  # fmt: skip
+        loss = (
+            F.softplus(units - h["pos"].square().sum(1)).sum()
+            + F.softplus(h["neg"].square().sum(1) - units).sum()
+        ) / (2 * len(y))
+        if peer:
+            pos = pre["pos"] + (h["pos"] - pre["pos"]).detach() if straight else h["pos"]
+            running = 0.9 * 0.5 + 0.1 * pos.mean(0)
+            loss = loss + peer * (running.mean() - running).square().mean()
+        losses.append(loss)
     readout = model.head(length_normalised(h["neutral"].detach()))
-    losses.append(F.cross_entropy(readout, y))
+    losses.append(readout_scale * F.cross_entropy(readout, y))
     return autograd_grads(model, losses)
 
 
@@ -133,52 +157,175 @@ def fg_reference(model, x, y, seed=0):
         h = F.relu(z).detach()
         head_loss = F.cross_entropy(head(h), y)
         prefix = "head" if t == T - 1 else f"aux_heads.{t + 1}"
-        for n, g in zip(("weight", "bias"), torch.autograd.grad(head_loss, list(head.parameters())),
-                        strict=True):  # fmt: skip
+        for n, g in zip(
+            ("weight", "bias"), torch.autograd.grad(head_loss, list(head.parameters())), strict=True
+        ):
             grads[f"{prefix}.{n}"] = g
     return grads
 
 
-def pepita_reference(model, x, y, seed=0):
+def pepita_reference(model, x, y, seed=0, dropout=0.0, normalise=False, feedback=None):
     """Dellaferrera & Kreiman 2022, as in their code: pass 1, e = softmax - onehot; pass 2 on
     x + F e; dW_l = (h_l - h_l_err) h_{l-1}_err^T (x_err for the first), dW_L = e_err h_err^T;
-    divided by the batch. F ~ U[-1, 1] 0.05 sqrt(6 / d_in)."""
+    divided by the batch. F ~ U[-1, 1] 0.05 sqrt(6 / d_in) unless given. Srinivasan et al.'s
+    stabilisers: dropout of hidden units with one mask for both passes, each hidden layer's
+    output scaled to unit RMS."""
     d_in = x[0].numel()
-    uniform = torch.rand(d_in, CLASSES, generator=draws(seed, -2, 0), dtype=torch.float64)
-    feedback = (2 * uniform - 1) * 0.05 * (6 / d_in) ** 0.5
+    if feedback is None:
+        uniform = torch.rand(d_in, CLASSES, generator=draws(seed, -2, 0), dtype=torch.float64)
+        feedback = (2 * uniform - 1) * 0.05 * (6 / d_in) ** 0.5
     layers = [model.blocks[str(t)][0] for t in range(T)]
+    masks = []
+    for t in range(T):
+        keep = torch.rand(len(x), 12, generator=draws(seed, t, 0), dtype=torch.float64) >= dropout
+        masks.append(keep.double() / (1 - dropout))
+
+    def hidden(t, a):
+        h = F.relu(layers[t](a)) * masks[t]
+        return h / h.square().mean(1, keepdim=True).add(1e-8).sqrt() if normalise else h
+
     with torch.no_grad():
         h = [x.flatten(1)]
-        for layer in layers:
-            h.append(F.relu(layer(h[-1])))
+        for t in range(T):
+            h.append(hidden(t, h[-1]))
         e = model.head(h[-1]).softmax(-1) - F.one_hot(y, CLASSES)
         h_err = [x.flatten(1) + e @ feedback.T]
-        for layer in layers:
-            h_err.append(F.relu(layer(h_err[-1])))
+        for t in range(T):
+            h_err.append(hidden(t, h_err[-1]))
         e_err = model.head(h_err[-1]).softmax(-1) - F.one_hot(y, CLASSES)
     grads, B = {}, len(y)
     for t in range(T):
         delta = h[t + 1] - h_err[t + 1]
         grads[f"blocks.{t}.0.weight"] = delta.T @ h_err[t] / B
-        grads[f"blocks.{t}.0.bias"] = delta.sum(0) / B
-    grads["head.weight"], grads["head.bias"] = e_err.T @ h_err[T] / B, e_err.sum(0) / B
+        if layers[t].bias is not None:
+            grads[f"blocks.{t}.0.bias"] = delta.sum(0) / B
+    grads["head.weight"] = e_err.T @ h_err[T] / B
+    if model.head.bias is not None:
+        grads["head.bias"] = e_err.sum(0) / B
     return grads
 
 
-REFERENCES = {"ff": ff_reference, "sff": sff_reference, "forward_gradient": fg_reference,
-              "pepita": pepita_reference}  # fmt: skip
+def mixer_fg_reference(model, x, y, seed=0):
+    """Ren et al. 2023, LG-FG-A on LocalMixer, written from the paper: noise u on every
+    post-LayerNorm activation (masked where its ReLU is off); the local losses replicated per
+    patch p and group g with stop-gradients (equations 4-5: loss (p, g) sees group g of patch p,
+    every other group and patch stopped); each loss's directional derivative along u (here by
+    reverse mode, at zero noise); a unit's estimate is the derivative of the losses it feeds
+    times its noise (token mixing: all groups of its patch; channel mixing: its group; grouped:
+    its own), through the LayerNorm back to its linear layer locally; heads exact."""
+
+    def ln(a):
+        return F.layer_norm(a, a.shape[-1:])
+
+    def grouped(a):
+        return ln(a.reshape(*a.shape[:-1], 2, -1))
+
+    grads, state = {}, x
+    for t in range(T):
+        block = model.blocks[str(t)]
+        head = model.head if t == T - 1 else model.aux_heads[str(t + 1)]
+        prefix = "head" if t == T - 1 else f"aux_heads.{t + 1}"
+        inp = state.detach()
+        if t == 0:
+            sites = [(block.channels, ln, False), (block.grouped, grouped, False)]
+            first = model.stem(inp)
+        else:
+            sites = [(block.tokens, ln, False), (block.channels, ln, False),
+                     (block.grouped, grouped, True)]  # fmt: skip
+            first = inp.flatten(2)
+
+        def run(noise, first=first, sites=sites, inp=inp):  # -> (sites' inputs, their ReLU
+            ins, outs, a = [], [], first  # outputs, the block's output)
+            for (site, prepare, residual), n in zip(sites, noise, strict=True):
+                a = prepare(a)
+                ins.append(a)
+                z = site.norm(site.linear(a)) + n
+                a = F.relu(z + inp if residual else z)
+                outs.append(a)
+            return ins, outs, a
+
+        with torch.no_grad():
+            ins, outs, out = run([0.0] * len(sites))
+        generator = draws(seed, t, 0)
+        noise = [
+            torch.randn(o.shape, generator=generator, dtype=torch.float64) * (o > 0) for o in outs
+        ]
+        leaves = [torch.zeros_like(u, requires_grad=True) for u in noise]
+        normed = ln(run(leaves)[2])
+        P, G = normed.shape[1], normed.shape[2]
+        directional = torch.zeros(len(y), P, G, dtype=torch.float64)
+        stopped = normed.detach().mean(1)
+        for p in range(P):
+            for g in range(G):
+                features = stopped.clone()  # every other group and patch stopped (eq. 4-5)
+                own = normed[:, p, g] - normed.detach()[:, p, g]  # patch p's group g only
+                features[:, g] = stopped[:, g] + own / P
+                loss = F.cross_entropy(head.linear(features.flatten(1)), y, reduction="sum")
+                per_sample = torch.autograd.grad(loss, leaves, retain_graph=True)
+                pairs = zip(per_sample, noise, strict=True)
+                directional[:, p, g] = sum((d * u).flatten(1).sum(1) for d, u in pairs)
+        names = {"token": "tokens", "channel": "channels", "group": "grouped"}
+        for (site, _, _), a, u in zip(sites, ins, noise, strict=True):
+            if site.kind == "token":
+                spread = directional.sum(2, keepdim=True)
+            elif site.kind == "channel":
+                spread = directional.repeat_interleave(u.shape[-1] // G, -1)
+            else:
+                spread = directional[..., None]
+            params = dict(site.linear.named_parameters())
+            got = torch.autograd.grad(
+                site.norm(site.linear(a)), list(params.values()), spread * u / len(y)
+            )
+            for n, g_ in zip(params, got, strict=True):
+                grads[f"blocks.{t}.{names[site.kind]}.linear.{n}"] = g_
+        head_loss = F.cross_entropy(head(out), y)
+        for n, g_ in zip(
+            dict(head.named_parameters()),
+            torch.autograd.grad(head_loss, list(head.parameters())),
+            strict=True,
+        ):
+            grads[f"{prefix}.{n}"] = g_
+        state = out
+    return grads
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
-def test_engine_equals_the_papers_rule(rule):
+REFERENCES = {
+    "ff": ff_reference,
+    "sff": sff_reference,
+    "forward_gradient": fg_reference,
+    "pepita": pepita_reference,
+    "forward_gradient_mixer": mixer_fg_reference,
+    "pepita_stabilised": partial(pepita_reference, dropout=0.25, normalise=True),
+}
+
+
+def test_forward_forward_with_peer_normalisation_equals_the_codes():
+    """Hinton's and loeweX's peer normalisation, the straight-through ReLU, the readout's rate."""
     x, y = batch()
-    got = engine_grads(rule, make(rule), x, y)
-    want = REFERENCES[rule](make(rule), x, y)
+    options = RulesConfig(
+        ff_peer_normalisation=0.03, ff_straight_through=True, ff_readout_lr_scale=10.0
+    )
+    got = engine_grads("ff", make("ff"), x, y, options=options)
+    want = ff_reference(make("ff"), x, y, peer=0.03, straight=True, readout_scale=10.0)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    plain = ff_reference(make("ff"), x, y, peer=0.03)  # the gradient does stop at the ReLU
+    assert not torch.allclose(plain["blocks.0.0.weight"], want["blocks.0.0.weight"])
+
+
+@pytest.mark.parametrize("case", list(REFERENCES))
+def test_engine_equals_the_papers_rule(case):
+    x, y = batch()
+    options = OPTIONS.get(case) if case != "ff" else None
+    got = engine_grads(RULE_OF.get(case, case), make(case), x, y, options=options)
+    want = REFERENCES[case](make(case), x, y)
     assert set(got) == set(want), set(got) ^ set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
 
 
+@pytest.mark.slow
 def test_forward_gradient_is_unbiased():
     """Averaged over many noise draws, the estimate approaches block-local back-propagation."""
     x, y = batch(16)
@@ -194,6 +341,49 @@ def test_forward_gradient_is_unbiased():
         assert cosine > 0.9, (name, float(cosine))
 
 
+def test_pepita_weight_mirroring():
+    """F = B_0 ... B_L at the fixed F's scale; each B_l moves towards its layer's mirror
+    (-W_0^T below, W_l^T above), so F comes to point along -(W_L ... W_0)^T."""
+    x, y = batch()
+    options = RulesConfig(pepita_dropout=0.25, pepita_normalise=True, pepita_mirror_lr=0.5)
+    model = make("pepita_stabilised")
+    engine = make_engine(
+        model, Plan("pepita", 1, T), EngineOptions(track_memory=False, rules=options)
+    )
+    layers = [model.blocks[str(t)][0] for t in range(T)] + [model.head]
+    before = [layer.pepita_mirror.clone() for layer in layers]
+    product = before[0]
+    for b in before[1:]:
+        product = product @ b
+    scale = 0.05 * (6 / x[0].numel()) ** 0.5
+    fixed = (
+        2 * torch.rand(x[0].numel(), CLASSES, generator=draws(0, -2, 0), dtype=torch.float64) - 1
+    ) * scale
+    feedback = product * fixed.std() / product.std()
+    engine.train_microbatch(x, y)
+    want = pepita_reference(
+        make("pepita_stabilised"), x, y, dropout=0.25, normalise=True, feedback=feedback
+    )
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    for i, (layer, b) in enumerate(zip(layers, before, strict=True)):
+        noise = 0.1 * torch.randn(
+            len(x), layer.in_features, generator=draws(0, -3, i), dtype=torch.float64
+        )
+        out = layer(noise).softmax(-1) if i == T else F.relu(layer(noise))
+        mirror = (-1 if i == 0 else 1) * noise.T @ out / (len(x) * 0.01)
+        torch.testing.assert_close(layer.pepita_mirror, 0.5 * b + 0.5 * mirror)
+    big, _ = batch(512, seed=5)
+    for _ in range(30):
+        engine.train_microbatch(big, torch.zeros(512, dtype=torch.long), loss_scale=0.0)
+    with torch.no_grad():
+        total = layers[0].weight.T
+        for layer in layers[1:]:
+            total = total @ layer.weight.T
+        cosine = F.cosine_similarity(engine._feedback().flatten(), -total.flatten(), dim=0)
+    assert cosine > 0.5, float(cosine)  # random directions: about 0 +- 0.05
+
+
 def test_rule_predictions_over_the_whole_model():
     x, _ = batch()
     ff = make("ff")
@@ -206,7 +396,10 @@ def test_rule_predictions_over_the_whole_model():
 # ----------------------------------------------------------------------------- the pipeline
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
+RULES = ("ff", "sff", "forward_gradient", "pepita")
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_no_backward_messages(rule):
     """Every stage trains its blocks alone: schedules have forward messages only (and PEPITA's
     one top-down message per microbatch, from the last stage to the first)."""
@@ -225,9 +418,11 @@ def test_no_backward_messages(rule):
 STEPS, M = 3, 2
 
 
-def single_process(rule: str, data):
-    model = make(rule)
-    engine = make_engine(model, Plan(rule, 1, T), EngineOptions(track_memory=False))
+def single_process(case: str, data):
+    model = make(case)
+    rule = RULE_OF.get(case, case)
+    options = EngineOptions(track_memory=False, rules=OPTIONS.get(case))
+    engine = make_engine(model, Plan(rule, 1, T), options)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for x, y in data:
         for xs, ys in zip(x.chunk(M), y.chunk(M), strict=True):
@@ -241,30 +436,38 @@ def check_pipeline(rank: int, world: int, rules=tuple(REFERENCES)) -> None:
     data = [batch(8, seed=10 + n) for n in range(STEPS)]
     groups = Groups.create(Topology(world, 1, rank))
     ranges = stage_ranges(uniform_partition(T, world))
-    for rule in rules:
-        want = single_process(rule, data)
+    for case in rules:
+        want = single_process(case, data)
+        rule = RULE_OF.get(case, case)
         for mode in ("sync", "async"):
             options = RuntimeOptions(schedule=ScheduleSpec(M, mode), dtype=torch.float64)
             stage = build_stage(
-                model=make(rule), plan=Plan(rule, 1, T), ranges=ranges, groups=groups,
-                optim=OptimConfig("adam", lr=0.01), runtime=options,
-            )  # fmt: skip
+                model=make(case),
+                plan=Plan(rule, 1, T),
+                ranges=ranges,
+                groups=groups,
+                optim=OptimConfig("adam", lr=0.01),
+                runtime=options,
+                rules=OPTIONS.get(case),
+            )
             if mode == "async":
                 stage.runtime.run(data, [0.01] * STEPS)
             else:
                 for b in data:
                     stage.runtime.run([b], [0.01])
             for name, p in stage.model.named_parameters():
-                torch.testing.assert_close(p, want[name], msg=f"{rule} {mode} {name}")
+                torch.testing.assert_close(p, want[name], msg=f"{case} {mode} {name}")
 
 
+@pytest.mark.multiprocess
 def test_pipeline_equals_single_process():
     run(check_pipeline, 2, timeout=300)
 
 
+@pytest.mark.multiprocess
 def test_pepita_top_down_message_crosses_four_stages():
     """The error goes from stage 3 straight to stage 0, past the stages between."""
-    run(check_pipeline, 4, ("pepita",), timeout=300)
+    run(check_pipeline, 4, ("pepita", "pepita_stabilised"), timeout=300)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -278,16 +481,30 @@ LEARN = {
             "model.head=goodness"],
     "pepita": ["model.name=relu_mlp", "model.width=256", "model.num_blocks=2", "optim.name=sgd",
                "optim.lr=0.01", "optim.schedule=constant"],
+    "forward_gradient_mixer": ["model.name=local_mixer", "model.num_blocks=1", "model.width=64",
+                               "model.hidden=64", "model.patch_size=28", "model.head=aux",
+                               "model.kwargs={groups: 4}", "optim.name=sgd", "optim.lr=0.05"],
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("rule", list(LEARN))
-def test_each_rule_learns_mnist(rule, tmp_path):
-    config = load_config(None, [
-        *LEARN[rule], f"horizon.rule={rule}", "horizon.horizon=1", "train.max_steps=100",
-        "train.epochs=1", "data.batch_size=128", f"run.out_dir={tmp_path}", "run.progress=false",
-        "run.tensorboard=false", "run.plot=false",
-    ])  # fmt: skip
+@pytest.mark.parametrize("case", list(LEARN))
+def test_each_rule_learns_mnist(case, tmp_path):
+    rule = RULE_OF.get(case, case)
+    config = load_config(
+        None,
+        [
+            *LEARN[case],
+            f"horizon.rule={rule}",
+            "horizon.horizon=1",
+            "train.max_steps=100",
+            "train.epochs=1",
+            "data.batch_size=128",
+            f"run.out_dir={tmp_path}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            "run.plot=false",
+        ],
+    )
     summary = train(config)
     assert summary["test accuracy"] > 0.4  # chance is 0.1
 
@@ -306,6 +523,17 @@ def test_each_rule_learns_mnist(rule, tmp_path):
         (["horizon.rule=ff", "horizon.horizon=auto"], "horizon.horizon=auto"),
         (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
           "train.compile=blocks"], "train.compile=blocks"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "rules.pepita_mirror_lr=0.01", "pipeline.stages=2"], "rules.pepita_mirror_lr"),
+        (["horizon.rule=pepita", "horizon.horizon=1", "model.name=relu_mlp",
+          "rules.pepita_dropout=1.0"], "rules.pepita_dropout"),
+        (["horizon.rule=ff", "horizon.horizon=1", "model.name=residual_mlp",
+          "rules.ff_straight_through=true"], "rules.ff_straight_through"),
+        (["model.name=relu_mlp", "model.kwargs={init: zeros}"], "model.kwargs"),
+        (["model.name=local_mixer", "model.patch_size=5"], "model.patch_size=5"),
+        (["model.name=local_mixer", "model.patch_size=7", "model.kwargs={groups: 3}"],
+         "model.kwargs.groups=3"),
+        (["optim.schedule=step", "optim.decay_at=[60, 90]"], "optim.decay_at"),
     ],
 )  # fmt: skip
 def test_bad_rule_configs_fail_in_one_line(overrides, field):
@@ -315,31 +543,45 @@ def test_bad_rule_configs_fail_in_one_line(overrides, field):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    ("config", "mode"),
-    [("pepita_mnist", "async"), ("ff_mnist", "sync"), ("forward_gradient_mnist", "async"),
-     ("sff_mnist", "sync")],
+    ("config", "mode", "extra"),
+    [("pepita_mnist", "async", []), ("ff_mnist", "sync", []),
+     ("forward_gradient_mnist", "async", ["model.hidden=32", "model.patch_size=14"]),
+     ("sff_mnist", "sync", [])],
 )  # fmt: skip
-def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, tmp_path):
-    """`mpc-dist train --nproc 2`: every rule (PEPITA's top-down message, forward-forward's
-    three states per sample) over real processes ends with one process's weights."""
+def test_torchrun_pipeline_of_a_rule_matches_single_process(config, mode, extra, tmp_path):
+    """`mpc-dist train --nproc 2`: every rule at its shipped recipe (PEPITA's top-down message
+    and dropout, forward-forward's three states per sample and peer normalisation, LocalMixer's
+    replicated losses) over real processes ends with one process's weights."""
     config = f"configs/{config}.yaml"
-    tiny = [*TINY, "model.width=16", "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
+    tiny = [*TINY, "model.width=16", *extra, "data.num_microbatches=2", f"run.out_dir={tmp_path}"]
     single = mpc_dist("train", "--config", config, *sets(*tiny, "run.name=single"))
     assert single.returncode == 0, single.stderr[-3000:]
-    pipe = mpc_dist("train", "--nproc", "2", "--config", config, *sets(
-        *tiny, "pipeline.stages=2", f"pipeline.mode={mode}", "run.name=pipe",
-    ))  # fmt: skip
+    pipe = mpc_dist(
+        "train",
+        "--nproc",
+        "2",
+        "--config",
+        config,
+        *sets(
+            *tiny,
+            "pipeline.stages=2",
+            f"pipeline.mode={mode}",
+            "run.name=pipe",
+        ),
+    )
     assert pipe.returncode == 0, pipe.stderr[-3000:]
     assert_same_weights(tmp_path / "single", tmp_path / "pipe")
 
 
-@pytest.mark.parametrize("rule", list(REFERENCES))
-def test_held_activations_are_counted_until_the_update(rule):
+@pytest.mark.parametrize("case", list(REFERENCES))
+def test_held_activations_are_counted_until_the_update(case):
     """What a microbatch keeps between its forward and its update (autograd's graphs, or the
     tensors forward gradient and PEPITA keep themselves) is activation memory, then freed."""
     x, y = batch()
-    engine = make_engine(make(rule), Plan(rule, 1, T))
+    rule = RULE_OF.get(case, case)
+    engine = make_engine(make(case), Plan(rule, 1, T), EngineOptions(rules=OPTIONS.get(case)))
     result = engine.forward(0, x, y, eager=False)
     assert engine.memory.current_bytes > 0
     if rule == "pepita":
@@ -350,15 +592,83 @@ def test_held_activations_are_counted_until_the_update(rule):
     assert engine.memory.current_bytes == 0 and engine.outstanding == 0
 
 
+def test_the_recipes_schedules():
+    """Forward-forward's (constant, then linear to zero over the second half) and PEPITA's
+    (x 0.1 after 60 % and 90 % of training)."""
+    halfway = OptimConfig("sgd", lr=1.0, schedule="halfway_linear")
+    rates = [learning_rate(halfway, s, 100) for s in (0, 49, 50, 75, 99)]
+    torch.testing.assert_close(rates, [1.0, 1.0, 1.0, 0.5, 0.02])
+    step = OptimConfig("sgd", lr=1.0, schedule="step", decay_at=[0.6, 0.9], decay_factor=0.1)
+    rates = [learning_rate(step, s, 100) for s in (0, 59, 60, 89, 90, 99)]
+    torch.testing.assert_close(rates, [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_pixels_in_unit_range_for_pepita():
+    """data.standardise=false gives the raw pixels PEPITA's codes feed (its F is scaled to them)."""
+    raw = load_dataset("mnist", "test", standardise=False)
+    assert raw.inputs.min() == 0 and raw.inputs.max() == 1
+    torch.testing.assert_close(raw.inputs, load_dataset("mnist", "test").inputs * 0.3081 + 0.1307)
+
+
+def test_paper_study_resumes_and_reports(tmp_path, capfd):
+    """`rules-study --paper`: a run stopped part-way resumes from its checkpoint; a finished one
+    is read back; the report (table, per-epoch accuracies, plot) replaces its block only. In
+    this process: the command's own entry point, its messages read from stderr."""
+    doc = tmp_path / "rules.md"
+    doc.write_text(
+        "# Rules\n\nbefore\n<!-- results: mpc-dist rules-study --paper -->\nold\n"
+        "<!-- end of paper results -->\nafter\n"
+    )
+    out = str(tmp_path / "p")
+    args = ["rules-study", "--paper", "--recipes", "pepita", "--recipe-epochs", "pepita=1",
+            "--paper-out", out, "--doc", str(doc), "--checkpoint-every", "5"]  # fmt: skip
+
+    def study(*extra: str) -> str:
+        assert cli_main([*args, *extra]) == 0, capfd.readouterr().err[-3000:]
+        return capfd.readouterr().err
+
+    run_dir = tmp_path / "p" / "runs" / "pepita"
+    study("--max-steps", "10")
+    (run_dir / "result.json").unlink()  # as if stopped part-way
+    assert "pepita: " not in study("--report-only").split("| run |")[0]  # trains nothing
+    assert "(stopped at step 10)" in doc.read_text()
+    assert "pepita: resuming" in study("--max-steps", "20")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
+    seconds = json.loads((run_dir / "train_seconds.json").read_text())
+    assert len(seconds) == 2  # two sittings of one run
+    third = study("--max-steps", "20")
+    assert "pepita: " not in third.split("| run |")[0], "a finished run is read back"
+    text = doc.read_text()
+    assert text.startswith("# Rules\n\nbefore\n") and text.endswith("after\n")
+    assert "| PEPITA, 1 x 1024 | 0 of 1 |" in text and "old" not in text
+    assert (tmp_path / "figures" / "rules_paper_accuracy.png").exists()
+
+
 def test_rules_study_at_a_small_size(tmp_path):
     """The one command behind docs/rules.md: trains, measures, and rewrites only its results
     block of the document."""
     doc = tmp_path / "rules.md"
-    doc.write_text("# Rules\n\nnotes before\n<!-- results: mpc-dist rules-study -->\nold\n"
-                   "<!-- end of results -->\nnotes after\n")  # fmt: skip
-    result = mpc_dist("rules-study", "--out", str(tmp_path / "study"), "--doc", str(doc),
-                      "--networks", "mlp", "--datasets", "mnist", "--epochs", "1",
-                      "--max-steps", "3", timeout=600)  # fmt: skip
+    doc.write_text(
+        "# Rules\n\nnotes before\n<!-- results: mpc-dist rules-study -->\nold\n"
+        "<!-- end of results -->\nnotes after\n"
+    )
+    result = mpc_dist(
+        "rules-study",
+        "--out",
+        str(tmp_path / "study"),
+        "--doc",
+        str(doc),
+        "--networks",
+        "mlp",
+        "--datasets",
+        "mnist",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     text = doc.read_text()
     assert text.startswith("# Rules\n\nnotes before\n") and text.endswith("notes after\n")

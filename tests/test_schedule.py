@@ -22,8 +22,9 @@ from mpc_dist.parallel import (
 )
 
 
-def make(P, m, h=None, rule="receding", mode="sync", policy="horizon", blocks=None, n=2,
-         defer=False):  # fmt: skip
+def make(
+    P, m, h=None, rule="receding", mode="sync", policy="horizon", blocks=None, n=2, defer=False
+):
     blocks = blocks or P
     plan = Plan(rule, h or blocks, blocks)
     ranges = stage_ranges(uniform_partition(blocks, P))
@@ -120,8 +121,22 @@ def test_validator_catches_broken_schedules():
 
 
 def test_cli_schedule_prints_a_grid(capsys):
-    assert main(["schedule", "--stages", "4", "--microbatches", "8", "--horizon", "2",
-                 "--mode", "async"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "schedule",
+                "--stages",
+                "4",
+                "--microbatches",
+                "8",
+                "--horizon",
+                "2",
+                "--mode",
+                "async",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "stage 3:" in out and "B0.0s4" in out and "deadlock-free" in out
 
@@ -215,8 +230,10 @@ def test_async_drain_between_windows_costs_under_one_percent():
             for h in (1, 2, 4):
                 schedule = make(P, m, h, mode="async", n=window)
                 events = simulate(schedule, Costs())
-                ends = [[e.end for e in events if e.stage == k and e.action.kind == "S"]
-                        for k in range(P)]  # fmt: skip
+                ends = [
+                    [e.end for e in events if e.stage == k and e.action.kind == "S"]
+                    for k in range(P)
+                ]
                 per_minibatch, _ = steady_state(ends, warmup=window // 4)
                 overhead = max(e.end for e in events) / (window * per_minibatch) - 1
                 assert overhead < 0.01, (P, m, h, overhead)

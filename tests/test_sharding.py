@@ -26,8 +26,13 @@ CLIPPED = dataclasses.replace(OPTIM, grad_clip=0.5)
 
 def data(steps: int = 3):
     g = torch.Generator().manual_seed(7)
-    return [(torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
-             torch.randint(0, 5, (8,), generator=g)) for _ in range(steps)]  # fmt: skip
+    return [
+        (
+            torch.randn(8, *SHAPE, dtype=torch.float64, generator=g),
+            torch.randint(0, 5, (8,), generator=g),
+        )
+        for _ in range(steps)
+    ]
 
 
 def one_process(plan: Plan, m: int, optim: OptimConfig) -> dict[str, torch.Tensor]:
@@ -60,11 +65,20 @@ def check_sharded(rank: int, world: int, sharding: str) -> None:
             meta = build_model(SPEC, SHAPE, 5, device="meta")
             options = RuntimeOptions(schedule=ScheduleSpec(m, mode), dtype=torch.float64)
             stage = build_stage(
-                model=meta, plan=plan, ranges=stage_ranges([2, 2]), groups=groups, optim=optim,
-                runtime=options, spec=SPEC, seed=0, sharding=sharding,
-            )  # fmt: skip
-            batches = [(x[4 * groups.topology.replica:][:4], y[4 * groups.topology.replica:][:4])
-                       for x, y in data()]  # fmt: skip
+                model=meta,
+                plan=plan,
+                ranges=stage_ranges([2, 2]),
+                groups=groups,
+                optim=optim,
+                runtime=options,
+                spec=SPEC,
+                seed=0,
+                sharding=sharding,
+            )
+            batches = [
+                (x[4 * groups.topology.replica :][:4], y[4 * groups.topology.replica :][:4])
+                for x, y in data()
+            ]
             if mode == "async":
                 stage.runtime.run(batches, [optim.lr] * 3)
             else:
@@ -73,8 +87,13 @@ def check_sharded(rank: int, world: int, sharding: str) -> None:
             for name, p in stage.model.named_parameters():
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 case = f"{sharding} {mode} h={h} clip={optim.grad_clip} {name}"
-                torch.testing.assert_close(full.detach(), expected[name], rtol=0, atol=1e-9,
-                                           msg=lambda m, case=case: f"{case}: {m}")  # fmt: skip
+                torch.testing.assert_close(
+                    full.detach(),
+                    expected[name],
+                    rtol=0,
+                    atol=1e-9,
+                    msg=lambda m, case=case: f"{case}: {m}",
+                )
             # one momentum buffer per parameter, split over the two replicas (rows unevenly)
             states: list = [None, None]
             state = optimizer_state_numel(stage.optimizer)
@@ -96,8 +115,13 @@ def test_sharded_checkpoint_resumes_unsharded_on_another_layout(tmp_path):
     sharded = ["pipeline.stages=2", "pipeline.replicas=2", "pipeline.sharding=fsdp"]
     first = mpc_dist("train", "--nproc", "4", *sets(*common, *sharded, "train.max_steps=3"))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = mpc_dist("train", "--nproc", "4", "--resume",
-                      *sets(*common, "train.max_steps=6", "pipeline.stages=4"))  # fmt: skip
+    second = mpc_dist(
+        "train",
+        "--nproc",
+        "4",
+        "--resume",
+        *sets(*common, "train.max_steps=6", "pipeline.stages=4"),
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert_same_weights(single, tmp_path / "moved")
 
@@ -110,9 +134,17 @@ def test_large_model_features_together_on_cpu(tmp_path):
     from mpc_dist.train import load_run_weights
     from mpc_dist.train.metrics import MetricsLogger
 
-    result = mpc_dist("train", "--nproc", "4", "--config", "configs/vit_tiny_large_cpu.yaml",
-                      *sets("train.max_steps=20", f"run.out_dir={tmp_path}", "run.plot=false",
-                            "run.progress=false"), timeout=300)  # fmt: skip
+    result = mpc_dist(
+        "train",
+        "--nproc",
+        "4",
+        "--config",
+        "configs/vit_tiny_large_cpu.yaml",
+        *sets(
+            "train.max_steps=20", f"run.out_dir={tmp_path}", "run.plot=false", "run.progress=false"
+        ),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = load_config(tmp_path / "vit_tiny_large_cpu" / "config.yaml")
     records = MetricsLogger.read(config.run_dir / "metrics.jsonl")
@@ -124,5 +156,6 @@ def test_large_model_features_together_on_cpu(tmp_path):
     frozen = [k for k in trained if "lora_" not in k and not k.startswith(("head.", "aux_heads."))]
     assert len(frozen) > 20
     for name in frozen:
-        torch.testing.assert_close(trained[name], initial[name.replace(".base_layer.", ".")],
-                                   rtol=0, atol=0, msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            trained[name], initial[name.replace(".base_layer.", ".")], rtol=0, atol=0, msg=name
+        )

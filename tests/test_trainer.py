@@ -72,9 +72,14 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, rul
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small_config(
-        tmp_path, "optim.name=sgd", "optim.lr=1e12", "optim.schedule=constant",
-        "run.checkpoint_every=1", "train.epochs=5", "run.name=nan",
-    )  # fmt: skip
+        tmp_path,
+        "optim.name=sgd",
+        "optim.lr=1e12",
+        "optim.schedule=constant",
+        "run.checkpoint_every=1",
+        "train.epochs=5",
+        "run.name=nan",
+    )
     with pytest.raises(TrainingError, match="non-finite loss") as error:
         train(config)
     checkpoints = Checkpointer(config.run_dir / "checkpoints")
@@ -103,8 +108,11 @@ def test_console_script_trains(tmp_path):
     """The installed `mpc-dist` entry point, as a user runs it."""
     script = Path(sys.executable).with_name("mpc-dist")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "mpc_dist.cli"]
-    sets = [x for item in [*SMALL, f"run.out_dir={tmp_path}", "train.max_steps=4"]
-            for x in ("--set", item)]  # fmt: skip
+    sets = [
+        x
+        for item in [*SMALL, f"run.out_dir={tmp_path}", "train.max_steps=4"]
+        for x in ("--set", item)
+    ]
     result = subprocess.run([*command, "train", *sets], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stderr

@@ -168,11 +168,10 @@ def run_torch_pipelining(
 
     Rank ``r`` of ``P`` holds stage ``r`` of ``P`` (1F1B, GPipe), stages ``r`` and ``r + P``
     of ``2P`` (interleaved) or ``r`` and ``2P - 1 - r`` (V-shaped: rank 0 holds the first AND
-    the last stage). Each step:
-    ``barrier``; then, timed and inside ``around_step()``: ``schedule.step``, SGD step,
-    ``zero_grad``. Gradients are averaged over
-    microbatches (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn``
-    when ``loss_fn`` is a mean. ``activation_dtype``: of the inputs and of what stages hand each
+    the last stage). Each step: ``barrier``; then, timed and inside ``around_step()``:
+    ``schedule.step``, SGD step, ``zero_grad``. Gradients are averaged over microbatches
+    (``scale_grads=True``), so one step equals one full-batch step of ``loss_fn`` when
+    ``loss_fn`` is a mean. ``activation_dtype``: of the inputs and of what stages hand each
     other (default: the parameters'), e.g. bfloat16 for blocks that compute under autocast.
     """
     from torch.distributed.pipelining import schedules
@@ -193,9 +192,7 @@ def run_torch_pipelining(
     pipe = schedule_cls(
         stages if len(stages) > 1 else stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn
     )
-    is_first = any(s.is_first for s in stages)
-    is_last = any(s.is_last for s in stages)
-
+    is_first, is_last = any(s.is_first for s in stages), any(s.is_last for s in stages)
     params = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.SGD(params, lr=lr) if params else None
     inputs, targets = make_batch(microbatch_shape, num_microbatches, dtype)

@@ -36,11 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, compile_: str, out_dir: Path, name: str) -> dict[str, float]:
     """One training run; its step time after warm-up and its compile record."""
     overrides = [
-        f"train.compile={compile_}", f"train.compile_backend={args.backend}",
-        f"train.max_steps={args.steps}", f"train.log_every={LOG_EVERY}", "train.epochs=1",
-        f"pipeline.stages={args.nproc}", f"run.out_dir={out_dir}", f"run.name={name}",
-        "run.progress=false", "run.tensorboard=false", "run.plot=false", *args.set,
-    ]  # fmt: skip
+        f"train.compile={compile_}",
+        f"train.compile_backend={args.backend}",
+        f"train.max_steps={args.steps}",
+        f"train.log_every={LOG_EVERY}",
+        "train.epochs=1",
+        f"pipeline.stages={args.nproc}",
+        f"run.out_dir={out_dir}",
+        f"run.name={name}",
+        "run.progress=false",
+        "run.tensorboard=false",
+        "run.plot=false",
+        *args.set,
+    ]
     command = [sys.executable, "-m", "mpc_dist.cli", "train", "--config", args.config]
     if args.nproc > 1:
         command[4:4] = ["--nproc", str(args.nproc)]

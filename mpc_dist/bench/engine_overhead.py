@@ -127,8 +127,11 @@ def compare_compiled(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a
     for name, part in (("eager", model), ("compiled", compiled)):
         optimizer = torch.optim.AdamW(part.parameters(), lr=1e-4)
         for h in (2, args.blocks):
-            engine = HorizonEngine(part, Plan("receding", h, args.blocks), EngineOptions(
-                ComputeOptions(), track_memory=False))  # fmt: skip
+            engine = HorizonEngine(
+                part,
+                Plan("receding", h, args.blocks),
+                EngineOptions(ComputeOptions(), track_memory=False),
+            )
 
             def step(engine=engine, optimizer=optimizer) -> None:
                 engine.train_microbatch(x, y)

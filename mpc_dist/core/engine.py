@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..config import RulesConfig
 from ..models import BlockModel
 from .compile import compile_blocks
 from .memory import ActivationMemory
@@ -55,6 +56,7 @@ class EngineOptions:
     scale_loss: LossScaler | None = None  # multiplies each loss before its backward (fp16)
     seed: int = 0  # of a rule's random draws (forward-forward negatives, forward-gradient noise)
     criterion: Criterion = field(default=F.cross_entropy)  # the loss at every loss point
+    rules: RulesConfig | None = None  # the options of the rules beyond the horizon (None: defaults)
 
 
 @dataclass

@@ -147,8 +147,9 @@ class Plan:
 
     def reads_shared_head_below_top(self, head_mode: str) -> bool:
         """A shared head is evaluated (read-only) at loss points below T when h < T."""
-        return (head_mode == "shared" and self.horizon < self.num_blocks
-                and self.rule in HORIZON_RULES)  # fmt: skip
+        return (
+            head_mode == "shared" and self.horizon < self.num_blocks and self.rule in HORIZON_RULES
+        )
 
     @property
     def input_gradient_products(self) -> int:
@@ -159,8 +160,10 @@ class Plan:
         points = self.loss_points
         title = f"{self.rule} h={self.horizon} T={self.num_blocks}"
         if self.top_down:
-            return (f"{title}: no backward streams; the error at x({self.num_blocks}) goes to the "
-                    f"input, and a second forward pass trains every block")  # fmt: skip
+            return (
+                f"{title}: no backward streams; the error at x({self.num_blocks}) goes to the "
+                f"input, and a second forward pass trains every block"
+            )
         lines = [f"{title}  (W = weight gradient taken here, · = passes through)"]
         lines.append("block " + "".join(f"{'l' + str(s):>4}" for s in points))
         for block in range(self.num_blocks):

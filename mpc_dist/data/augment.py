@@ -12,6 +12,7 @@ TensorFlow reference return (every pixel 0) and calls timm's for 1 to 8 bits; do
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing", "PosterizeOriginal")
 _MASK64 = 2**64 - 1
+_ERASING = 1  # random erasing's seed: seed_of(image seed, _ERASING)
+_CHUNK = 1 << 18  # float32 elements normalized at a time (1 MiB)
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -104,17 +107,21 @@ def build_transform(
     training: bool,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-) -> Callable[[Image.Image], torch.Tensor]:
+) -> ImageTransform:
     """timm's transform: with ``training`` and ``augment.enabled`` random resized crop, flip,
-    auto_augment (or color jitter) and random erasing; else resize and centre crop."""
+    auto_augment (or color jitter) and random erasing; else resize and centre crop. Built as
+    timm builds it for its prefetcher (``use_prefetcher=True``: the PIL ops per image, the
+    conversion, normalization and erasing per batch); ``ImageTransform``."""
     from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import MaybePILToTensor
 
     install_posterize_fix()
     augmenting = training and augment.enabled
     interpolation = augment.interpolation
     if not augmenting and interpolation == "random":  # timm's eval transform needs one mode
         interpolation = "bicubic"
-    return create_transform(
+    compose = create_transform(
         image_size,
         is_training=augmenting,
         scale=tuple(augment.scale),
@@ -123,13 +130,89 @@ def build_transform(
         color_jitter=augment.color_jitter,
         auto_augment=augment.auto_augment,
         interpolation=interpolation,
-        mean=mean,
+        mean=mean,  # also RandAugment's fill colour
         std=std,
-        re_prob=augment.re_prob,
-        re_mode=augment.re_mode,
-        re_count=augment.re_count,
         crop_pct=augment.crop_pct,
+        use_prefetcher=True,  # stops at the pixels: no tensor, no normalization, no erasing
     )
+    if isinstance(compose.transforms[-1], MaybePILToTensor):
+        compose.transforms[-1] = to_array  # the same pixels, without a tensor per image
+    erasing = None
+    if augmenting and augment.re_prob > 0:  # as timm's non-prefetcher transform builds it
+        erasing = RandomErasing(
+            augment.re_prob, mode=augment.re_mode, max_count=augment.re_count, device="cpu"
+        )
+    return ImageTransform(compose, mean, std, erasing)
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """An image's pixels as an (H, W, C) array (C = 1 for a one-band image)."""
+    pixels = np.asarray(image)
+    if pixels.dtype == np.bool_:  # mode "1", as ToTensor reads it
+        pixels = pixels.astype(np.uint8) * 255
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+class ImageTransform:
+    """timm's per-image transform in two parts. ``image``: the PIL ops (crop, flip, RandAugment
+    ...) to an (H, W, C) array, in the decoding worker under the image's seed. ``batch``: the
+    arrays stacked, scaled to [0, 1] and normalized as torchvision's ``ToTensor`` and
+    ``Normalize`` do it (the same float32 operations in the same order, so the same bits), in
+    one vectorized pass over the batch rather than a few small tensor operations per image, then
+    timm's random erasing per image, seeded from the image's own seed. ``transform(image)`` is
+    both for one image."""
+
+    def __init__(
+        self,
+        image: Callable[[Image.Image], np.ndarray],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        erasing: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.image, self.erasing = image, erasing
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+        """One image; its erasing seeded by ``seed``, else by a draw from Python's generator
+        (which continues, like the others, as if the erasing had drawn nothing)."""
+        pixels = self.image(image)
+        seed = random.getrandbits(63) if seed is None else seed
+        with kept_generators(self.erasing is not None):
+            return self.batch([pixels], [seed])[0]
+
+    def batch(
+        self, arrays: list[np.ndarray], seeds: list[int], shared: bool = False
+    ) -> torch.Tensor:
+        """(N, C, H, W) float32 of N images' arrays; ``seeds`` are their per-image seeds (random
+        erasing reseeds the generators with each); ``shared``: in shared memory (a loader
+        worker sends it so, uncopied)."""
+        height, width, channels = arrays[0].shape
+        out = _empty((len(arrays), channels, height, width), shared)
+        # a few rows at a time, so the four passes over them stay in the cache
+        rows = max(1, _CHUNK // out[0].numel())
+        for start in range(0, len(arrays), rows):
+            chunk = out[start : start + rows]
+            pixels = torch.from_numpy(np.stack(arrays[start : start + rows]))
+            chunk.copy_(pixels.permute(0, 3, 1, 2))
+            if pixels.dtype == torch.uint8:  # ToTensor scales bytes only
+                chunk.div_(255)
+            chunk.sub_(self.mean).div_(self.std)
+        if self.erasing is not None:
+            for row, seed in zip(out, seeds, strict=True):
+                seed_all(seed_of(seed, _ERASING))
+                self.erasing(row)  # in place, on the row's view
+        return out
+
+
+def _empty(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A float32 tensor; ``shared``: allocated in shared memory, as ``default_collate`` allocates
+    a worker's batch (``share_memory_`` would allocate it twice and copy)."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    element = torch.empty(0, dtype=torch.float32)
+    storage = element._typed_storage()._new_shared(math.prod(shape))
+    return element.new(storage).view(shape)
 
 
 def mixes(augment: AugmentConfig) -> bool:

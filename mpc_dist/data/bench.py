@@ -1,6 +1,12 @@
 """``mpc-dist bench-data``: decoded + augmented images/s of our Loader next to timm's own
 ``create_loader`` on the same image folder and the same timm transforms, in one run, interleaved
-(ours, timm's, ours, ...) so both see the same machine load; the median round is reported."""
+(each round runs every loader, in an order that turns round by round, so all see the same machine
+load); the median round is reported with the spread of the rounds.
+
+timm's loader runs twice: as timm's train.py runs it on a CPU (``use_prefetcher=False``: the
+whole transform per image, normalization included) and with its prefetcher (uint8 batches,
+normalized by ``PrefetchLoader`` in the consuming process, as on a GPU). Images per CPU second
+count the consuming process and its loader workers together."""
 
 from __future__ import annotations
 
@@ -10,11 +16,12 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from ..config import AugmentConfig, DataConfig
 from .loader import Loader
 from .sources import open_source
+
+OURS, TIMM, PREFETCHER = "mpc_dist Loader", "timm create_loader", "timm create_loader prefetcher"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--re-prob", type=float, default=0.25, help="random erasing")
 
 
+def _children() -> list[int]:
+    """Process ids of this process's children (Linux /proc; the loader workers)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """CPU time of these processes (Linux /proc; 0 where it cannot be read)."""
     total = 0.0
@@ -44,24 +62,23 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _rate(
-    batches: Iterable, count: int, batch_size: int, workers: Callable[[Any], list]
-) -> tuple[float, float]:
+def _rate(batches: Iterable, count: int, batch_size: int) -> tuple[float, float]:
     """Images per second of wall-clock time, and per CPU second of this process and its loader
     workers together (a cost that other load on the machine leaves nearly alone), over
     ``count`` batches after the first (which pays for the workers' start)."""
     iterator = iter(batches)
     next(iterator)
-    pids = [w.pid for w in workers(iterator)]
+    pids = _children()
     start, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
     for _ in range(count):
         next(iterator)
     images = count * batch_size
     used = time.process_time() + _cpu_seconds(pids) - cpu
+    del iterator, batches  # its workers end here, not during the next loader's round
     return images / (time.perf_counter() - start), images / used
 
 
-def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> tuple[float, float]:
+def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> Iterable:
     data = DataConfig(
         dataset="folder",
         root=args.root,
@@ -70,18 +87,18 @@ def _ours(args: argparse.Namespace, augment: AugmentConfig, epoch: int) -> tuple
         num_workers=args.workers,
     )
     loader = Loader(open_source(data, "train"), data, augment, "train", seed=epoch)
-    workers = lambda _: loader._loader._iterator._workers if args.workers else []  # noqa: E731
-    return _rate(loader.epoch(epoch), args.batches, args.batch_size, workers)
+    return loader.epoch(epoch)
 
 
-def _timm(args: argparse.Namespace, augment: AugmentConfig) -> tuple[float, float]:
+def _timm(args: argparse.Namespace, augment: AugmentConfig, prefetcher: bool) -> Iterable:
+    import torch
     from timm.data import create_dataset, create_loader
 
     from .augment import IMAGENET_MEAN, IMAGENET_STD, install_posterize_fix
 
     install_posterize_fix()  # the same RandAugment ops on both sides
     dataset = create_dataset("", root=args.root, split="train", is_training=True)
-    loader = create_loader(
+    return create_loader(
         dataset,
         input_size=(3, args.image_size, args.image_size),
         batch_size=args.batch_size,
@@ -97,40 +114,49 @@ def _timm(args: argparse.Namespace, augment: AugmentConfig) -> tuple[float, floa
         re_prob=augment.re_prob,
         re_mode=augment.re_mode,
         num_workers=args.workers,
-        use_prefetcher=False,
-        device="cpu",
+        use_prefetcher=prefetcher,
+        device=torch.device("cpu"),
         persistent_workers=False,
     )
-    workers = lambda iterator: iterator._workers if args.workers else []  # noqa: E731
-    return _rate(loader, args.batches, args.batch_size, workers)
 
 
-def main(args: argparse.Namespace) -> dict[str, float]:
+def main(args: argparse.Namespace) -> dict:
     policy = None if args.auto_augment in ("", "none") else args.auto_augment
     augment = AugmentConfig(
         enabled=True, auto_augment=policy, re_prob=args.re_prob, interpolation="bicubic"
     )
-    rates: dict[str, list[tuple[float, float]]] = {"mpc_dist Loader": [], "timm create_loader": []}
+    loaders: dict[str, Callable[[int], Iterable]] = {
+        OURS: lambda epoch: _ours(args, augment, epoch),
+        TIMM: lambda _: _timm(args, augment, prefetcher=False),
+        PREFETCHER: lambda _: _timm(args, augment, prefetcher=True),
+    }
+    names = list(loaders)
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for round_ in range(args.repeats):
-        rates["mpc_dist Loader"].append(_ours(args, augment, round_))
-        rates["timm create_loader"].append(_timm(args, augment))
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
+            rates[name].append(_rate(loaders[name](round_), args.batches, args.batch_size))
+    return _report(args, policy, rates)
+
+
+def _report(args: argparse.Namespace, policy: str | None, rates: dict[str, list]) -> dict:
     workers = max(1, args.workers)
     print(
         f"{args.root}: {args.image_size} px, batch {args.batch_size}, {args.workers} workers, "
-        f"auto_augment={policy}, re_prob={args.re_prob}; median of {args.repeats} rounds of "
-        f"{args.batches} batches"
+        f"auto_augment={policy}, re_prob={args.re_prob}; median [min, max] of {args.repeats} "
+        f"interleaved rounds of {args.batches} batches; load average {os.getloadavg()[0]:.1f}"
     )
-    result = {}
+    result: dict = {"rounds": {n: [(w / workers, c) for w, c in v] for n, v in rates.items()}}
     for name, values in rates.items():
-        median = statistics.median(wall for wall, _ in values)
-        cpu = statistics.median(c for _, c in values)
-        result[name], result[f"{name} cpu"] = median / workers, cpu
-        rounds = " ".join(f"{wall:.0f}/{c:.0f}" for wall, c in values)
+        walls = [wall / workers for wall, _ in values]
+        cpus = [cpu for _, cpu in values]
+        result[name], result[f"{name} cpu"] = statistics.median(walls), statistics.median(cpus)
         print(
-            f"{name:<20} {median:8.1f} images/s  {median / workers:8.1f} per worker  "
-            f"{cpu:8.1f} per CPU second  (rounds, images/s / per CPU s: {rounds})"
+            f"{name:<30} {result[name]:8.1f} [{min(walls):.0f}, {max(walls):.0f}] images/s per "
+            f"worker  {result[f'{name} cpu']:8.1f} [{min(cpus):.0f}, {max(cpus):.0f}] per CPU "
+            "second"
         )
-    ratio = result["mpc_dist Loader"] / result["timm create_loader"]
-    cpu_ratio = result["mpc_dist Loader cpu"] / result["timm create_loader cpu"]
-    print(f"ours / timm's: {ratio:.3f} per worker, {cpu_ratio:.3f} per CPU second")
+    for other in (TIMM, PREFETCHER):
+        ratio = result[OURS] / result[other]
+        cpu_ratio = result[f"{OURS} cpu"] / result[f"{other} cpu"]
+        print(f"ours / {other}: {ratio:.3f} per worker, {cpu_ratio:.3f} per CPU second")
     return result

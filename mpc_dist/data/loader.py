@@ -19,11 +19,13 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from ..config import AugmentConfig, DataConfig
 from .augment import (
+    ImageTransform,
     MicrobatchMixup,
     build_transform,
     kept_generators,
@@ -40,41 +42,44 @@ from .sources import FileSource, MemorySource, ShardSource, split_name
 # What a corrupt or truncated image raises in PIL (and the readers under it).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, tarfile.TarError)
 Batch = tuple[torch.Tensor | None, torch.Tensor | None]
+Item = tuple[np.ndarray | None, int, str | None, int]  # pixels, target, error, the image's seed
 
 
 class Items(torch.utils.data.Dataset):
     """Decodes and transforms one item: (epoch, i) of a random-access source, or (epoch, i, name,
-    bytes, target) of a shard stream. Returns (image, target, error): a sample that cannot be
-    decoded gives (None, target, "file: reason") rather than raising, so the trainer decides."""
+    bytes, target) of a shard stream, to its pixels after timm's per-image ops (``Item``); the
+    batch is finished in ``Collate``. A sample that cannot be decoded gives (None, target,
+    "file: reason", seed) rather than raising, so the trainer decides."""
 
-    def __init__(self, source: Any, transform: Any, seed: int, mode: str | None) -> None:
+    def __init__(self, source: Any, transform: ImageTransform, seed: int, mode: str | None) -> None:
         self.source, self.transform, self.seed, self.mode = source, transform, seed, mode
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple) -> tuple[torch.Tensor | None, int, str | None]:
+    def __getitem__(self, item: tuple) -> Item:
         return self.__getitems__([item])[0]
 
-    def __getitems__(self, items: list[tuple]) -> list[tuple[torch.Tensor | None, int, str | None]]:
+    def __getitems__(self, items: list[tuple]) -> list[Item]:
         """A batch's items (the DataLoader asks for them together). In a worker process the
         generators are its own; in the trainer's their states come back once per batch."""
         with kept_generators(torch.utils.data.get_worker_info() is None):
             return [self._one(item) for item in items]
 
-    def _one(self, item: tuple) -> tuple[torch.Tensor | None, int, str | None]:
+    def _one(self, item: tuple) -> Item:
         epoch, index = item[0], item[1]
         name, target = (item[2], item[4]) if len(item) > 2 else (None, -1)
+        seed = seed_of(self.seed, epoch, index)
         try:
             if len(item) > 2:
                 image = _decode(io.BytesIO(item[3]), self.mode)
             else:
                 raw, target, name = self.source.read(index)
                 image = raw if isinstance(raw, Image.Image) else _decode(raw, self.mode)
-            seed_all(seed_of(self.seed, epoch, index))
-            return self.transform(image), target, None
+            seed_all(seed)
+            return self.transform.image(image), target, None, seed
         except DECODE_ERRORS as exc:
-            return None, target, f"{name}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            return None, target, f"{name}: {type(exc).__name__}: {exc}".replace("\n", " "), seed
 
 
 def _decode(fileobj: Any, mode: str | None) -> Image.Image:
@@ -84,21 +89,29 @@ def _decode(fileobj: Any, mode: str | None) -> Image.Image:
     return image.convert(mode) if mode and image.mode != mode else image
 
 
-def collate(items: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
-    """Stack a batch; a row that failed to decode takes the next good row's image and label
-    (cyclically), so the batch keeps its size and no image is paired with another's label."""
-    good = [k for k, (image, _, _) in enumerate(items) if image is not None]
-    errors = [error for _, _, error in items if error is not None]
-    if not good:
-        return None, torch.zeros(0, dtype=torch.int64), errors
-    rows = [
-        k if items[k][0] is not None else min((g for g in good if g > k), default=good[0])
-        for k in range(len(items))
-    ]
-    # default_collate stacks straight into shared memory in a worker: no copy on the way out
-    images = torch.utils.data.default_collate([items[k][0] for k in rows])
-    targets = torch.tensor([int(items[k][1]) for k in rows], dtype=torch.int64)
-    return images, targets, errors
+class Collate:
+    """A batch of ``Item``: the images finished by ``transform.batch`` (in a worker, straight
+    into shared memory: no copy on the way out). A row that failed to decode takes the next
+    good row's item (cyclically), so the batch keeps its size and no image is paired with
+    another's label."""
+
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, items: list[Item]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+        good = [k for k, item in enumerate(items) if item[0] is not None]
+        errors = [item[2] for item in items if item[2] is not None]
+        if not good:
+            return None, torch.zeros(0, dtype=torch.int64), errors
+        rows = [
+            item if item[0] is not None else items[min((g for g in good if g > k), default=good[0])]
+            for k, item in enumerate(items)
+        ]
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with kept_generators(not in_worker and self.transform.erasing is not None):
+            images = self.transform.batch([r[0] for r in rows], [r[3] for r in rows], in_worker)
+        targets = torch.tensor([int(r[1]) for r in rows], dtype=torch.int64)
+        return images, targets, errors
 
 
 class BatchPlan(torch.utils.data.Sampler):
@@ -154,7 +167,7 @@ class Loader:
         self.images = _uses_images(source, augment, self.training)
         self.plan = self._plan()
         self.batches_per_epoch = self.plan.total
-        self.transform = None
+        self.transform: ImageTransform | None = None
         if self.images:
             mean, std = normalization(augment, (source.mean, source.std))
             self.transform = build_transform(augment, source.image_size, self.training, mean, std)
@@ -267,7 +280,7 @@ class Loader:
                 Items(self.source, self.transform, self.seed, mode),
                 batch_sampler=self.plan,
                 num_workers=workers,
-                collate_fn=collate,
+                collate_fn=Collate(self.transform),
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0,
                 prefetch_factor=self.data.prefetch_factor if workers > 0 else None,

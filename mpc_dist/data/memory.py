@@ -13,7 +13,7 @@ import importlib.metadata
 import importlib.util
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +255,10 @@ def load_dataset(
     root: str | None = None,
     synthetic_size: int = 2048,
     seed: int = 0,
+    standardise: bool = True,
 ) -> Dataset:
-    """Load one split of a dataset in DATASETS into memory (cached per name, split and root)."""
+    """Load one split of a dataset in DATASETS into memory (cached per name, split and root);
+    ``standardise=False``: pixels in [0, 1] (the synthetic set is left as it is)."""
     if name in ("folder", "tar", "wds", "hf"):
         raise DataError(
             f"data.dataset={name}: images on disk are not held in memory; read them with "
@@ -279,4 +281,12 @@ def load_dataset(
             _CACHE[key] = _load_cifar(name, split, root)
         else:
             _CACHE[key] = _make_synthetic(split, synthetic_size, seed)
+    if not standardise and name in _NORM:
+        if (*key, "unit") not in _CACHE:
+            data = _CACHE[key]
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+            unit = (0.0,) * len(data.mean), (1.0,) * len(data.std)  # the image path's too
+            inputs = data.inputs * std + mean
+            _CACHE[(*key, "unit")] = replace(data, inputs=inputs, mean=unit[0], std=unit[1])
+        return _CACHE[(*key, "unit")]
     return _CACHE[key]

@@ -201,7 +201,9 @@ def open_source(data: DataConfig, split: str, seed: int = 0) -> Source:
     """List one split of ``data.dataset`` (cheap: reads no image; in-memory sets load whole)."""
     split = split_name(split)
     if data.dataset in MEMORY_DATASETS:
-        dataset = load_dataset(data.dataset, split, data.root, data.synthetic_size, seed)
+        dataset = load_dataset(
+            data.dataset, split, data.root, data.synthetic_size, seed, data.standardise
+        )
         return MemorySource(dataset, data.image_size)
     if data.dataset not in DISK_DATASETS:
         raise DataError(f"data.dataset={data.dataset!r}: unknown; use one of {', '.join(DATASETS)}")

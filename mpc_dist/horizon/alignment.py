@@ -44,10 +44,14 @@ def block_gradients(
     flat = []
     for t in range(model.num_blocks):
         params = [p for p in model.block_parameters(t) if p.requires_grad]
-        flat.append(torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-            for p in params
-        ]))  # fmt: skip
+        flat.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                    for p in params
+                ]
+            )
+        )
     model.zero_grad(set_to_none=True)
     return flat
 

@@ -46,9 +46,11 @@ def fit_alignment(
     horizons: Sequence[int], misalignments: Sequence[float], num_blocks: int
 ) -> AlignmentLaw:
     """Least squares in log-log space over the horizons below T with a positive misalignment."""
-    pairs = [(math.log(1 - h / num_blocks), math.log(m))
-             for h, m in zip(horizons, misalignments, strict=True)
-             if h < num_blocks and m > 0]  # fmt: skip
+    pairs = [
+        (math.log(1 - h / num_blocks), math.log(m))
+        for h, m in zip(horizons, misalignments, strict=True)
+        if h < num_blocks and m > 0
+    ]
     if not pairs:
         return AlignmentLaw(0.0, 3.0, 1.0, 0)
     x, y = (np.array(v) for v in zip(*pairs, strict=True))

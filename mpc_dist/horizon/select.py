@@ -73,8 +73,10 @@ class Selection:
     alignments: list[Alignment] = field(default_factory=list)
 
     def table(self) -> str:
-        lines = [f"{'candidate':<16}{'cos^2':>8}{'law':>8}{'progress':>10}{'memory MiB':>12}"
-                 f"{'step ms':>10}{'score':>8}"]  # fmt: skip
+        lines = [
+            f"{'candidate':<16}{'cos^2':>8}{'law':>8}{'progress':>10}{'memory MiB':>12}"
+            f"{'step ms':>10}{'score':>8}"
+        ]
         for c in self.candidates:
             progress = f"{c.progress:.3f}" if c.progress is not None else "-"
             mark = "  <- chosen" if c is self.choice else ""
@@ -217,8 +219,9 @@ def measure(
     ranges = stage_ranges(uniform_partition(T, setting.stages))
     bp_progress = None
     if held_out:
-        bp_progress = loss_progress(model, Plan("receding", T, T), stream(), held_out,
-                                    make_optimizer)  # fmt: skip
+        bp_progress = loss_progress(
+            model, Plan("receding", T, T), stream(), held_out, make_optimizer
+        )
     candidates = []
     for a in alignments:
         plan = Plan(a.rule, a.horizon, T)
@@ -228,19 +231,30 @@ def measure(
         memory = max(h * s for h, s in zip(held, saved, strict=True)) / 2**20
         progress = None
         if bp_progress is not None and bp_progress > 1e-6:  # else: alignment decides
-            mine = bp_progress if a.horizon == T else loss_progress(
-                model, plan, stream(), held_out, make_optimizer)  # fmt: skip
+            mine = (
+                bp_progress
+                if a.horizon == T
+                else loss_progress(model, plan, stream(), held_out, make_optimizer)
+            )
             progress = mine / bp_progress
-        candidates.append(Candidate(
-            a.rule, a.horizon, max(a.cos, 0.0) ** 2, law.alignment(a.horizon, T), progress,
-            memory + setting.static_mib_per_device,
-            1000 * step_seconds(plan, ranges, setting.schedule, costs),
-        ))  # fmt: skip
+        candidates.append(
+            Candidate(
+                a.rule,
+                a.horizon,
+                max(a.cos, 0.0) ** 2,
+                law.alignment(a.horizon, T),
+                progress,
+                memory + setting.static_mib_per_device,
+                1000 * step_seconds(plan, ranges, setting.schedule, costs),
+            )
+        )
     memory_laws = {
-        rule: fit_linear([c.horizon for c in candidates if c.rule == rule],
-                         [c.memory_mib for c in candidates if c.rule == rule])
+        rule: fit_linear(
+            [c.horizon for c in candidates if c.rule == rule],
+            [c.memory_mib for c in candidates if c.rule == rule],
+        )
         for rule in {c.rule for c in candidates}
-    }  # fmt: skip
+    }
     return candidates, alignments, law, memory_laws
 
 
@@ -269,8 +283,10 @@ def choose(
                 f"smallest feasible budget here is {least:.1f}"
             )
         best = max(fits, key=lambda c: (c.score, -c.memory_mib))
-        return best, (f"best {what} ({best.score:.3f}) within {best.memory_mib:.1f} MiB <= "
-                      f"{memory_budget_mib:g} MiB per device")  # fmt: skip
+        return best, (
+            f"best {what} ({best.score:.3f}) within {best.memory_mib:.1f} MiB <= "
+            f"{memory_budget_mib:g} MiB per device"
+        )
     if objective == "speed":
         fits = [c for c in candidates if c.cos2 >= min_alignment]
         if not fits:
@@ -285,10 +301,14 @@ def choose(
         best = min(fits, key=lambda c: (c.step_ms, -c.score))
         speedup = bp.step_ms / best.step_ms
         held = f" and progress {best.progress:.3f} >= {min_progress:g}" if measured else ""
-        return best, (f"fastest step ({best.step_ms:.2f} ms, {speedup:.2f}x back-propagation's) "
-                      f"with cos^2 {best.cos2:.3f} >= {min_alignment:g}{held}")  # fmt: skip
+        return best, (
+            f"fastest step ({best.step_ms:.2f} ms, {speedup:.2f}x back-propagation's) "
+            f"with cos^2 {best.cos2:.3f} >= {min_alignment:g}{held}"
+        )
     for c in candidates:
         c.score -= penalty * c.step_ms / bp.step_ms
     best = max(candidates, key=lambda c: c.score)
-    return best, (f"best {what} - {penalty:g} x relative step time ({best.score:.3f}; step "
-                  f"{bp.step_ms / best.step_ms:.2f}x faster than back-propagation)")  # fmt: skip
+    return best, (
+        f"best {what} - {penalty:g} x relative step time ({best.score:.3f}; step "
+        f"{bp.step_ms / best.step_ms:.2f}x faster than back-propagation)"
+    )

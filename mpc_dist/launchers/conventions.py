@@ -145,21 +145,29 @@ def from_deepspeed(config: Config, path: str, notes: list[str]) -> Config:
             config = _precision(config, precision, f"{source} {block}.enabled", notes)
     if clip := spec.get("gradient_clipping"):
         if config.optim.grad_clip not in (0.0, clip):
-            raise ConfigError(f"{source}: gradient_clipping={clip} but optim.grad_clip="
-                              f"{config.optim.grad_clip}; make them agree")  # fmt: skip
+            raise ConfigError(
+                f"{source}: gradient_clipping={clip} but optim.grad_clip="
+                f"{config.optim.grad_clip}; make them agree"
+            )
         config = _set(config, "optim", grad_clip=float(clip))
     d, p = config.data, config.pipeline
-    ours = {"train_batch_size": d.batch_size,
-            "train_micro_batch_size_per_gpu": d.batch_size // (d.num_microbatches * p.replicas),
-            "gradient_accumulation_steps": d.num_microbatches}  # fmt: skip
+    ours = {
+        "train_batch_size": d.batch_size,
+        "train_micro_batch_size_per_gpu": d.batch_size // (d.num_microbatches * p.replicas),
+        "gradient_accumulation_steps": d.num_microbatches,
+    }
     for key, value in ours.items():
         if key in spec and spec[key] not in ("auto", value):
             raise ConfigError(
                 f"{source}: {key}={spec[key]}, but the config means {value} (data.batch_size, "
                 f"data.num_microbatches, pipeline.replicas)"
             )
-    unused = sorted(set(spec) - {"zero_optimization", "bf16", "fp16", "gradient_clipping"}
-                    - set(ours) - DEEPSPEED_HARMLESS)  # fmt: skip
+    unused = sorted(
+        set(spec)
+        - {"zero_optimization", "bf16", "fp16", "gradient_clipping"}
+        - set(ours)
+        - DEEPSPEED_HARMLESS
+    )
     if unused:
         raise ConfigError(f"{source}: {unused} have no mpc-dist equivalent; remove them")
     return config

@@ -25,10 +25,8 @@ import torch
 from ..config import Config, ConfigError, from_dict
 from ..console import print_summary
 from ..parallel import Topology, pack_pipelines, spanning_pipelines
-from ..train import Callback, Checkpointer, prepare_run_dir, train, validate_config
+from ..train import Callback, Checkpointer, prepare_run_dir, read_attempts, train, validate_config
 from ..train.metrics import MetricsLogger
-
-ATTEMPTS = "attempts.jsonl"  # one line per start of the worker group, written by rank 0
 
 
 def resolve_storage(config: Config, storage: str | None) -> tuple[Config, str]:
@@ -96,18 +94,20 @@ def worker(loop_config: dict) -> None:
 
     config = from_dict(loop_config["config"])
     torch.set_num_threads(max(1, int(config.ray.cpus_per_worker)))
+    # The driver refused a run directory with checkpoints unless asked to resume: any
+    # checkpoint here was written by this job's earlier attempt, which Ray restarted.
     latest = Checkpointer(config.run_dir / "checkpoints").latest()
     pointer = ray.train.get_checkpoint()
-    if ray.train.get_context().get_world_rank() == 0:
-        record = {"time": time.time(), "resume_from": str(latest) if latest else None,
-                  "ray_checkpoint": pointer.path if pointer else None}  # fmt: skip
-        with (config.run_dir / ATTEMPTS).open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if latest is not None:
-            print(f"mpc-dist: resuming from {latest} (Ray's registered checkpoint: "
-                  f"{record['ray_checkpoint']})", file=sys.stderr)  # fmt: skip
+    notes = {"launcher": "ray", "ray_checkpoint": pointer.path if pointer else None}
+    if latest is not None and ray.train.get_context().get_world_rank() == 0:
+        print(
+            f"mpc-dist: resuming from {latest} (Ray's registered checkpoint: "
+            f"{notes['ray_checkpoint']})",
+            file=sys.stderr,
+        )
     callbacks = [ReportToRay(), *loop_config["callbacks"]]
-    train(config, resume=loop_config["resume"] or latest is not None, callbacks=callbacks)
+    resume = loop_config["resume"] or latest is not None
+    train(config, resume=resume, callbacks=callbacks, attempt=notes)
 
 
 def ray_train(
@@ -141,9 +141,9 @@ def ray_train(
             ray.init(num_cpus=max(1, int(world * config.ray.cpus_per_worker)))
     use_gpu = wants_gpus(config.ray.use_gpu, ray.cluster_resources().get("GPU", 0), world)
     loop_config = {"config": config.to_dict(), "resume": resume, "callbacks": list(callbacks)}
-    started = time.perf_counter()
+    started, since = time.perf_counter(), time.time()
     result = _trainer(config, storage, use_gpu, loop_config).fit()
-    summary = _summary(config, storage, use_gpu, time.perf_counter() - started, result)
+    summary = _summary(config, storage, use_gpu, time.perf_counter() - started, result, since)
     print_summary(f"mpc_dist on Ray: {config.model.name} on {config.data.dataset}", summary)
     return summary
 
@@ -190,8 +190,10 @@ def _trainer(config: Config, storage: str, use_gpu: bool, loop_config: dict):
     )
 
 
-def _summary(config: Config, storage: str, use_gpu: bool, seconds: float, result) -> dict:
-    attempts = [json.loads(x) for x in (config.run_dir / ATTEMPTS).read_text().splitlines()]
+def _summary(
+    config: Config, storage: str, use_gpu: bool, seconds: float, result, since: float
+) -> dict:
+    attempts = [a for a in read_attempts(config.run_dir) if a["time"] >= since]  # this job's
     p = config.pipeline
     summary = {
         "ray run": config.run.name,

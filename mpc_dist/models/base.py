@@ -166,8 +166,9 @@ def pipeline_model(
     classes = num_classes(head, shapes[T])
     if head_mode == "goodness":
         head, aux = _goodness_heads(classes, shapes, name)
-    model = BlockModel(stem, dict(enumerate(blocks)), head, aux, T, head_mode, init_module,
-                       weight_names, name)  # fmt: skip
+    model = BlockModel(
+        stem, dict(enumerate(blocks)), head, aux, T, head_mode, init_module, weight_names, name
+    )
     model.input_shape, model.state_shapes = tuple(input_shape), shapes
     model.num_classes = classes
     return model
@@ -208,8 +209,17 @@ def assemble(
     weight_names: WeightNames | None = None,
 ) -> BlockModel:
     """``pipeline_model`` with the head mode and name a config gives."""
-    return pipeline_model(stem, blocks, head, input_shape, make_aux_head, spec.head, init_module,
-                          weight_names, spec.name)  # fmt: skip
+    return pipeline_model(
+        stem,
+        blocks,
+        head,
+        input_shape,
+        make_aux_head,
+        spec.head,
+        init_module,
+        weight_names,
+        spec.name,
+    )
 
 
 @torch.no_grad()

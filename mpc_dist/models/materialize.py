@@ -47,8 +47,11 @@ def materialize(model: BlockModel, device: torch.device | str, seed: int) -> Blo
         for name, module in _post_order(model):
             with seeded(seed, name, device):
                 _init(model, name, module)
-    untouched = [n for n, t in (*model.named_parameters(), *model.named_buffers())
-                 if t.is_floating_point() and torch.isnan(t).any()]  # fmt: skip
+    untouched = [
+        n
+        for n, t in (*model.named_parameters(), *model.named_buffers())
+        if t.is_floating_point() and torch.isnan(t).any()
+    ]
     if untouched:
         raise ModelError(
             f"model.name: no initialiser set {untouched[:4]}; give their modules "
@@ -132,9 +135,11 @@ def add_lora(model: BlockModel, config: LoraConfig, seed: int) -> BlockModel:
     from peft.tuners.lora import LoraLayer
 
     peft_config = PeftLora(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=list(config.targets),
         lora_dropout=config.dropout,
-    )  # fmt: skip
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     try:

@@ -3,6 +3,7 @@ plain ReLU layers (the networks of forward-forward and PEPITA)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .base import BlockModel, assemble
+from .base import BlockModel, ModelError, assemble
 
 
 class LinearResidual(nn.Module):
@@ -71,12 +72,44 @@ def build_residual_mlp(spec: ModelConfig, input_shape, num_classes: int) -> Bloc
     )
 
 
+RELU_MLP_INITS = ("torch", "normal", "he_uniform")
+
+
 def build_relu_mlp(spec: ModelConfig, input_shape, num_classes: int) -> BlockModel:
     """Block t = ReLU(W_t x + b_t), no residual, no norm (forward-forward's 4 x 2000 network is
-    ``num_blocks: 4, width: 2000``): the input is flattened, the head is linear."""
+    ``num_blocks: 4, width: 2000``): the input is flattened, the head is linear.
+
+    ``model.kwargs``: ``init`` is torch's default (``torch``), N(0, 1/fan_in) weights with zero
+    biases and a zero head (``normal``: Hinton's forward-forward code) or U(+-sqrt(6/fan_in)) with
+    zero biases (``he_uniform``: the PEPITA codes); ``bias: false`` drops the biases (PEPITA's
+    networks have none)."""
+    options = dict(spec.kwargs or {})
+    init, bias = options.pop("init", "torch"), options.pop("bias", True)
+    if options or init not in RELU_MLP_INITS or not isinstance(bias, bool):
+        raise ModelError(
+            f"model.kwargs={spec.kwargs}: relu_mlp takes init ({'|'.join(RELU_MLP_INITS)}) and "
+            f"bias (true|false)"
+        )
     widths = [math.prod(input_shape)] + [spec.width] * spec.num_blocks
     layers = zip(widths, widths[1:], strict=False)
-    blocks = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in layers]
-    head = nn.Linear(spec.width, num_classes)
-    aux = lambda shape: nn.Linear(shape[0], num_classes)
-    return assemble(spec, nn.Flatten(), blocks, head, input_shape, aux)
+    blocks = [nn.Sequential(nn.Linear(a, b, bias=bias), nn.ReLU()) for a, b in layers]
+    head = nn.Linear(spec.width, num_classes, bias=bias)
+    aux = lambda shape: nn.Linear(shape[0], num_classes, bias=bias)
+    initialise = None if init == "torch" else functools.partial(_init_linear, init)
+    return assemble(spec, nn.Flatten(), blocks, head, input_shape, aux, initialise)
+
+
+@torch.no_grad()
+def _init_linear(scheme: str, name: str, module: nn.Module) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    fan_in = module.in_features
+    if scheme == "normal":
+        std = 0.0 if name == "head" else fan_in**-0.5
+        module.weight.normal_(0.0, std) if std else module.weight.zero_()
+    else:
+        limit = math.sqrt(6.0 / fan_in)
+        module.weight.uniform_(-limit, limit)
+    if module.bias is not None:
+        module.bias.zero_()
+    return True

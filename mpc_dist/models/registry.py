@@ -26,6 +26,7 @@ class ModelEntry:
     builder: str | Builder  # a callable, or "package.module:function", imported when built
     num_blocks: int | None = None  # fixed depth T; None: the config's model.num_blocks
     depth_from_build: bool = False  # T known only once built (timm, your builders)
+    checks_options: bool = False  # its builder checks its options: build it (on meta) to validate
 
     def resolve(self, name: str) -> Builder:
         if callable(self.builder):
@@ -44,7 +45,8 @@ _HERE = __package__
 MODELS: dict[str, ModelEntry] = {
     "deep_linear": ModelEntry(f"{_HERE}.mlp:build_deep_linear"),
     "residual_mlp": ModelEntry(f"{_HERE}.mlp:build_residual_mlp"),
-    "relu_mlp": ModelEntry(f"{_HERE}.mlp:build_relu_mlp"),
+    "relu_mlp": ModelEntry(f"{_HERE}.mlp:build_relu_mlp", checks_options=True),
+    "local_mixer": ModelEntry(f"{_HERE}.local_mixer:build_local_mixer", checks_options=True),
     "vit_tiny": ModelEntry(f"{_HERE}.vit:build_vit_tiny"),
     "vit_b_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=12),
     "vit_l_16": ModelEntry(f"{_HERE}.vit:build_torchvision_vit", num_blocks=24),
@@ -86,7 +88,7 @@ def check_model(
         raise ConfigError("model.width/model.hidden: must be >= 1")
     if spec.lora is not None and (spec.lora.rank < 1 or not spec.lora.targets):
         raise ConfigError("model.lora: needs rank >= 1 and a list of targets, e.g. [qkv]")
-    if found.depth_from_build:
+    if found.depth_from_build or found.checks_options:
         return build_model(spec, input_shape, num_classes, device="meta").num_blocks
     return found.num_blocks or spec.num_blocks
 

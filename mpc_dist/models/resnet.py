@@ -15,9 +15,11 @@ class PoolHead(nn.Sequential):
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(channels),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.LayerNorm(channels),
             nn.Linear(channels, num_classes),
-        )  # fmt: skip
+        )
 
 
 def build_torchvision_resnet(spec: ModelConfig, input_shape, num_classes: int) -> BlockModel:
@@ -47,9 +49,15 @@ def build_torchvision_resnet(spec: ModelConfig, input_shape, num_classes: int) -
         return key
 
     return assemble(
-        spec, stem, blocks, head, input_shape, lambda shape: PoolHead(shape[0], num_classes),
-        _init_module, weight_name,
-    )  # fmt: skip
+        spec,
+        stem,
+        blocks,
+        head,
+        input_shape,
+        lambda shape: PoolHead(shape[0], num_classes),
+        _init_module,
+        weight_name,
+    )
 
 
 def _init_module(name: str, module: nn.Module) -> bool:
@@ -77,12 +85,18 @@ def build_small_resnet(spec: ModelConfig, input_shape, num_classes: int) -> Bloc
         stride = 2 if wide != channels else 1
         down = None
         if stride != 1:
-            down = nn.Sequential(nn.Conv2d(channels, wide, 1, stride, bias=False),
-                                 nn.BatchNorm2d(wide))  # fmt: skip
+            down = nn.Sequential(
+                nn.Conv2d(channels, wide, 1, stride, bias=False), nn.BatchNorm2d(wide)
+            )
         blocks.append(BasicBlock(channels, wide, stride, down))
         channels = wide
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
     return assemble(
-        spec, stem, blocks, head, input_shape, lambda shape: PoolHead(shape[0], num_classes),
+        spec,
+        stem,
+        blocks,
+        head,
+        input_shape,
+        lambda shape: PoolHead(shape[0], num_classes),
         _init_module,
-    )  # fmt: skip
+    )

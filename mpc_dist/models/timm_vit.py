@@ -20,8 +20,15 @@ class TimmViTStem(nn.Module):
 
     def __init__(self, vit: nn.Module) -> None:
         super().__init__()
-        for name in ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop",
-                     "patch_drop", "norm_pre"):  # fmt: skip
+        for name in (
+            "patch_embed",
+            "cls_token",
+            "reg_token",
+            "pos_embed",
+            "pos_drop",
+            "patch_drop",
+            "norm_pre",
+        ):
             setattr(self, name, getattr(vit, name))
         for name in ("no_embed_class", "num_prefix_tokens", "dynamic_img_size"):
             setattr(self, name, getattr(vit, name))
@@ -73,9 +80,13 @@ def build_timm_vit(spec: ModelConfig, input_shape, num_classes: int) -> BlockMod
     image_size = spec.image_size or input_shape[1]
     try:
         vit = timm.create_model(
-            name, pretrained=False, num_classes=num_classes, in_chans=input_shape[0],
-            img_size=image_size, **(spec.kwargs or {}),
-        )  # fmt: skip
+            name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=input_shape[0],
+            img_size=image_size,
+            **(spec.kwargs or {}),
+        )
     except (RuntimeError, TypeError) as error:  # timm: "Unknown model (...)", a bad argument
         raise ModelError(f"model.name={spec.name}: {error}") from None
     if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):

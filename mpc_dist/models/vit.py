@@ -54,10 +54,14 @@ def build_vit_tiny(spec: ModelConfig, input_shape, num_classes: int) -> BlockMod
     if height % spec.patch_size:
         raise ModelError(f"model.patch_size={spec.patch_size}: must divide the image size {height}")
     vit = tv.VisionTransformer(
-        image_size=height, patch_size=spec.patch_size, num_layers=spec.num_blocks,
-        num_heads=spec.num_heads, hidden_dim=spec.width, mlp_dim=spec.hidden,
+        image_size=height,
+        patch_size=spec.patch_size,
+        num_layers=spec.num_blocks,
+        num_heads=spec.num_heads,
+        hidden_dim=spec.width,
+        mlp_dim=spec.hidden,
         num_classes=num_classes,
-    )  # fmt: skip
+    )
     return _from_torchvision(spec, vit, input_shape, num_classes)
 
 

@@ -1,7 +1,7 @@
 """The parallel machinery: topology and process groups, partitions, the schedule IR (actions,
 schedules, generation and validation, simulation, the rendezvous check), point-to-point
-messages, the runtime and the watchdog. It runs whatever engine it is handed: it imports
-``core``, ``models`` and ``config`` only."""
+messages, the runtime, the watchdog and its flight record. It runs whatever engine it is
+handed: it imports ``core``, ``models`` and ``config`` only."""
 
 from .actions import (
     COMPUTE,
@@ -14,6 +14,7 @@ from .actions import (
     ScheduleError,
     peer,
 )
+from .flight import FlightRecord, Wait
 from .generate import generate, validate_schedule
 from .groups import (
     Groups,
@@ -22,8 +23,10 @@ from .groups import (
     check_same_config,
     device_and_backend,
     init_process_group,
+    job_token,
     launched_world_size,
     place_ranks,
+    shares_agent_store_across_restarts,
 )
 from .mailbox import Mailbox
 from .partition import balanced_partition, block_costs, partition, stage_ranges, uniform_partition
@@ -53,6 +56,7 @@ __all__ = [
     "Costs",
     "Event",
     "EventClock",
+    "FlightRecord",
     "Groups",
     "Mailbox",
     "Message",
@@ -67,6 +71,7 @@ __all__ = [
     "StageTimes",
     "StepFunction",
     "Topology",
+    "Wait",
     "Watchdog",
     "action_costs",
     "all_reduce_gradients",
@@ -81,11 +86,13 @@ __all__ = [
     "generate",
     "held_microbatches",
     "init_process_group",
+    "job_token",
     "launched_world_size",
     "pack_pipelines",
     "peer",
     "place_ranks",
     "partition",
+    "shares_agent_store_across_restarts",
     "simulate",
     "spanning_pipelines",
     "stage_ranges",

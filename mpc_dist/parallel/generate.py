@@ -47,9 +47,10 @@ class _Graph:
         # streams with weight gradients on a stage: a W action each when weights are deferred
         self._weighted = [
             [s for s in info.streams if any(s.trains(t) for t in range(info.first, info.last))]
-            if schedule.defer_weights else []
+            if schedule.defer_weights
+            else []
             for info in self.infos
-        ]  # fmt: skip
+        ]
         P, m = schedule.num_stages, schedule.num_microbatches
         self.top_down = schedule.plan.top_down
         if self.policy == "gpipe":
@@ -105,8 +106,10 @@ class _Graph:
             return [Action(a.stage, B, a.minibatch, a.microbatch, a.stream)]
         if a.kind == G:  # after its own forward, and the stage below's (the last's: top-down)
             below = (a.stage - 1, G) if a.stage else (self.schedule.num_stages - 1, F)
-            return [Action(a.stage, F, a.minibatch, a.microbatch),
-                    Action(*below, a.minibatch, a.microbatch)]  # fmt: skip
+            return [
+                Action(a.stage, F, a.minibatch, a.microbatch),
+                Action(*below, a.minibatch, a.microbatch),
+            ]
         stages = range(self.schedule.num_stages) if self.schedule.mode == "sync" else [a.stage]
         return [x for k in stages for x in self.actions(k, a.minibatch) if x.kind != S]
 

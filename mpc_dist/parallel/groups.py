@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import sys
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -56,15 +57,41 @@ def init_process_group(
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(rank, world, timeout)
         bound = device if device is not None and device.type == "cuda" else None
         dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=bound,
+            backend, rank=rank, world_size=world, timeout=timeout, store=store, device_id=bound
         )
     return rank, world, local_rank
+
+
+def shares_agent_store_across_restarts() -> bool:
+    """Under torchrun's elastic agent (also behind ``accelerate launch``) the workers use the
+    agent's store, and it outlives a restart: a restarted attempt can read the previous one's
+    keys (gloo's addresses, NCCL's unique id) and fail to connect or hang (pytorch#135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    return restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store | None:
+    """The agent's store with a key prefix of its own for every attempt, where one agent counts
+    the restarts (one node); None (torch's own rendezvous) elsewhere. Several agents count
+    restarts each on their own, so there only TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh
+    store per attempt) helps; ``train.bootstrap`` says so."""
+    if not shares_agent_store_across_restarts() or int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    return dist.PrefixStore(f"mpc_dist/attempt_{attempt}", store)
+
+
+def job_token() -> str:
+    """A name this job's ranks agree on (rank 0's, broadcast): keys under it in a store that
+    outlives the job (an elastic agent's) are never read by a later attempt."""
+    token = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def place_ranks(stages: int, replicas: int) -> Topology:
@@ -136,10 +163,13 @@ class Groups:
         data-parallel collectives ``collective_timeout_s`` (None: torch's default)."""
         timeouts = {
             name: timedelta(seconds=value) if value is not None else None
-            for name, value in (("F", message_timeout_s), ("B", message_timeout_s),
-                                ("pipeline", collective_timeout_s),
-                                ("data_parallel", collective_timeout_s))
-        }  # fmt: skip
+            for name, value in (
+                ("F", message_timeout_s),
+                ("B", message_timeout_s),
+                ("pipeline", collective_timeout_s),
+                ("data_parallel", collective_timeout_s),
+            )
+        }
         # new_group is collective over the world: every rank creates every group, in order.
         mine: dict[str, dist.ProcessGroup | None] = {}
         for d in range(topology.replicas):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .actions import Message
+from .flight import FlightRecord, Wait
 from .groups import Groups
 from .rendezvous import MAX_PENDING_SENDS, RECEIVE_AHEAD
 from .schedule import Schedule
@@ -26,7 +28,8 @@ class Mailbox:
     (per-communicator order) alike. Activations and cotangents travel on their own groups
     (``Groups.messages``). Per peer, up to ``window`` messages are posted ahead of need; after
     ``max_pending_sends`` messages in flight the oldest is waited for. ``check_rendezvous`` in
-    ``rendezvous.py`` simulates exactly this posting.
+    ``rendezvous.py`` simulates exactly this posting. With a ``flight`` record, every wait for
+    a message is marked there (which message, which peer, since when) for the watchdog.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class Mailbox:
         device: torch.device,
         window: int = RECEIVE_AHEAD,
         max_pending_sends: int = MAX_PENDING_SENDS,
+        flight: FlightRecord | None = None,
     ) -> None:
         self.groups, self.topology = groups, groups.topology
         self.payload, self.device = payload, device
@@ -47,8 +51,9 @@ class Mailbox:
         self._send_seq = dict.fromkeys(peers, 0)
         self._unconsumed = dict.fromkeys(peers, 0)
         self._posted: dict[Message, list[tuple[dist.Work, torch.Tensor]]] = {}
-        self._sends: deque[list[tuple[dist.Work, torch.Tensor]]] = deque()
+        self._sends: deque[tuple[Message, int, list[tuple[dist.Work, torch.Tensor]]]] = deque()
         self.window, self.max_pending_sends = window, max_pending_sends
+        self.flight = flight
 
     def _post_next(self, stage: int) -> None:
         message = self._expected[stage].popleft()
@@ -70,9 +75,13 @@ class Mailbox:
             self._post_next(stage)
         self._unconsumed[stage] -= 1
         buffers = []
+        if self.flight is not None:
+            self.flight.waiting = Wait(message, stage, False, time.time())
         for work, buffer in self._posted.pop(message):
             work.wait()
             buffers.append(buffer)
+        if self.flight is not None:
+            self.flight.waiting = None
         return buffers
 
     def send(self, tensors: list[torch.Tensor], stage: int, message: Message) -> None:
@@ -84,17 +93,20 @@ class Mailbox:
                 (dist.isend(tensor, dst=dst, group=group, tag=self._send_seq[stage]), tensor)
             )
             self._send_seq[stage] += 1
-        self._sends.append(sent)  # keep the buffers alive until the sends complete
+        self._sends.append((message, stage, sent))  # buffers alive until the sends complete
         while len(self._sends) > self.max_pending_sends:
-            self._wait(self._sends.popleft())
+            self._wait(*self._sends.popleft())
 
     def flush(self) -> None:
         while self._sends:
-            self._wait(self._sends.popleft())
+            self._wait(*self._sends.popleft())
         if self._posted or any(self._expected.values()):
             raise RuntimeError("schedule ended with messages still expected")
 
-    @staticmethod
-    def _wait(sent: list[tuple[dist.Work, torch.Tensor]]) -> None:
+    def _wait(self, message: Message, stage: int, sent: list[tuple[dist.Work, torch.Tensor]]):
+        if self.flight is not None:
+            self.flight.waiting = Wait(message, stage, True, time.time())
         for work, _ in sent:
             work.wait()
+        if self.flight is not None:
+            self.flight.waiting = None

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..core import Engine, LossScaler
 from .actions import Action, ActionKind, Message, MessageKind
+from .flight import FlightRecord
 from .generate import generate, validate_schedule
 from .groups import Groups, broadcast_parameters
 from .mailbox import Mailbox
@@ -116,6 +117,7 @@ class PipelineRuntime:
         self.receives_targets = self.stage > 0 and any(needs[self.stage :])
         self.times = StageTimes()
         self.trace: list[tuple[Action, float, float]] = []
+        self.flight = FlightRecord(self.topology)  # the last actions, for the watchdog
         self._schedules: dict[int, Schedule] = {}
         self._microbatch_size = 0
         self.handlers: dict[ActionKind, Callable[[Action, _Chunk], None]] = {
@@ -160,17 +162,20 @@ class PipelineRuntime:
         chunk = _Chunk(
             [(self._split(x, self.options.dtype), self._split(y)) for x, y in batches],
             learning_rates,
-            Mailbox(schedule, self.groups, self._payload, device),
+            Mailbox(schedule, self.groups, self._payload, device, flight=self.flight),
             losses=zeros,
             correct=[z.clone() for z in zeros],
         )
-        started, clock = time.perf_counter(), EventClock(device)
+        started, clock, flight = time.perf_counter(), EventClock(device), self.flight
+        flight.in_schedule = True
         for action in schedule.actions[self.stage]:
             tick = clock.now()
+            flight.begin(action)
             self.handlers[action.kind](action, chunk)
             if action.kind.is_compute:
                 clock.marks.append((action, tick, clock.now()))
         chunk.mailbox.flush()
+        flight.in_schedule = False
         intervals = clock.intervals()
         self.times.busy += sum(end - start for _, start, end in intervals)
         if self.options.trace:

@@ -86,8 +86,10 @@ class Schedule:
             f"{self.num_stages} stages x {self.plan.num_blocks} blocks, "
             f"{self.num_microbatches} microbatches x {self.num_minibatches} minibatches"
         )
-        legend = ("F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, W its "
-                  "deferred weight gradients, G second forward pass, S step")  # fmt: skip
+        legend = (
+            "F<mb>.<micro> forward, B<mb>.<micro>s<stream> backward of stream s, W its "
+            "deferred weight gradients, G second forward pass, S step"
+        )
         rows = [header, legend]
         for stage in range(self.num_stages):
             cells = ["." * (width - 1)] * int(round(end))

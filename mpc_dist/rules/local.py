@@ -115,8 +115,9 @@ class LocalEngine(Engine):
         factor = loss_factor(self.options.scale_loss, loss_scale, inputs.device)
         for t in range(self.first, self.last):
             with self._hooks(), self.compute.autocast():
-                step = self.rule.step(self.model, t, x.detach(), targets, self._generator(t),
-                                      self.block_forward)  # fmt: skip
+                step = self.rule.step(
+                    self.model, t, x.detach(), targets, self._generator(t), self.block_forward
+                )
             s = t + 1
             losses[s] = step.loss.detach() * loss_scale
             held = [self.hold(h) for h in step.held]

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -67,3 +68,15 @@ def load_final_weights(config: Config, model: BlockModel) -> BlockModel:
     checkpoints = Checkpointer(config.run_dir / "checkpoints")
     checkpoints.load(checkpoints.latest(), model, build_optimizer(config.optim, model.parameters()))
     return model
+
+
+def replace_between(path: Path, begin: str, end: str, text: str, heading: str) -> None:
+    """Put ``text`` between the markers ``begin`` and ``end`` of the document at ``path``,
+    keeping what is written around them; without the markers, append ``heading`` and them."""
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + begin + "\n" + text + end + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old else "") + f"{heading}\n\n{begin}\n{text}{end}\n"
+    path.write_text(new)

@@ -236,12 +236,31 @@ def summarise(results: list[dict], cost: dict, model: str, dataset: str) -> list
     return rows
 
 
-def selections(rows: list[dict], model: str, dataset: str, args) -> list[dict]:
+def measurements(model: str, dataset: str, args) -> tuple[dict, list[Candidate]]:
+    """``costs`` and the selector's candidates at the start, measured once per study folder
+    (``measured_<model>_<dataset>.json``): a study called again reads them back, as it reads
+    back its finished runs."""
+    path = Path(args.out) / f"measured_{model}_{dataset}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        cost = {(c["rule"], c["horizon"]): c["cost"] for c in saved["costs"]}
+        return cost, [Candidate(**c) for c in saved["candidates"]]
+    cost, candidates = costs(model, dataset, args), _candidates_at_start(model, dataset, args)
+    saved = {
+        "costs": [{"rule": r, "horizon": h, "cost": v} for (r, h), v in cost.items()],
+        "candidates": [dataclasses.asdict(c) for c in candidates],
+    }
+    path.write_text(json.dumps(saved, indent=1))
+    return cost, candidates
+
+
+def selections(
+    rows: list[dict], candidates: list[Candidate], model: str, dataset: str
+) -> list[dict]:
     """The selector's choice per objective (measured at the starting weights of seed 0, for the
     study's pipeline: P = T stages, m = T microbatches) against the best setting in hindsight
     under the same constraint. The memory budget is the median of the candidates' memory."""
     T = depth(model)
-    candidates = _candidates_at_start(model, dataset, args)
     memory = {same_plan(c.rule, c.horizon, T): c.memory_mib for c in candidates}
     for row in rows:  # what the selector measured at the start, beside what the runs reached
         c = next(
@@ -353,9 +372,10 @@ def main(args: argparse.Namespace) -> None:
     rows, chosen = [], []
     for model in args.models:
         for dataset in args.datasets:
-            mine = summarise(results, costs(model, dataset, args), model, dataset)
+            cost, candidates = measurements(model, dataset, args)
+            mine = summarise(results, cost, model, dataset)
             rows += mine
-            chosen += selections(mine, model, dataset, args)
+            chosen += selections(mine, candidates, model, dataset)
             name = f"{model}_{dataset}"
             horizon_accuracy_memory(mine, out / f"accuracy_memory_{name}.png", name)
             time_to_accuracy(

@@ -90,3 +90,25 @@ def _save(fig, path: Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def data_study_curves(results: list[dict], targets: dict[str, float], path: Path) -> Path:
+    """The data study: test top-1 against training steps (top; the same for any machine load)
+    and training seconds (bottom; from each run's records), a column per network, a line per
+    run (one process solid, two processes dashed, torch's back-propagation dotted), the
+    network's target dashed grey."""
+    models = list(targets)
+    fig, axes = plt.subplots(2, len(models), figsize=(6.2 * len(models), 8), squeeze=False)
+    styles = {"single": "-", "pipeline": "--", "torch": ":"}
+    for column, model in enumerate(models):
+        for row, (index, xlabel) in enumerate(((0, "training steps"), (3, "training seconds"))):
+            ax = axes[row][column]
+            for r in (r for r in results if r["model"] == model):
+                x = [e[index] for e in r["evals"]]
+                y = [100 * e[1] for e in r["evals"]]
+                ax.plot(x, y, styles[r["where"]], marker=".", label=r["label"])
+            ax.axhline(100 * targets[model], color="grey", ls="--", lw=0.8, label="target")
+            ax.set(xlabel=xlabel, ylabel="test top-1 (%)", title=model)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, path)

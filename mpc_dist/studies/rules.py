@@ -34,6 +34,7 @@ from .common import (
     in_processes,
     load_final_weights,
     num_blocks,
+    replace_between,
     study_config,
     train_once,
 )
@@ -55,14 +56,23 @@ PEPITA_SGD = [
     "data.batch_size=64",
 ]  # the paper's
 RULES = {  # network -> (rule, horizon (4 = T: back-propagation), head, more overrides)
-    "mlp": [("ff", 1, "shared", []), ("forward_gradient", 1, "aux", ADAM_3E4),
-            ("pepita", 1, "shared", PEPITA_SGD), ("receding", 1, "aux", []),
-            ("receding", 2, "aux", []), ("receding", 4, "aux", [])],
+    "mlp": [
+        ("ff", 1, "shared", []),
+        ("forward_gradient", 1, "aux", ADAM_3E4),
+        ("pepita", 1, "shared", PEPITA_SGD),
+        ("receding", 1, "aux", []),
+        ("receding", 2, "aux", []),
+        ("receding", 4, "aux", []),
+    ],
     "mlp2000": [("ff", 1, "shared", ["optim.lr=0.0001"])],  # 1e-3 collapses at 2000 units
     "mlp1024": [("pepita", 1, "shared", PEPITA_SGD), ("receding", 1, "shared", [])],
-    "resnet": [("sff", 1, "goodness", []), ("receding", 1, "goodness", []),
-               ("receding", 2, "goodness", []), ("receding", 4, "goodness", [])],
-}  # fmt: skip
+    "resnet": [
+        ("sff", 1, "goodness", []),
+        ("receding", 1, "goodness", []),
+        ("receding", 2, "goodness", []),
+        ("receding", 4, "goodness", []),
+    ],
+}
 PAPER = {  # rule -> what its paper reports on MNIST (test error), and on what
     "ff": "1.36 % (4 x 2000, 60 epochs)",
     "forward_gradient": "2.55 % (LG-FG-A, LocalMixer M/1/16)",
@@ -231,13 +241,7 @@ BEGIN, END = "<!-- results: mpc-dist rules-study -->", "<!-- end of results -->"
 
 def write_report(path: Path, text: str) -> None:
     """Replace the results between the markers, keeping what is written around them."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        text = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-    else:
-        text = f"# Learning rules\n\n{BEGIN}\n{text}{END}\n"
-    path.write_text(text)
+    replace_between(path, BEGIN, END, text, "# Learning rules")
 
 
 def _accuracy(result: dict) -> str:

@@ -2,21 +2,24 @@
 checkpoints, metrics, data, config validation)."""
 
 from ..data import DATASETS, DataError, Dataset, load_dataset, minibatches, num_batches
+from .attempts import ATTEMPTS, FAILURE, prepare_run_dir, read_attempts, restart_count
 from .bootstrap import Job, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer, CheckpointError, compare_runs, load_run_weights
-from .loop import Progress, open_run, prepare_run_dir, train
+from .loop import Progress, open_run, train
 from .runner import PipelineRunner, Runner, SingleRunner, evaluate
 from .stage import Stage, build_stage, schedule_spec
 from .step import OptimizerStep, TrainingError, build_optimizer, learning_rate
 from .validate import validate_config
 
 __all__ = [
+    "ATTEMPTS",
     "DATASETS",
     "Callback",
     "CheckpointError",
     "Checkpointer",
     "DataError",
+    "FAILURE",
     "Dataset",
     "Job",
     "OptimizerStep",
@@ -38,6 +41,8 @@ __all__ = [
     "open_run",
     "num_batches",
     "prepare_run_dir",
+    "read_attempts",
+    "restart_count",
     "schedule_spec",
     "train",
     "validate_config",

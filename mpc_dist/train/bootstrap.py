@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from ..parallel import (
     check_same_config,
     device_and_backend,
     init_process_group,
+    job_token,
     launched_world_size,
     place_ranks,
+    shares_agent_store_across_restarts,
 )
+from .attempts import FAILURE
 
 T = TypeVar("T")
 
@@ -65,7 +69,16 @@ def join_job(config: Config) -> Job:
     device, backend = device_and_backend(local_rank, p.backend, config.train.device)
     init_process_group(backend, p.collective_timeout, device)
     topology = place_ranks(p.stages, p.replicas)
-    watchdog = Watchdog(topology, p.timeout).start()
+    several_agents = int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1
+    if shares_agent_store_across_restarts() and several_agents and topology.rank == 0:
+        print(
+            "mpc-dist: warning: torchrun's restarts on several nodes share its store "
+            "between attempts (pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "where torchrun starts",
+            file=sys.stderr,
+        )
+    failures, namespace = config.run_dir / FAILURE, job_token()
+    watchdog = Watchdog(topology, p.timeout, failure_dir=failures, namespace=namespace).start()
     try:
         check_same_config(config.to_yaml(), topology)
     except BaseException as error:

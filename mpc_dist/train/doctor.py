@@ -177,7 +177,7 @@ def nccl_environment(place: Place, device: torch.device) -> Check:
     )
     listed = ", ".join(f"{k}={os.environ[k]}" for k in names) or "none set (NCCL's defaults)"
     if device.type != "cuda":
-        return Check("NCCL variables", listed + " (unused: no GPU)")
+        return Check("NCCL variables", listed + " (unused: this rank has no GPU)")
     slow = [k for k in SLOW_NCCL if os.environ.get(k) == "1"]
     slow = [k for k in slow if k != "NCCL_IB_DISABLE" or place.nodes > 1]
     if slow:

@@ -73,8 +73,11 @@ def stage_map(config: Config) -> tuple[list[dict], BlockModel, int]:
         params = sum(q.numel() for q in part.parameters())
         trainable = sum(q.numel() for q in part.owned_parameters())
         if config.model.lora is not None:  # the adapters and the heads
-            trainable = sum(q.numel() for n, q in part.named_parameters()
-                            if n.startswith(("head.", "aux_heads.")))  # fmt: skip
+            trainable = sum(
+                q.numel()
+                for n, q in part.named_parameters()
+                if n.startswith(("head.", "aux_heads."))
+            )
             trainable += _adapter_params(part, config.model.lora)
         optimizer = ADAM_STATES[config.optim.name] * trainable * 4 // shard
         if t.activation_checkpointing == "blocks":  # only each block's input is kept
@@ -86,14 +89,20 @@ def stage_map(config: Config) -> tuple[list[dict], BlockModel, int]:
         weights = params * param_bytes // (shard if p.sharding == "fsdp" else 1)
         grads = trainable * param_bytes
         held_bytes = per_microbatch * held[k]
-        rows.append({
-            "stage": k, "blocks": f"{first}-{last - 1}", "params": params,
-            "trainable": trainable, "optimizer_bytes": optimizer,
-            "message_in_bytes": message if k else 0,
-            "activation_bytes_per_microbatch": per_microbatch, "held_microbatches": held[k],
-            "activations_held_bytes": held_bytes,
-            "memory_bytes": weights + grads + optimizer + held_bytes,
-        })  # fmt: skip
+        rows.append(
+            {
+                "stage": k,
+                "blocks": f"{first}-{last - 1}",
+                "params": params,
+                "trainable": trainable,
+                "optimizer_bytes": optimizer,
+                "message_in_bytes": message if k else 0,
+                "activation_bytes_per_microbatch": per_microbatch,
+                "held_microbatches": held[k],
+                "activations_held_bytes": held_bytes,
+                "memory_bytes": weights + grads + optimizer + held_bytes,
+            }
+        )
     return rows, model, microbatch
 
 
@@ -121,17 +130,33 @@ def _print(config: Config, model: BlockModel, rows: list[dict], microbatch: int)
         f"m = {config.data.num_microbatches} microbatches of {microbatch}, {t.precision}, "
         f"sharding {p.sharding}, activation checkpointing {t.activation_checkpointing}"
     )
-    columns = ("stage", "blocks", "params M", "trainable M", "optimizer MiB", "message in MiB",
-               "activations MiB", "held", "held MiB", "memory MiB")  # fmt: skip
+    columns = (
+        "stage",
+        "blocks",
+        "params M",
+        "trainable M",
+        "optimizer MiB",
+        "message in MiB",
+        "activations MiB",
+        "held",
+        "held MiB",
+        "memory MiB",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
-            str(r["stage"]), r["blocks"], f"{r['params'] / 1e6:.1f}", f"{r['trainable'] / 1e6:.1f}",
-            f"{r['optimizer_bytes'] / MiB:.0f}", f"{r['message_in_bytes'] / MiB:.2f}",
-            f"{r['activation_bytes_per_microbatch'] / MiB:.1f}", str(r["held_microbatches"]),
-            f"{r['activations_held_bytes'] / MiB:.0f}", f"{r['memory_bytes'] / MiB:.0f}",
-        )  # fmt: skip
+            str(r["stage"]),
+            r["blocks"],
+            f"{r['params'] / 1e6:.1f}",
+            f"{r['trainable'] / 1e6:.1f}",
+            f"{r['optimizer_bytes'] / MiB:.0f}",
+            f"{r['message_in_bytes'] / MiB:.2f}",
+            f"{r['activation_bytes_per_microbatch'] / MiB:.1f}",
+            str(r["held_microbatches"]),
+            f"{r['activations_held_bytes'] / MiB:.0f}",
+            f"{r['memory_bytes'] / MiB:.0f}",
+        )
     wide = Console(stderr=True, width=max(console.width, 132))
     wide.print(table)
     wide.print(

@@ -7,16 +7,17 @@ a single process and for every rank of a pipeline; the runner hides which one it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..console import console, print_summary, progress_bar
 from ..data import Loader, Source, open_source
 from ..models import BlockModel, build_model
+from .attempts import begin_attempt, prepare_run_dir
 from .bootstrap import Job, check_shared_directory, check_world_size, join_job
 from .callbacks import Callback
 from .checkpoint import Checkpointer
@@ -37,12 +38,19 @@ class Progress:
     step: int = 0  # optimizer steps taken
 
 
-def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = ()) -> dict:
+def train(
+    config: Config,
+    resume: bool = False,
+    callbacks: Iterable[Callback] = (),
+    attempt: Mapping[str, Any] | None = None,
+) -> dict:
     """Train (or resume) the run ``config`` describes; returns the final metrics.
 
     Called in every process, by every launcher. A pipeline config (pipeline.stages x
     pipeline.replicas > 1) needs a launcher that set RANK and WORLD_SIZE. ``callbacks`` hook
-    into the loop (``mpc_dist.train.Callback``).
+    into the loop (``mpc_dist.train.Callback``). A job its launcher restarted resumes from the
+    latest complete checkpoint by itself; ``attempt``: what the launcher adds to the record of
+    this start in ``attempts.jsonl``.
     """
     validate_config(config)
     model, train_source, test_source = open_run(config)
@@ -50,13 +58,21 @@ def train(config: Config, resume: bool = False, callbacks: Iterable[Callback] = 
     callbacks = list(callbacks)
     check_world_size(config)
     job = join_job(config) if config.world_size > 1 else None
-    runner = _start(config, model, train_source, resume, job, callbacks)
+    runner, resume = _start(config, model, train_source, resume, job, callbacks, attempt)
     configure_tf32(config.train.tf32, runner.device)
     train_data, test_data = (
-        Loader(source, config.data, config.augment, split, seed, runner.shard,
-               config.data.num_microbatches, runner.device)
+        Loader(
+            source,
+            config.data,
+            config.augment,
+            split,
+            seed,
+            runner.shard,
+            config.data.num_microbatches,
+            runner.device,
+        )
         for source, split in ((train_source, "train"), (test_source, "test"))
-    )  # fmt: skip
+    )
     if config.horizon.reselect_every:
         steps = train_data.batches_per_epoch
         callbacks.append(Reselect(config, runner, train_source, steps))
@@ -88,9 +104,14 @@ def _start(
     resume: bool,
     job: Job | None,
     callbacks: list[Callback],
-) -> Runner:
-    """The plan, the run directory (written by one rank) and the runner of this process."""
+    attempt: Mapping[str, Any] | None = None,
+) -> tuple[Runner, bool]:
+    """The plan, the run directory (written by one rank) and the runner of this process; and
+    whether it resumes (rank 0 decides: see ``attempts.begin_attempt``)."""
     try:
+        begin = lambda: begin_attempt(config, resume, attempt)  # noqa: E731
+        record = job.from_rank_zero(begin) if job is not None else begin()
+        resume = record["resume_from"] is not None
         plan, selections = run_plan(config, model, train_source, resume, job)
         prepare_run_dir(config, resume, write=job is None or job.is_rank_zero)
         if job is not None:  # every rank writes its shards of a checkpoint there
@@ -98,28 +119,12 @@ def _start(
         for selection in selections:
             report(selection, config.run_dir)
         if job is None:
-            return SingleRunner(config, model, plan, callbacks)
-        return PipelineRunner(config, model, plan, job, callbacks)
+            return SingleRunner(config, model, plan, callbacks), resume
+        return PipelineRunner(config, model, plan, job, callbacks), resume
     except BaseException as error:
         if job is not None:
             job.watchdog.fail(error)
         raise
-
-
-def prepare_run_dir(config: Config, resume: bool, write: bool = True) -> Path:
-    run_dir = config.run_dir
-    checkpoints = run_dir / "checkpoints"
-    if not resume and any(checkpoints.glob("step_*")):
-        raise ConfigError(
-            f"run.name={config.run.name}: {run_dir} already holds checkpoints; pass --resume to "
-            f"continue it or choose another run.name"
-        )
-    if resume and not any(checkpoints.glob("step_*")):
-        raise ConfigError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-    return run_dir
 
 
 def fit(
@@ -143,8 +148,10 @@ def fit(
                 for _ in range(size):
                     chunk.append(next(batches))
                     waits.append(train_data.last_wait_s)
-                rates = [learning_rate(config.optim, state.step + j, run.total_steps)
-                         for j in range(size)]  # fmt: skip
+                rates = [
+                    learning_rate(config.optim, state.step + j, run.total_steps)
+                    for j in range(size)
+                ]
                 results = run.train_chunk(chunk, rates)
                 for j in range(size):
                     state.step, state.batch = state.step + 1, state.batch + 1
@@ -180,8 +187,9 @@ class TrainingRun:
         )
         self.state = Progress()
         if resume:
-            latest = self.checkpointer.latest()
-            self.state = Progress(**self.checkpointer.load(latest, runner.model, runner.optimizer))
+            fallback = config.run.resume_fallback
+            _, state = self.checkpointer.load_latest(runner.model, runner.optimizer, fallback)
+            self.state = Progress(**state)
         self.steps_per_epoch = train_data.batches_per_epoch
         self.total_steps = config.train.epochs * self.steps_per_epoch
         self.stop_at = min(self.total_steps, config.train.max_steps or self.total_steps)
@@ -226,6 +234,7 @@ class TrainingRun:
         return results
 
     def _train_chunk(self, chunk: list, learning_rates: list[float]) -> list:
+        self.runner.note("training", self.state.step)
         try:
             return self.runner.run(chunk, learning_rates)
         except TrainingError as error:
@@ -233,19 +242,21 @@ class TrainingRun:
             raise TrainingError(
                 f"{error} in steps {first}-{last} (epoch {self.state.epoch}); weights not "
                 f"updated, last good checkpoint kept: {self.checkpointer.latest()}; lower "
-                f"optim.lr or set optim.grad_clip"
+                f"optim.lr, set optim.grad_clip, or skip such steps (optim.on_nonfinite=skip)"
             ) from None
 
     def save(self) -> None:
         step, runner = self.state.step, self.runner
         if self.checkpointer.latest() == self.checkpointer.directory / f"step_{step:08d}":
             return
+        runner.note(f"writing the checkpoint of step {step}", step)
         path = self.checkpointer.save(step, runner.model, runner.optimizer, vars(self.state))
         for callback in self.callbacks:
             callback.after_checkpoint(step, path)
 
     def evaluate(self, announce: bool = False) -> None:
         self.evaluated_at = self.state.step
+        self.runner.note(f"evaluating at step {self.state.step}", self.state.step)
         self.final = self.runner.evaluate(self.test_data)
         self.data_stats = self.runner.data_report(self.train_data.stats())  # collective
         self.stages.update(self.runner.stage_report())  # collective in a pipeline
@@ -253,9 +264,14 @@ class TrainingRun:
             callback.after_evaluate(self.state.step, self.final)
         if self.logger is not None:
             self.logger.log(
-                "eval", self.state.step, epoch=self.state.epoch, **self.final, **self.stages,
-                data_wait_s=self.data_stats["wait_s"], skipped_images=self.data_stats["skipped"],
-            )  # fmt: skip
+                "eval",
+                self.state.step,
+                epoch=self.state.epoch,
+                **self.final,
+                **self.stages,
+                data_wait_s=self.data_stats["wait_s"],
+                skipped_images=self.data_stats["skipped"],
+            )
         if announce and self.runner.is_logger:
             console.print(
                 f"epoch {self.state.epoch}: test accuracy {100 * self.final['accuracy']:.2f}% "

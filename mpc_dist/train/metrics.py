@@ -15,17 +15,36 @@ from rich.progress import Progress
 from ..core.compile import CompileStats
 
 
+class StorageError(RuntimeError):
+    """A run file could not be written (a full disk): the message names it."""
+
+
+def storage_error(path: Path, error: OSError, run_dir: Path) -> StorageError:
+    """One line: what could not be written, why, and what is safe."""
+    from .checkpoint import Checkpointer
+
+    latest = Checkpointer(run_dir / "checkpoints").latest()
+    kept = f"the last complete checkpoint {latest} is intact" if latest else "no checkpoint yet"
+    return StorageError(
+        f"could not write {path} ({error.strerror or error}); {kept}; free space there (or "
+        f"move run.out_dir) and resume with --resume"
+    )
+
+
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # Drop what an interrupted run logged after its last checkpoint: it is redone.
-            kept = [line for line in self.read(self.path) if line["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None:
-            self.path.write_text("")
+        self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
+        try:
+            if resume_step is not None and self.path.exists():
+                # Drop what an interrupted run logged after its last checkpoint: it is redone.
+                kept = [line for line in self.read(self.path) if line["step"] <= resume_step]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            elif resume_step is None:
+                self.path.write_text("")
+        except OSError as error:
+            raise storage_error(self.path, error, run_dir) from error
         self._file = self.path.open("a")
         self._writer = None
         if tensorboard:
@@ -38,15 +57,21 @@ class MetricsLogger:
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as error:
+            raise storage_error(self.path, error, self.run_dir) from error
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, int | float):
                     self._writer.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as error:
+            raise storage_error(self.path, error, self.run_dir) from error
         if self._writer is not None:
             self._writer.close()
 
@@ -104,8 +129,13 @@ class StepLog:
             return
         loss, correct, count = result
         window = self.window
-        self.window = [window[0] + loss * count, window[1] + correct, window[2] + count,
-                       window[3] + wait_s, window[4] + 1]  # fmt: skip
+        self.window = [
+            window[0] + loss * count,
+            window[1] + correct,
+            window[2] + count,
+            window[3] + wait_s,
+            window[4] + 1,
+        ]
         rate = self.seen / (time.perf_counter() - self.started)
         status = f"loss {loss:.4f}  acc {correct / count:.3f}  {rate:,.0f} samples/s"
         if self.window[3]:  # this process reads the data: is the loader keeping up?
@@ -114,9 +144,14 @@ class StepLog:
         if self.logger and (step % self.every == 0 or step == self.last):
             total_loss, total_correct, samples, wait, steps = self.window
             self.logger.log(
-                "train", step, loss=total_loss / samples, accuracy=total_correct / samples,
-                lr=lr, samples_per_s=rate, data_wait_s=wait / steps,
-            )  # fmt: skip
+                "train",
+                step,
+                loss=total_loss / samples,
+                accuracy=total_correct / samples,
+                lr=lr,
+                samples_per_s=rate,
+                data_wait_s=wait / steps,
+            )
             self.window = [0.0, 0, 0, 0.0, 0]
             if not self.bar.disable and not self.bar.console.is_terminal:
                 self.bar.console.print(f"step {step}/{self.last}  {status}", highlight=False)

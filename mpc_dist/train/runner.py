@@ -50,6 +50,9 @@ class Runner(Protocol):
 
     def stage_report(self) -> dict[str, list[float]]: ...
 
+    def note(self, phase: str, step: int) -> None:
+        """What the loop does now, after ``step`` optimizer steps (for the flight record)."""
+
     def fail(self, error: BaseException) -> None: ...
 
     def close(self) -> None: ...
@@ -105,18 +108,24 @@ class SingleRunner:
         self.compute = compute_options(config.train, self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.step = OptimizerStep(
-            self.optimizer, config.optim.grad_clip, callbacks=callbacks,
+            self.optimizer,
+            config.optim.grad_clip,
+            callbacks=callbacks,
             scaler=grad_scaler(self.compute, self.device),
-        )  # fmt: skip
+            on_nonfinite=config.optim.on_nonfinite,
+        )
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
         """Train on under another plan (horizon re-selection)."""
         self.plan = plan
         options = EngineOptions(
-            self.compute, track_memory=False, scale_loss=self.step.scale_loss,
+            self.compute,
+            track_memory=False,
+            scale_loss=self.step.scale_loss,
             seed=self.config.train.seed,
-        )  # fmt: skip
+            rules=self.config.rules,
+        )
         self.engine = make_engine(self.model, plan, options)
 
     def run(self, batches: list[Batch], learning_rates: list[float]) -> list[StepResult]:
@@ -148,6 +157,9 @@ class SingleRunner:
 
     def stage_report(self) -> dict[str, list[float]]:
         return {}
+
+    def note(self, phase: str, step: int) -> None:
+        pass
 
     def fail(self, error: BaseException) -> None:
         pass
@@ -181,15 +193,26 @@ class PipelineRunner:
             counts = job.from_rank_zero(lambda: self._partition(config, model, job, compute))
             ranges = stage_ranges(counts)
             runtime = RuntimeOptions(
-                schedule=schedule_spec(config), device=job.device, dtype=dtype,
+                schedule=schedule_spec(config),
+                device=job.device,
+                dtype=dtype,
                 soft_targets=mixes(config.augment),
-            )  # fmt: skip
+            )
             stage = build_stage(
-                model=model, plan=plan, ranges=ranges, groups=groups, optim=config.optim,
-                runtime=runtime, compute=compute, seed=config.train.seed, spec=config.model,
-                sharding=p.sharding, callbacks=callbacks,
+                model=model,
+                plan=plan,
+                ranges=ranges,
+                groups=groups,
+                optim=config.optim,
+                runtime=runtime,
+                compute=compute,
+                seed=config.train.seed,
+                spec=config.model,
+                sharding=p.sharding,
+                callbacks=callbacks,
+                rules=config.rules,
                 fsdp_param_dtype=FSDP_PARAM_DTYPES[p.fsdp_param_dtype],
-            )  # fmt: skip
+            )
             dist.barrier()
         except BaseException as error:
             self.watchdog.fail(error)
@@ -197,6 +220,9 @@ class PipelineRunner:
         self.config, self.plan, self.runtime, self.groups = config, plan, stage.runtime, groups
         self.calls = 0
         self.device = job.device
+        self.watchdog.watch(stage.runtime.flight)
+        if config.train.compile == "blocks":  # the watchdog waits for messages as long, too
+            self.watchdog.set_message_timeout(first_timeout, "pipeline.collective_timeout")
         self.model, self.optimizer = stage.model, stage.optimizer
         self.chunk_size = p.async_window if p.mode == "async" else 1
         self.shard = Shard(topology.replica, p.replicas, inputs=topology.stage == 0)
@@ -221,6 +247,7 @@ class PipelineRunner:
         if self.calls == COMPILING_CALLS and self.config.train.compile == "blocks":
             dist.barrier()  # every rank is done compiling before any waits less
             self.groups.set_message_timeout(self.config.pipeline.timeout)
+            self.watchdog.set_message_timeout(self.config.pipeline.timeout)
         return [(loss, correct, share) for loss, correct in results]
 
     def evaluate(self, data: Loader) -> dict[str, float]:
@@ -258,6 +285,9 @@ class PipelineRunner:
             "stage_idle_s": [round(r[1], 3) for r in rows],
             "stage_peak_activation_mib": [round(r[2], 3) for r in rows],
         }
+
+    def note(self, phase: str, step: int) -> None:
+        self.runtime.flight.note(phase, step)
 
     def fail(self, error: BaseException) -> None:
         """Every rank learns who failed; no orderly shutdown after this."""

@@ -56,8 +56,14 @@ def measurement_batches(
 def starting_model(config: Config, model: BlockModel, device="cpu") -> BlockModel:
     """The run's starting weights, whole, on ``device`` (a copy of the meta-device ``model``)."""
     m = config.model
-    return instantiate(copy.deepcopy(model), device, dtype_of(config.train.dtype),
-                       config.train.seed, m.weights, m.lora)  # fmt: skip
+    return instantiate(
+        copy.deepcopy(model),
+        device,
+        dtype_of(config.train.dtype),
+        config.train.seed,
+        m.weights,
+        m.lora,
+    )
 
 
 def select_horizon(config: Config, whole: BlockModel, source: Source) -> tuple[Plan, Selection]:
@@ -76,12 +82,17 @@ def select_horizon(config: Config, whole: BlockModel, source: Source) -> tuple[P
         static_mib_per_device=static_mib(config, whole) / p.stages,
     )
     candidates, alignments, law, memory_laws = measure_candidates(
-        whole, batches, middle_block_costs(whole, batches[0][0], compute), setting,
+        whole,
+        batches,
+        middle_block_costs(whole, batches[0][0], compute),
+        setting,
         lambda net: build_optimizer(config.optim, net.parameters()),
-        lambda: measurement_batches(config, source, steps, like=like, whole=True), held_out,
-    )  # fmt: skip
-    choice, reason = choose(candidates, h.objective, h.memory_budget_mib, h.min_alignment,
-                            h.penalty, h.min_progress)  # fmt: skip
+        lambda: measurement_batches(config, source, steps, like=like, whole=True),
+        held_out,
+    )
+    choice, reason = choose(
+        candidates, h.objective, h.memory_budget_mib, h.min_alignment, h.penalty, h.min_progress
+    )
     selection = Selection(h.objective, candidates, law, memory_laws, choice, reason, alignments)
     return Plan(choice.rule, choice.horizon, whole.num_blocks), selection
 
@@ -104,17 +115,19 @@ def report(selection: Selection, run_dir: Path | None = None) -> None:
         + ", ".join(
             f"{rule} {f.slope:.2f} h + {f.intercept:.1f} MiB"
             for rule, f in sorted(selection.memory_laws.items())
-        )  # fmt: skip
+        )
     )
     console.print(selection.table(), highlight=False)
     console.print(f"chosen: {selection.choice.name}: {selection.reason}")
     if run_dir is not None:
         record = {
-            "objective": selection.objective, "choice": dataclasses.asdict(selection.choice),
-            "reason": selection.reason, "law": dataclasses.asdict(law),
+            "objective": selection.objective,
+            "choice": dataclasses.asdict(selection.choice),
+            "reason": selection.reason,
+            "law": dataclasses.asdict(law),
             "memory_laws": {r: dataclasses.asdict(f) for r, f in selection.memory_laws.items()},
             "candidates": [dataclasses.asdict(c) for c in selection.candidates],
-        }  # fmt: skip
+        }
         with (run_dir / "horizon_selection.jsonl").open("a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -202,9 +215,16 @@ def probe_checkpoints(
 
 
 def _row(a: Alignment, step: int) -> dict:
-    return {"step": step, "rule": a.rule, "horizon": a.horizon, "num_blocks": a.num_blocks,
-            "cos": a.cos, "one_minus_cos": 1 - a.cos, "one_minus_cos2": a.misalignment,
-            "block_cos": " ".join(f"{c:.4f}" for c in a.block_cos)}  # fmt: skip
+    return {
+        "step": step,
+        "rule": a.rule,
+        "horizon": a.horizon,
+        "num_blocks": a.num_blocks,
+        "cos": a.cos,
+        "one_minus_cos": 1 - a.cos,
+        "one_minus_cos2": a.misalignment,
+        "block_cos": " ".join(f"{c:.4f}" for c in a.block_cos),
+    }
 
 
 def write_probe(rows: list[dict], out: Path) -> list[Path]:
@@ -223,13 +243,24 @@ def write_probe(rows: list[dict], out: Path) -> list[Path]:
     (out / "probe.json").write_text(json.dumps(rows, indent=1))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for (step, rule), group in _groups(rows).items():
-        points = [(r["num_blocks"] - r["horizon"], r["one_minus_cos"]) for r in group
-                  if r["horizon"] < r["num_blocks"] and r["one_minus_cos"] > 0]  # fmt: skip
+        points = [
+            (r["num_blocks"] - r["horizon"], r["one_minus_cos"])
+            for r in group
+            if r["horizon"] < r["num_blocks"] and r["one_minus_cos"] > 0
+        ]
         if points:
-            ax.plot(*zip(*sorted(points), strict=True), "o-" if rule == "receding" else "s--",
-                    label=f"step {step}, {rule}")  # fmt: skip
-    ax.set(xscale="log", yscale="log", xlabel="T - h", ylabel="1 - cos(theta_h)",
-           title="alignment with back-propagation")  # fmt: skip
+            ax.plot(
+                *zip(*sorted(points), strict=True),
+                "o-" if rule == "receding" else "s--",
+                label=f"step {step}, {rule}",
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T - h",
+        ylabel="1 - cos(theta_h)",
+        title="alignment with back-propagation",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()

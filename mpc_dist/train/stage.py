@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config, ModelConfig, OptimConfig
+from ..config import Config, ModelConfig, OptimConfig, RulesConfig
 from ..core import ComputeOptions, EngineOptions, Plan
 from ..models import BlockModel, instantiate
 from ..parallel import (
@@ -54,13 +54,15 @@ def build_stage(
     sharding: str = "none",
     callbacks: Sequence[Callback] = (),
     fsdp_param_dtype: torch.dtype | None = None,
+    rules: RulesConfig | None = None,
 ) -> Stage:
     """The stage ``groups.topology`` holds, of ``model`` cut at ``ranges``. A model built on the
     meta device is allocated here, this part only (``spec``: its weights file and LoRA), and
     initialised from ``seed``. ``sharding``: ``fsdp`` shards the part over its data-parallel
     replicas (FSDP2); otherwise replicas hold whole copies and sum their gradients before the
     step; ``fsdp_param_dtype``: the dtype FSDP gathers parameters in (None: theirs).
-    ``compute``: mixed precision and activation checkpointing."""
+    ``compute``: mixed precision and activation checkpointing; ``rules``: the options of the
+    rules beyond the horizon (``config.rules``)."""
     compute = compute or ComputeOptions()
     first, last = ranges[groups.topology.stage]
     device, dtype = runtime.device, runtime.dtype
@@ -84,6 +86,9 @@ def build_stage(
         callbacks=callbacks,
         device=device,
         scaler=pipeline_grad_scaler(compute, device, groups, runtime.schedule.mode, sharding),
+        on_nonfinite=optim.on_nonfinite,
+        replica_group=groups.data_parallel,
     )
-    engine = make_engine(part, plan, EngineOptions(compute, scale_loss=step.scale_loss, seed=seed))
+    options = EngineOptions(compute, scale_loss=step.scale_loss, seed=seed, rules=rules)
+    engine = make_engine(part, plan, options)
     return Stage(part, optimizer, PipelineRuntime(engine, ranges, groups, step, runtime))

@@ -4,12 +4,16 @@ Before the step, gradients are summed over the stage's data-parallel replicas (a
 with an fp16 loss scale); the loss and the gradient norm are checked (over the whole pipeline in
 sync mode), so a non-finite value never reaches the weights; gradients are clipped with torch's
 own utilities against the global norm. Under fp16 a non-finite norm is an overflow of the loss
-scale: the step is skipped and the scale lowered, as torch's GradScaler does.
+scale: the step is skipped and the scale lowered, as torch's GradScaler does. Otherwise a
+non-finite value stops training (``optim.on_nonfinite: stop``) or skips the step everywhere
+(``skip``: every replica agrees, so the replicas stay identical).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -40,13 +44,20 @@ def build_optimizer(
 
 
 def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
-    """Linear warmup, then constant or cosine decay to zero over ``total_steps``."""
+    """Linear warmup, then constant, cosine decay to zero, constant then linear to zero over
+    the second half (halfway_linear), or steps down by decay_factor at the fractions decay_at
+    (step), over ``total_steps``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
-    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "step":
+        passed = sum(step >= fraction * total_steps for fraction in config.decay_at)
+        return config.lr * config.decay_factor**passed
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    if config.schedule == "halfway_linear":
+        return config.lr * min(1.0, 2 * (1 - progress))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class OptimizerStep:
@@ -61,13 +72,19 @@ class OptimizerStep:
         callbacks: Sequence[Callback] = (),
         scaler: torch.amp.GradScaler | None = None,
         device: torch.device | None = None,
+        on_nonfinite: str = "stop",
+        replica_group: dist.ProcessGroup | None = None,
     ) -> None:
         """``reduce_gradients``: sums (or reduce-scatters) the gradients over the data-parallel
         replicas first; ``norm_group``: the ranks whose gradients make up the global norm and
         share the non-finite check (sync pipeline); ``scaler``: the fp16 loss scale;
         ``device``: the stage's (default: its parameters'), where the norm of a stage without
-        gradients lives, as NCCL's all-reduce needs."""
+        gradients lives, as NCCL's all-reduce needs; ``on_nonfinite``: ``stop`` raises
+        TrainingError, ``skip`` drops the step, agreed over ``replica_group`` (the stage's
+        data-parallel replicas; after ``norm_group``'s check)."""
         self.optimizer, self.grad_clip = optimizer, grad_clip
+        self.on_nonfinite, self.replica_group = on_nonfinite, replica_group
+        self.skipped = 0
         self.reduce_gradients, self.norm_group = reduce_gradients, norm_group
         self.callbacks, self.scaler = list(callbacks), scaler
         self.scale_loss = scaler.scale if scaler is not None else None
@@ -88,8 +105,9 @@ class OptimizerStep:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = self._checked_norm(torch.as_tensor(loss))
-        if norm is None:  # fp16 overflow: skip this step with a lower loss scale
-            self.scaler.update()
+        if norm is None:  # fp16 overflow (a lower loss scale) or a non-finite value skipped
+            if self.scaler is not None:
+                self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             return
         if self.grad_clip > 0:
@@ -123,9 +141,23 @@ class OptimizerStep:
         bad_loss, bad_norm = bool(bad_loss), not bool(torch.isfinite(norm))
         if bad_norm and not bad_loss and self.scaler is not None:
             return None
-        if bad_loss or bad_norm:
-            self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if bad_loss else "gradient norm"
-            local = "" if math.isfinite(float(loss)) else f" ({float(loss)})"
-            raise TrainingError(f"non-finite {what}{local}")
-        return norm
+        what = "loss" if bad_loss else "gradient norm" if bad_norm else None
+        if self.on_nonfinite == "skip" and self.replica_group is not None:
+            bad = torch.tensor(float(what is not None), device=norm.device)
+            dist.all_reduce(bad, group=self.replica_group)  # a replica alone must not step
+            if bad.item() and what is None:
+                what = "loss or gradient norm on another replica"
+        if what is None:
+            return norm
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.on_nonfinite == "skip":
+            self.skipped += 1
+            where = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+            print(
+                f"mpc-dist: {where}optimizer step {self.steps} skipped: non-finite {what} "
+                f"(optim.on_nonfinite=skip)",
+                file=sys.stderr,
+            )
+            return None
+        local = "" if math.isfinite(float(loss)) else f" ({float(loss)})"
+        raise TrainingError(f"non-finite {what}{local}")

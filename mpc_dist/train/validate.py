@@ -43,6 +43,7 @@ def validate_config(config: Config) -> None:
     )
     need(d.eval_batch_size >= 1, f"data.eval_batch_size={d.eval_batch_size}: must be >= 1")
     need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    need(all(0 < f < 1 for f in o.decay_at), f"optim.decay_at={o.decay_at}: fractions in (0, 1)")
     need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables)")
     need(t.epochs >= 1, f"train.epochs={t.epochs}: must be >= 1")
     need(
@@ -55,6 +56,7 @@ def validate_config(config: Config) -> None:
     need(t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0: epoch ends)")
     need(config.run.checkpoint_every >= 0, "run.checkpoint_every: must be >= 0")
     need(config.run.keep_checkpoints >= 1, "run.keep_checkpoints: must be >= 1")
+    _validate_layout(config, blocks)
     _validate_pipeline(config, blocks)
     _validate_ray(config)
 
@@ -90,7 +92,7 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
         f"horizon.horizon=auto: chooses among the horizon rules {HORIZON_RULES}, not rule "
         f"{rule}; set horizon.horizon=1 (or horizon.rule=receding)",
     )
-    check_rule(rule, model)
+    check_rule(rule, model, config.rules, config.pipeline.stages)
     need(
         not mixes(config.augment),
         f"augment.mixup/cutmix/label_smoothing: rule {rule} trains on class labels, not on "
@@ -125,7 +127,8 @@ def _validate_non_horizon_rule(config: Config, model) -> None:
     )
 
 
-def _validate_pipeline(config: Config, blocks: int) -> None:
+def _validate_layout(config: Config, blocks: int) -> None:
+    """Stages, replicas, the blocks on each and how a minibatch divides over them."""
     p, h, d = config.pipeline, config.horizon, config.data
     need(p.stages >= 1, f"pipeline.stages={p.stages}: must be >= 1")
     need(p.replicas >= 1, f"pipeline.replicas={p.replicas}: must be >= 1")
@@ -152,6 +155,11 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         f"data.batch_size={d.batch_size}: must be divisible by data.num_microbatches x "
         f"pipeline.replicas = {d.num_microbatches * p.replicas}",
     )
+
+
+def _validate_pipeline(config: Config, blocks: int) -> None:
+    """Modes, timeouts, sharding and backends the layout can run."""
+    p = config.pipeline
     copies_head = p.stages > 1 and _reads_shared_head_below_top(config, blocks)
     need(
         not (p.mode == "async" and copies_head),
@@ -175,10 +183,6 @@ def _validate_pipeline(config: Config, blocks: int) -> None:
         not (p.sharding == "fsdp" and copies_head),
         "pipeline.sharding=fsdp: the read-only copies of a shared head on earlier stages are "
         "not sharded; set model.head=aux (or horizon.horizon to the number of blocks)",
-    )
-    need(
-        p.fsdp_param_dtype in ("float32", "bfloat16"),
-        f"pipeline.fsdp_param_dtype={p.fsdp_param_dtype!r}: use float32 or bfloat16",
     )
     need(
         p.fsdp_param_dtype == "float32"

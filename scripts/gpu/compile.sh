@@ -61,7 +61,7 @@ for name, spec in specs.items():
 raise SystemExit(1 if failed else 0)
 PYTHON
 
-for config in quickstart vit_tiny_pipeline; do
+for config in ${CONFIGS:-quickstart vit_tiny_pipeline}; do
   if timeout 300 "${PY}" -m mpc_dist.cli bench-compile --config "configs/${config}.yaml" \
       --steps 60 --repeats 2 --set data.dataset=synthetic --set data.synthetic_size=16384 \
       --set train.device=cuda --set train.tf32=false; then
