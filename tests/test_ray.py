@@ -17,8 +17,7 @@ from mpc_dist.config import load_config
 from mpc_dist.launchers.ray_job import ray_train
 from mpc_dist.train import ATTEMPTS, Callback
 
-# One Ray instance at a time: run this module's tests in one worker when tests run in parallel
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.ray
 
 RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}  # a second driver reads the token Ray wrote
 

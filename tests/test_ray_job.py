@@ -9,8 +9,7 @@ import pytest
 from launching import BIN, ENV, TINY, sets
 from processes import free_port
 
-# One Ray instance at a time: run this module's tests in one worker when tests run in parallel
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray 2.60 clusters require a token; `ray start` writes one under ~/.ray, which the job client
