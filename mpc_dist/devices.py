@@ -20,11 +20,13 @@ def dtype_of(name: str) -> torch.dtype:
 
 def nvidia_gpus() -> int:
     """NVIDIA GPUs this process could see, whether or not torch can use them: the driver's
-    device files, unless CUDA_VISIBLE_DEVICES hides them."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None:
-        return len([d for d in hidden.split(",") if d.strip() and d.strip() != "-1"])
-    return len(glob.glob("/dev/nvidia[0-9]*"))
+    device files, as many as CUDA_VISIBLE_DEVICES lists when it is set (launchers such as
+    DeepSpeed's set it on machines without GPUs too)."""
+    present = len(glob.glob("/dev/nvidia[0-9]*"))
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return present
+    return min(present, len([d for d in listed.split(",") if d.strip() and d.strip() != "-1"]))
 
 
 def resolve_device(name: str, index: int | None = None) -> torch.device:

@@ -49,10 +49,15 @@ def test_gpus_torch_cannot_use_are_an_error_not_a_cpu_run(monkeypatch):
 
 
 def test_hidden_gpus_are_not_counted(monkeypatch):
+    files = [f"/dev/nvidia{i}" for i in range(4)]
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: files)  # a node with 4 GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert devices.nvidia_gpus() == 0
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
     assert devices.nvidia_gpus() == 2
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])  # DeepSpeed on a CPU node
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert devices.nvidia_gpus() == 0
 
 
 def test_ray_without_use_gpu_refuses_a_cluster_with_some_gpus():

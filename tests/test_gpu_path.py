@@ -11,7 +11,7 @@ import torch.distributed as dist
 from processes import run
 
 from mpc_dist.config import ModelConfig, OptimConfig
-from mpc_dist.core import ComputeOptions, Plan
+from mpc_dist.core import ComputeOptions, EngineOptions, Plan
 from mpc_dist.models import build_model
 from mpc_dist.parallel import Groups, RuntimeOptions, ScheduleSpec, Topology, stage_ranges
 from mpc_dist.train import build_stage
@@ -98,7 +98,7 @@ def check_frozen_stage(rank: int, world: int) -> None:
         for _ in range(3)
     ]
     single = frozen_front(build_model(spec, SHAPE, 5, seed=0).double())
-    engine = HorizonEngine(single, plan, track_memory=False)
+    engine = HorizonEngine(single, plan, EngineOptions(track_memory=False))
     optimizer = build_optimizer(optim, single.parameters())
     for x, y in data:
         for xs, ys in zip(x.chunk(m), y.chunk(m), strict=True):
