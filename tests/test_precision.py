@@ -140,7 +140,7 @@ def test_fp16_pipeline_with_a_shared_loss_scale_equals_one_process():
 
 
 def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
-    """One epoch of the quickstart in bf16-mixed and in fp32: bf16 reaches what fp32 reaches,
+    """200 steps of the quickstart in bf16-mixed and in fp32: bf16 reaches what fp32 reaches,
     within a point (3 epochs, measured 2026-11-25: 98.30% against 98.31%)."""
     accuracy = {}
     for precision in ("bf16-mixed", "fp32"):
@@ -149,6 +149,7 @@ def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
             [
                 f"train.precision={precision}",
                 "train.epochs=1",
+                "train.max_steps=200",
                 f"run.out_dir={tmp_path}",
                 f"run.name={precision}",
                 "run.progress=false",
@@ -158,4 +159,4 @@ def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
             ],
         )
         accuracy[precision] = train(config)["test accuracy"]
-    assert accuracy["fp32"] >= 0.93 and accuracy["bf16-mixed"] >= accuracy["fp32"] - 0.01, accuracy
+    assert accuracy["fp32"] >= 0.9 and accuracy["bf16-mixed"] >= accuracy["fp32"] - 0.01, accuracy
