@@ -19,6 +19,16 @@ from ..train import Checkpointer, build_optimizer
 from ..train.metrics import MetricsLogger
 
 BASE = "configs/quickstart.yaml"
+# the studies' tiny ViT: overrides of BASE
+TINY_VIT = [
+    "model.name=vit_tiny",
+    "model.num_blocks=4",
+    "model.width=64",
+    "model.hidden=128",
+    "model.num_heads=4",
+    "model.patch_size=7",
+    "optim.weight_decay=0.05",
+]
 Item = TypeVar("Item")
 
 

@@ -36,20 +36,12 @@ from ..data.bench import main as bench_data
 from ..data.export import export_data
 from ..train import train
 from ..train.metrics import MetricsLogger
-from .common import in_processes, num_blocks, replace_between, study_config, train_once
+from .common import TINY_VIT, in_processes, num_blocks, replace_between, study_config, train_once
 from .torch_bp import SCHEDULES
 
 MODELS = {  # name -> overrides of configs/quickstart.yaml
     "mlp": ["model.name=residual_mlp", "model.num_blocks=8", "model.width=256", "model.hidden=512"],
-    "vit": [
-        "model.name=vit_tiny",
-        "model.num_blocks=4",
-        "model.width=64",
-        "model.hidden=128",
-        "model.num_heads=4",
-        "model.patch_size=7",
-        "optim.weight_decay=0.05",
-    ],
+    "vit": TINY_VIT,
 }
 POLICY = "rand-m6-n1-mstd0.5-inc1"  # light RandAugment: one op per image at magnitude ~6
 AUGMENT = [

@@ -32,6 +32,7 @@ from ..parallel import Costs, ScheduleSpec, stage_ranges, uniform_partition
 from ..train import load_dataset, open_run, train
 from ..train.selection import select_horizon, starting_model
 from .common import (
+    TINY_VIT,
     evaluations,
     in_processes,
     load_final_weights,
@@ -43,15 +44,7 @@ from .common import (
 MODELS = {  # name -> overrides of configs/quickstart.yaml
     "mlp8": ["model.num_blocks=8"],
     "mlp16": ["model.num_blocks=16"],
-    "vit4": [
-        "model.name=vit_tiny",
-        "model.num_blocks=4",
-        "model.width=64",
-        "model.hidden=128",
-        "model.num_heads=4",
-        "model.patch_size=7",
-        "optim.weight_decay=0.05",
-    ],
+    "vit4": TINY_VIT,
 }
 PUZZLE_HORIZONS = (1, 2, 3, 4, 8)
 VARIANTS = {  # the puzzle's variations, one explanation each
