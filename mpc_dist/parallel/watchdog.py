@@ -78,6 +78,7 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         self._beat()
+        self._publish_state()  # a rank that fails in its first interval still names its stage
         self._catch_sigterm()
         self._thread.start()
         return self
@@ -236,10 +237,7 @@ class Watchdog:
             if self._stop.is_set():
                 return
             if terminated:
-                self.exit(
-                    "stopped by the launcher (SIGTERM; another rank may have failed)",
-                    code=EXIT_TERMINATED,
-                )
+                self.exit(self._terminated(), code=EXIT_TERMINATED)
             try:
                 self._beat()
                 self._publish_state()
@@ -260,6 +258,14 @@ class Watchdog:
                     f"stopping: lost the rendezvous store ({type(error).__name__}); "
                     f"{self.topology.describe(0)} or its launcher has died"
                 )
+
+    def _terminated(self) -> str:
+        """The launcher stopped this rank, usually because a peer exited after reporting a
+        failure this thread has not read yet: name that failure when the store has it."""
+        with contextlib.suppress(Exception):
+            if self._store.check([FAILED_KEY]):
+                return f"stopping: {self._store.get(FAILED_KEY).decode()}"
+        return "stopped by the launcher (SIGTERM; another rank may have failed)"
 
     def set_message_timeout(self, seconds: float, field: str = "pipeline.timeout") -> None:
         """Wait up to ``seconds`` for a message from now on (as the message groups do: longer
@@ -333,17 +339,22 @@ class Watchdog:
             write_json(self.failure_dir / "summary.json", summary)
 
     def linger(self, timeout_s: float = 5.0) -> None:
-        """Rank 0 may host the store: let every peer read the failure before it goes away."""
+        """Let every live peer read the failure before this rank exits: rank 0 may host the
+        store, and a launcher stops the other ranks as soon as one exits."""
         with contextlib.suppress(Exception):
             self._store.set(f"seen/{self.rank}", "1")
-        self.wait_until_all_done(timeout_s, ("seen", "done"), skip_dead=True)
+        self.wait_until_all_done(timeout_s, ("seen", "done"), skip_dead=True, every_rank=True)
 
     def wait_until_all_done(
-        self, timeout_s: float = 10.0, marks=("done",), skip_dead: bool = False
+        self,
+        timeout_s: float = 10.0,
+        marks=("done",),
+        skip_dead: bool = False,
+        every_rank: bool = False,
     ) -> None:
-        """On rank 0 (which may host the store): wait until every peer has set one of marks
-        (``skip_dead``: or has stopped beating, killed: it never will)."""
-        if self.rank != 0:
+        """On rank 0 (which may host the store), or on ``every_rank``: wait until every peer
+        has set one of marks (``skip_dead``: or has stopped beating, killed: it never will)."""
+        if self.rank != 0 and not every_rank:
             return
         with contextlib.suppress(Exception):
             deadline = time.time() + timeout_s
