@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_bench_runs_every_system_and_writes_its_report(tmp_path):
     command = [
         str(BIN / "mpc-dist"), "bench", "--stages", "4", "--microbatches", "4,8",

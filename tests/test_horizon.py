@@ -230,13 +230,14 @@ def test_probe_over_a_runs_checkpoints(tmp_path):
     assert (out / "probe.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_horizon_study_at_a_small_size_and_read_back(tmp_path):
     """`mpc-dist horizon-study` end to end at a few steps: every setting trained and summarised,
     the selector compared per objective, the plots drawn; a second call trains and measures
     nothing, and reports the same."""
     command = [str(BIN / "mpc-dist"), "horizon-study", "--models", "mlp8", "--datasets", "mnist",
-               "--seeds", "1", "--max-steps", "4", "--eval-every", "2", "--workers", "2",
-               "--no-puzzle", "--out", str(tmp_path)]  # fmt: skip
+               "--seeds", "1", "--max-steps", "4", "--eval-every", "2", "--progress-steps", "8",
+               "--workers", "2", "--no-puzzle", "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import engine_grads as gradients
 from helpers import make_batch, make_model
@@ -139,9 +140,11 @@ def test_fp16_pipeline_with_a_shared_loss_scale_equals_one_process():
     run(check_mixed_pipeline, 2, torch.float16, timeout=200)
 
 
+@pytest.mark.slow
 def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
-    """200 steps of the quickstart in bf16-mixed and in fp32: bf16 reaches what fp32 reaches,
-    within a point (3 epochs, measured 2026-11-25: 98.30% against 98.31%)."""
+    """40 steps of the quickstart (warm-up 10) in bf16-mixed and in fp32: bf16 reaches what fp32
+    reaches, within a point (measured 2026-11-27: 88.31% against 88.22%; 3 epochs: 98.30%
+    against 98.31%). bf16 matmuls on a CPU without bf16 instructions take 1.3 s a step."""
     accuracy = {}
     for precision in ("bf16-mixed", "fp32"):
         config = load_config(
@@ -149,7 +152,8 @@ def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
             [
                 f"train.precision={precision}",
                 "train.epochs=1",
-                "train.max_steps=200",
+                "train.max_steps=40",
+                "optim.warmup_steps=10",
                 f"run.out_dir={tmp_path}",
                 f"run.name={precision}",
                 "run.progress=false",
@@ -159,4 +163,4 @@ def test_quickstart_in_bf16_mixed_precision_trains_as_fp32_does(tmp_path):
             ],
         )
         accuracy[precision] = train(config)["test accuracy"]
-    assert accuracy["fp32"] >= 0.9 and accuracy["bf16-mixed"] >= accuracy["fp32"] - 0.01, accuracy
+    assert accuracy["fp32"] >= 0.85 and accuracy["bf16-mixed"] >= accuracy["fp32"] - 0.01, accuracy

@@ -481,6 +481,7 @@ LEARN = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LEARN))
 def test_each_rule_learns_mnist(case, tmp_path):
     rule = RULE_OF.get(case, case)
@@ -639,6 +640,7 @@ def test_paper_study_resumes_and_reports(tmp_path, capfd):
     assert (tmp_path / "figures" / "rules_paper_accuracy.png").exists()
 
 
+@pytest.mark.slow
 def test_rules_study_at_a_small_size(tmp_path):
     """The one command behind docs/rules.md: trains, measures, and rewrites only its results
     block of the document."""

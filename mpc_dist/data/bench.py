@@ -51,8 +51,11 @@ def _children() -> list[int]:
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    """CPU time of these processes (Linux /proc; 0 where it cannot be read)."""
-    total = 0.0
+    """CPU time of this process and its children: the live ``pids`` from Linux /proc (0 where
+    it cannot be read), plus the children that ended and were reaped (a loader's workers stop
+    after its last batch: their time must not drop out of the count)."""
+    times = os.times()
+    total = time.process_time() + times.children_user + times.children_system
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -69,11 +72,11 @@ def _rate(batches: Iterable, count: int, batch_size: int) -> tuple[float, float]
     iterator = iter(batches)
     next(iterator)
     pids = _children()
-    start, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(pids)
+    start, cpu = time.perf_counter(), _cpu_seconds(pids)
     for _ in range(count):
         next(iterator)
     images = count * batch_size
-    used = time.process_time() + _cpu_seconds(pids) - cpu
+    used = _cpu_seconds(pids) - cpu
     del iterator, batches  # its workers end here, not during the next loader's round
     return images / (time.perf_counter() - start), images / used
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, HorizonConfig
 from ..console import console
 from ..core import HorizonEngine, Plan
 from ..core.costs import middle_block_costs
@@ -312,6 +312,7 @@ def _candidates_at_start(model: str, dataset: str, args) -> list[Candidate]:
     T = depth(model)
     config = dataclasses.replace(
         base,
+        horizon=dataclasses.replace(base.horizon, progress_steps=args.progress_steps),
         pipeline=dataclasses.replace(base.pipeline, stages=T),
         data=dataclasses.replace(base.data, num_microbatches=T),
     )
@@ -339,6 +340,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=0, help="cut every run short (smoke)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    parser.add_argument(
+        "--progress-steps",
+        type=int,
+        default=HorizonConfig.progress_steps,
+        help="training steps per candidate of the selector's loss-progress score",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--no-puzzle",
