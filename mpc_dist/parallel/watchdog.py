@@ -180,8 +180,8 @@ class Watchdog:
             deadline = time.time() + self.timeout_s
             while time.time() < deadline:
                 with contextlib.suppress(Exception):
-                    if self._store.check([FAILED_KEY]):
-                        self.exit(f"stopping: {self._store.get(FAILED_KEY).decode()}")
+                    if (failure := self._recorded_failure()) is not None:
+                        self.exit(f"stopping: {failure}")
                     silent = self._silent_peers(time.time(), stale_s=3 * self.interval_s + 1)
                     if silent:
                         cause = self._silence(silent)
@@ -241,10 +241,11 @@ class Watchdog:
             try:
                 self._beat()
                 self._publish_state()
-                if self._store.check([FAILED_KEY]):
-                    failure = self._store.get(FAILED_KEY).decode()
-                    if not failure.startswith(self.topology.describe(self.rank)):
-                        self.exit(f"stopping: {failure}")
+                failure = self._recorded_failure()
+                if failure is not None and not failure.startswith(
+                    self.topology.describe(self.rank)
+                ):
+                    self.exit(f"stopping: {failure}")
                 silent = self._silent_peers(started)
                 if silent:
                     cause = self._silence(silent, self.timeout_s)
@@ -259,12 +260,18 @@ class Watchdog:
                     f"{self.topology.describe(0)} or its launcher has died"
                 )
 
+    def _recorded_failure(self) -> str | None:
+        """The job's failure, as the first rank to report one recorded it; None if none has."""
+        if not self._store.check([FAILED_KEY]):
+            return None
+        return self._store.get(FAILED_KEY).decode()
+
     def _terminated(self) -> str:
         """The launcher stopped this rank, usually because a peer exited after reporting a
         failure this thread has not read yet: name that failure when the store has it."""
         with contextlib.suppress(Exception):
-            if self._store.check([FAILED_KEY]):
-                return f"stopping: {self._store.get(FAILED_KEY).decode()}"
+            if (failure := self._recorded_failure()) is not None:
+                return f"stopping: {failure}"
         return "stopped by the launcher (SIGTERM; another rank may have failed)"
 
     def set_message_timeout(self, seconds: float, field: str = "pipeline.timeout") -> None:
@@ -343,19 +350,13 @@ class Watchdog:
         store, and a launcher stops the other ranks as soon as one exits."""
         with contextlib.suppress(Exception):
             self._store.set(f"seen/{self.rank}", "1")
-        self.wait_until_all_done(timeout_s, ("seen", "done"), skip_dead=True, every_rank=True)
+        self.wait_until_all_done(timeout_s, ("seen", "done"), skip_dead=True)
 
     def wait_until_all_done(
-        self,
-        timeout_s: float = 10.0,
-        marks=("done",),
-        skip_dead: bool = False,
-        every_rank: bool = False,
+        self, timeout_s: float = 10.0, marks=("done",), skip_dead: bool = False
     ) -> None:
-        """On rank 0 (which may host the store), or on ``every_rank``: wait until every peer
-        has set one of marks (``skip_dead``: or has stopped beating, killed: it never will)."""
-        if self.rank != 0 and not every_rank:
-            return
+        """Wait until every peer has set one of marks (``skip_dead``: or has stopped beating,
+        killed: it never will)."""
         with contextlib.suppress(Exception):
             deadline = time.time() + timeout_s
             waiting = [r for r in range(self.topology.world_size) if r != self.rank]

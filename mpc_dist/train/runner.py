@@ -300,5 +300,6 @@ class PipelineRunner:
         self._closed = True
         dist.barrier()
         self.watchdog.stop()
-        self.watchdog.wait_until_all_done()
+        if self.topology.rank == 0:  # it may host the store: the last to leave
+            self.watchdog.wait_until_all_done()
         dist.destroy_process_group()
