@@ -1,65 +1,86 @@
-"""Ray Train jobs on a local Ray instance (one per module): the same weights as torchrun, and a
-worker killed mid-run that Ray restarts from the run's own latest complete checkpoint."""
+"""Ray Train jobs on a Ray head started here (`ray start --head`, one per module, stopped after):
+the same weights as torchrun, `ray job submit`, and a worker killed mid-run that Ray restarts
+from the run's own latest complete checkpoint. Every Ray driver runs in a process of its own."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import ray
-from launching import ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
+from filelock import FileLock
+from launching import BIN, ENV, TINY, assert_same_weights, mpc_dist, sets, single_process_run
+from processes import free_port
 
-from mpc_dist.config import load_config
-from mpc_dist.launchers.ray_job import ray_train
-from mpc_dist.train import ATTEMPTS, Callback
+from mpc_dist.train import ATTEMPTS
 
 pytestmark = pytest.mark.ray
 
-RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}  # a second driver reads the token Ray wrote
+ROOT = Path(__file__).resolve().parents[1]
+# Ray 2.60 clusters require a token; `ray start` writes one under ~/.ray, which drivers and the
+# job client read in token mode.
+RAY_ENV = {**ENV, "RAY_AUTH_MODE": "token"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """One head for the module. `ray stop` ends every Ray instance on the machine, so pytest-xdist
+    workers take turns: the lock file is shared by all the workers of this session."""
+    with FileLock(tmp_path_factory.getbasetemp().parent / "ray.lock"):
+        gcs, dashboard = free_port(), free_port()
+        command = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
+                   f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                   "--disable-usage-stats"]  # fmt: skip
+        started = subprocess.run(command, capture_output=True, text=True, timeout=120, env=RAY_ENV)
+        assert started.returncode == 0, started.stderr[-3000:]
+        try:
+            yield SimpleNamespace(gcs=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}")
+        finally:
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_ray_job_matches_torchrun(tmp_path):
+def test_ray_job_matches_torchrun(ray_head, tmp_path):
     layout = ["pipeline.stages=2", "pipeline.replicas=2", "horizon.horizon=2", "model.head=aux",
               "pipeline.mode=async", f"run.out_dir={tmp_path}"]  # fmt: skip
     result = mpc_dist("train", "--nproc", "4", *sets(*TINY, *layout, "run.name=torchrun"))
     assert result.returncode == 0, result.stderr[-3000:]
-    address = ray.get_runtime_context().gcs_address  # this module's Ray instance
     result = mpc_dist(
-        "ray", "--address", address, *sets(*TINY, *layout, "run.name=ray"), timeout=300, env=RAY_ENV
-    )
+        "ray", "--address", ray_head.gcs, *sets(*TINY, *layout, "run.name=ray"), timeout=300,
+        env=RAY_ENV,
+    )  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "4 (2 stages x 2 replicas, CPU, PACK)" in result.stderr
     assert_same_weights(tmp_path / "torchrun", tmp_path / "ray")
     assert list((tmp_path / "ray").glob("checkpoint_*/pointer.json")), "no checkpoint reported"
 
 
-def test_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
+def test_ray_job_submit_runs_a_tiny_config(ray_head, tmp_path):
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--",
+        str(BIN / "python"), str(ROOT / "launch" / "ray_train.py"),
+        *sets(*TINY, "pipeline.stages=2", f"run.out_dir={tmp_path}", "run.name=job"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=RAY_ENV)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    assert list((tmp_path / "job" / "checkpoints").glob("step_*"))
+    assert '"kind": "eval"' in (tmp_path / "job" / "metrics.jsonl").read_text()
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint(ray_head, tmp_path):
     marker = tmp_path / "killed"
-
-    class KillOnce(Callback):  # defined here: Ray pickles it by value to the workers
-        def before_step(self, step: int) -> None:
-            if step == 4 and int(os.environ["RANK"]) == 1 and not marker.exists():
-                marker.write_text(str(time.time()))
-                os.kill(os.getpid(), signal.SIGKILL)
-
     extra = ["horizon.horizon=2", "train.max_steps=6", "run.checkpoint_every=2"]
     single = single_process_run(tmp_path, *extra)
-    config = load_config(
-        None, [*TINY, *extra, "pipeline.stages=4", f"run.out_dir={tmp_path}", "run.name=ray"]
+    overrides = [*TINY, *extra, "pipeline.stages=4", f"run.out_dir={tmp_path}", "run.name=ray"]
+    command = [sys.executable, str(ROOT / "tests" / "ray_drill.py"), ray_head.gcs, str(marker)]
+    result = subprocess.run(
+        [*command, *overrides], capture_output=True, text=True, timeout=300, env=RAY_ENV
     )
-    summary = ray_train(config, max_failures=1, callbacks=[KillOnce()])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert marker.exists() and summary["restarts"] == 1
     attempts = [json.loads(x) for x in Path(tmp_path / "ray" / ATTEMPTS).read_text().splitlines()]
     assert attempts[1]["resume_from"].endswith("step_00000002"), attempts
