@@ -5,6 +5,8 @@ microbatch), and each learns MNIST a little."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -694,3 +696,18 @@ def test_checkpointed_blocks_hold_less_until_the_update_and_give_the_same_gradie
     assert held[True] < held[False], held
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_ff_first_epoch_script_reports_both_predictions_and_skips_what_it_did(tmp_path):
+    """scripts/ff_first_epoch.py (docs/rules.md), at 16 units for 3 steps."""
+    command = [sys.executable, "scripts/ff_first_epoch.py", "--out", str(tmp_path), "--steps", "3",
+               "tiny=model.width=16,optim.lr=0.0005"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (result,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert result["name"] == "tiny" and result["overrides"] == "model.width=16,optim.lr=0.0005"
+    assert 0 <= result["readout_accuracy"] <= 1 and 0 <= result["goodness_accuracy"] <= 1
+    ran = load_config(str(tmp_path / "runs" / "tiny" / "config.yaml"), [])
+    assert (ran.model.width, ran.optim.lr, ran.train.max_steps) == (16, 0.0005, 3)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == "", again.stderr[-3000:]

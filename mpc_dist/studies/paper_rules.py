@@ -53,6 +53,13 @@ RECIPES: dict[str, Recipe] = {
         paper="98.64 % (1.36 % error, 60 epochs; Hinton 2022, section 3.3)",
         target=">= 98.4 %",
     ),
+    "ff_scaled": Recipe(  # docs/rules.md, "The first epoch of forward-forward 4 x 2000"
+        "forward-forward, 4 x 2000, the codes' rate carried to 2000 units",
+        "configs/ff_mnist.yaml",
+        ("optim.lr=0.0005",),
+        target=">= 98.4 %",
+        default=False,
+    ),
     "ff_500_peer": Recipe(
         "forward-forward, 4 x 500, peer normalisation",
         "configs/ff_mnist.yaml",
