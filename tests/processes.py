@@ -1,4 +1,8 @@
-"""Run a test function in N gloo processes; fail fast, name the rank that failed."""
+"""Run a test function in N gloo processes; fail fast, name the rank that failed.
+
+The ranks are forked from a forkserver that has imported torch and mpc_dist once per pytest
+worker: a spawned rank would spend 3-6 s of CPU on those imports, which on two cores was a
+large share of the suite's time."""
 
 from __future__ import annotations
 
@@ -18,7 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+# What a rank imports anyway; the forkserver imports it once, before any process group exists.
+PRELOAD = ["torch", "torch.distributed", "mpc_dist.cli", "mpc_dist.train", "mpc_dist.rules",
+           "helpers", "launching"]  # fmt: skip
+
+
+def _entry(rank: int, world: int, port: int, environ, fn, args, errors) -> None:
+    os.environ.clear()  # the caller's environment now, not the forkserver's from its start
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -42,14 +53,15 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
 
 def run(fn, world: int, *args, timeout: float = 240.0) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` processes; raise naming any failed rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, at the first call
     errors = ctx.SimpleQueue()
     context = mp.start_processes(
         _entry,
-        args=(world, free_port(), fn, args, errors),
+        args=(world, free_port(), dict(os.environ), fn, args, errors),
         nprocs=world,
         join=False,
-        start_method="spawn",
+        start_method="forkserver",
     )
     deadline = time.monotonic() + timeout
     try:
