@@ -23,8 +23,10 @@ def free_port() -> int:
 
 
 # What a rank imports anyway; the forkserver imports it once, before any process group exists.
-PRELOAD = ["torch", "torch.distributed", "mpc_dist.cli", "mpc_dist.train", "mpc_dist.rules",
-           "helpers", "launching"]  # fmt: skip
+# torch._dynamo: torch imports it at the first operation on the meta device, where models are
+# built (with FSDP, DTensor and sympy, about 2.5 s of CPU).
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "mpc_dist.cli", "mpc_dist.train",
+           "mpc_dist.rules", "helpers", "launching"]  # fmt: skip
 
 
 def _entry(rank: int, world: int, port: int, environ, fn, args, errors) -> None:
