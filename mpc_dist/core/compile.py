@@ -18,7 +18,6 @@ seconds spent compiling, for the metrics and the summary.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +56,6 @@ class CompileStats:
 
     @classmethod
     def now(cls) -> CompileStats:
-        if "torch._dynamo" not in sys.modules:  # nothing compiled yet; importing it costs ~1 s
-            return cls(0, 0, 0.0)
         from torch._dynamo.utils import calculate_time_spent, counters
 
         return cls(

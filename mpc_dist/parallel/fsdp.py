@@ -7,9 +7,6 @@ once, just before the step: the recipe ``torch.distributed.pipelining`` uses for
 FSDP2's private state (lazy initialisation without a root forward, the param groups'
 post-backward); this module is the one place that touches it, and ``tests/test_sharding.py``
 checks it against unsharded training.
-
-FSDP2 is imported when a stage is sharded: it brings in DTensor and sympy, about 1.4 s of CPU
-at the start of every rank that does not shard.
 """
 
 from __future__ import annotations
@@ -17,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..models import BlockModel
 
@@ -31,9 +30,6 @@ def shard_stage(
     ``param_dtype`` (e.g. bf16): the gathered parameters the blocks compute with, and the
     gradients they accumulate until the step, are in that dtype; the shards, the optimizer and
     the reduce-scatter stay in float32 (FSDP2's MixedPrecisionPolicy). None: all float32."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
     mesh = DeviceMesh.from_group(group, device.type)
     reduce_dtype = torch.float32 if param_dtype is not None else None
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -65,8 +61,6 @@ def shard_stage(
 def reduce_gradients(part: BlockModel) -> None:
     """Reduce-scatter the gradients accumulated since the last step into the sharded ``.grad``s
     and reshard the parameters (torch.distributed.pipelining's ``perform_reduce_grad``)."""
-    from torch.distributed.fsdp import fully_shard
-
     part.set_is_last_backward(True)
     part.set_requires_gradient_sync(True)
     part.set_reshard_after_backward(True)

@@ -25,37 +25,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 MANIFEST = "manifest.json"
 COMPLETE = re.compile(r"step_\d{8}")  # a complete checkpoint's folder name
+# Optimizer state and hyper-parameters keyed per parameter name, so any stage layout can load it.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 TRAINER_STATE = "trainer.json"
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _dcp():
-    """torch.distributed.checkpoint, imported at the first save or load: it brings in DTensor
-    and sympy, about 1.4 s of CPU that a process which never checkpoints (a launcher, `doctor`)
-    need not spend."""
-    import torch.distributed.checkpoint as dcp
-    import torch.distributed.checkpoint.state_dict  # noqa: F401  (read as dcp.state_dict)
-
-    return dcp
-
-
-def _options():
-    """Optimizer state and hyper-parameters keyed per parameter name, so any stage layout can
-    load it."""
-    return _dcp().state_dict.StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def _is_dcp_error(error: BaseException) -> bool:
-    """A CheckpointException (a BaseException that holds every rank's failure); there is none
-    before DCP was imported."""
-    api = sys.modules.get("torch.distributed.checkpoint.api")
-    return api is not None and isinstance(error, api.CheckpointException)
 
 
 def _barrier() -> None:
@@ -102,7 +90,7 @@ def _os_error(error: BaseException) -> OSError | None:
     """The OSError behind ``error``: DCP wraps every rank's in a CheckpointException."""
     if isinstance(error, OSError):
         return error
-    if _is_dcp_error(error):
+    if isinstance(error, CheckpointException):
         for failure, _ in error.failures.values():
             if (found := _os_error(failure)) is not None:
                 return found
@@ -111,7 +99,7 @@ def _os_error(error: BaseException) -> OSError | None:
 
 
 def _first_line(error: BaseException) -> str:
-    if _is_dcp_error(error):  # its text is every rank's traceback
+    if isinstance(error, CheckpointException):  # its text is every rank's traceback
         failures = [failure for failure, _ in error.failures.values()]
         if failures:
             return _first_line(failures[0])
@@ -146,10 +134,10 @@ class Checkpointer:
         try:
             with warnings.catch_warnings():  # DCP warns when it runs without a process group
                 warnings.simplefilter("ignore")
-                _dcp().save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
             torch.save(rng_state(model), partial / f"rng_rank{_rank()}.pt")
             mine = {p.name: _digest(p) for p in self._written_by(partial, _rank())}
-        except (OSError, RuntimeError, _dcp().api.CheckpointException) as error:
+        except (OSError, RuntimeError, CheckpointException) as error:
             raise self._write_error(error, partial) from error
         digests = _gather(mine)  # also the barrier: every rank has written its files
         if _rank() == 0:
@@ -257,7 +245,6 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointError(problem)
         try:
-            dcp = _dcp()
             saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
             # A parameter no loss ever reached (an aux head outside the plan) has no optimizer
             # state in the checkpoint: it keeps the fresh state torch gives it here.
@@ -267,19 +254,17 @@ class Checkpointer:
                 warnings.simplefilter("ignore")
                 dcp.load(state, checkpoint_id=path)
             optim_state.update(state["optim"])
-        except (Exception, _dcp().api.CheckpointException) as error:
-            # DCP's errors name zip internals, not fixes
+        except (Exception, CheckpointException) as error:  # DCP's name zip internals, not fixes
             raise CheckpointError(
                 f"checkpoint {path} could not be read ({_first_line(error)}); delete it to "
                 f"resume from an earlier one"
             ) from error
-        state_dict = _dcp().state_dict
         if _trains(optimizer):
-            state_dict.set_state_dict(
+            set_state_dict(
                 model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state
             )
         else:
-            state_dict.set_model_state_dict(model, state["model"], options=_options())
+            set_model_state_dict(model, state["model"], options=OPTIONS)
         rng = path / f"rng_rank{_rank()}.pt"
         if rng.exists():
             set_rng_state(torch.load(rng), model)
@@ -289,8 +274,7 @@ class Checkpointer:
         """What is wrong with ``path`` for this rank (its share of the files, its tensors)."""
         try:
             self.verify(path, share=(_rank(), _world()))
-            reader = _dcp().FileSystemReader(str(path))
-            saved = set(reader.read_metadata().state_dict_metadata)
+            saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         except CheckpointError as error:
             return str(error)
         except Exception as error:
@@ -351,10 +335,9 @@ def _trains(optimizer: torch.optim.Optimizer) -> bool:
 def _get_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Model and optimizer state by parameter name; a stage with nothing to train (all frozen)
     has no optimizer state, which ``get_state_dict`` refuses."""
-    state_dict = _dcp().state_dict
     if not _trains(optimizer):
-        return state_dict.get_model_state_dict(model, options=_options()), {}
-    return state_dict.get_state_dict(model, optimizer, options=_options())
+        return get_model_state_dict(model, options=OPTIONS), {}
+    return get_state_dict(model, optimizer, options=OPTIONS)
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

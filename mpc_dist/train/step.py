@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import OptimConfig
@@ -126,7 +127,7 @@ class OptimizerStep:
         if not grads:  # get_total_norm([]) is a CPU tensor, which NCCL's all-reduce refuses
             return torch.zeros((), device=self.device)
         norm = get_total_norm(grads)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor (FSDP)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _checked_norm(self, loss: torch.Tensor) -> torch.Tensor | None:
         """The global gradient norm; raises TrainingError (gradients dropped) if the loss or the
