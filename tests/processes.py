@@ -53,11 +53,16 @@ def _entry(rank: int, world: int, port: int, environ, fn, args, errors) -> None:
         dist.destroy_process_group()
 
 
-def run(fn, world: int, *args, timeout: float = 240.0) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes; raise naming any failed rank."""
+def queue():
+    """A queue the ranks of ``run`` can put results on (one of the ranks' own context)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # read when the server starts, at the first call
-    errors = ctx.SimpleQueue()
+    return ctx.SimpleQueue()
+
+
+def run(fn, world: int, *args, timeout: float = 240.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; raise naming any failed rank."""
+    errors = queue()
     context = mp.start_processes(
         _entry,
         args=(world, free_port(), dict(os.environ), fn, args, errors),

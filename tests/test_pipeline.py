@@ -7,7 +7,7 @@ import itertools
 import torch
 import torch.distributed as dist
 from helpers import train_one_process
-from processes import run
+from processes import queue, run
 
 from mpc_dist.config import ModelConfig, OptimConfig
 from mpc_dist.core import EngineOptions, HorizonEngine, Plan
@@ -137,9 +137,7 @@ def test_async_completes_for_every_microbatch_count():
 
 
 def test_stage_zero_activation_memory_h1_async_vs_1f1b():
-    import torch.multiprocessing as mp
-
-    results = mp.get_context("spawn").SimpleQueue()
+    results = queue()
     run(check_memory, 4, results, timeout=200)
     ratio = results.get()
     assert ratio["h1-async"] <= 2.0, ratio
